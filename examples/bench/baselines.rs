@@ -1,0 +1,1206 @@
+//! Baseline measurements for the cowarena benchmark: what the kernel and the peers named in
+//! the brief ("Measured kernel primitives", "Peers") cost on this machine, measured the same
+//! way as `shared/anchors/*.c`.
+//!
+//! Every region is anonymous (or memfd) memory in 4 KiB pages: `MADV_NOHUGEPAGE` is applied
+//! before the first touch so the figures match 4K-page behaviour. Sizes are in bytes and are
+//! rounded up to whole pages. Every function returns `io::Result`; expected failures (no
+//! userfaultfd, out of memory, a child that dies) are errors, not panics.
+//!
+//! Fork safety: the functions that call `fork(2)` do so while this module runs no other
+//! thread; the child runs only async-signal-safe code (loads, stores, `read`, `write`,
+//! `clock_gettime`) and leaves through `_exit`. Call them from a process whose other threads,
+//! if any, hold no lock the child could need (the child never allocates).
+
+// The benchmark uses a subset of these baselines at a time.
+#![allow(dead_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use linux_raw_sys::general as uapi;
+use linux_raw_sys::ioctl as uioctl;
+
+/// The page size every baseline works in.
+pub const PAGE: usize = 4096;
+
+/// `UFFDIO_WRITEPROTECT_MODE_WP` (not exported by linux-raw-sys 0.12).
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+/// `USERFAULTFD_IOC_NEW` = `_IO(0xAA, 0x00)`: make a userfaultfd from `/dev/userfaultfd`.
+const USERFAULTFD_IOC_NEW: libc::Ioctl = 0xAA00;
+/// How long a process waits for its children's hand-shakes before giving up.
+const CHILD_TIMEOUT_MS: libc::c_int = 30_000;
+
+// ---------------------------------------------------------------------------------------
+// PRNG
+// ---------------------------------------------------------------------------------------
+
+/// A tiny deterministic PRNG (xorshift64*) for choosing "random pages". It allocates
+/// nothing and never panics, so a forked child may use it.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator seeded with `seed` (a zero seed, which xorshift cannot leave, is replaced
+    /// by a fixed non-zero constant).
+    pub fn new(seed: u64) -> Self {
+        Rng(if seed == 0 {
+            0x9E37_79B9_7F4A_7C15
+        } else {
+            seed
+        })
+    }
+
+    /// The next 64 pseudo-random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A value uniformly distributed in `0..n` (multiply-high reduction); 0 when `n == 0`.
+    pub fn below(&mut self, n: usize) -> usize {
+        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
+    }
+}
+
+/// `n` distinct pages of `0..pages`, in random order (a partial Fisher-Yates shuffle).
+fn distinct_pages(rng: &mut Rng, pages: usize, n: usize) -> Vec<usize> {
+    let n = n.min(pages);
+    let mut all: Vec<usize> = (0..pages).collect();
+    for i in 0..n {
+        let j = i + rng.below(pages - i);
+        all.swap(i, j);
+    }
+    all.truncate(n);
+    all
+}
+
+/// How many of `pages` pages a fraction stands for (clamped to `0..=pages`; NaN is 0).
+fn fraction_of(pages: usize, fraction: f64) -> usize {
+    let n = (pages as f64 * fraction.clamp(0.0, 1.0)).round();
+    if n.is_nan() {
+        0
+    } else {
+        (n as usize).min(pages)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Reports
+// ---------------------------------------------------------------------------------------
+
+/// What [`uffd_wp_snapshot`] measured.
+#[derive(Clone, Copy, Debug)]
+pub struct UffdWpReport {
+    /// Pages in the region.
+    pub pages: usize,
+    /// `UFFDIO_REGISTER` (WP mode) of the whole region.
+    pub register: Duration,
+    /// `UFFDIO_WRITEPROTECT` of the whole, populated region: the snapshot's "fork" cost.
+    pub protect: Duration,
+    /// Distinct pages the owner wrote (each one write-protect fault).
+    pub faults: usize,
+    /// Faults the handler thread served (copied out and un-protected).
+    pub handled: usize,
+    /// The owner's wall time for all its writes.
+    pub write_time: Duration,
+    /// `write_time / faults`: the mean cost of one fault as seen by the writer.
+    pub mean_fault: Duration,
+}
+
+/// What [`kernel_fork_live_snapshot`] (workload W3) measured.
+#[derive(Clone, Copy, Debug)]
+pub struct LiveSnapshotReport {
+    /// Pages in the heap.
+    pub pages: usize,
+    /// The owner's pause at `fork()`.
+    pub fork_pause: Duration,
+    /// Distinct random pages the owner writes (before the fork, and again after it).
+    pub pages_written: usize,
+    /// The owner's write throughput before the fork, pages per second.
+    pub write_rate_before: f64,
+    /// The owner's write throughput while the child was still reading, pages per second
+    /// (measured over the writes done before the child finished; NaN when none were).
+    pub write_rate_during: f64,
+    /// `write_rate_before / write_rate_during`.
+    pub slowdown: f64,
+    /// Writes the owner did while the child was still reading.
+    pub pages_written_during: usize,
+    /// True when the child was still reading after the owner's last write (so every write
+    /// paid a COW fault).
+    pub child_outlived_writes: bool,
+    /// How long the child took to read the whole heap.
+    pub child_read: Duration,
+    /// The owner's `Pss` before the fork, bytes.
+    pub pss_before: u64,
+    /// The highest sampled `Pss(owner) + Pss(child)` during the run, bytes (an honest total:
+    /// COW-shared pages are split between the two).
+    pub peak_pss_total: u64,
+    /// The highest sampled `Rss(owner) + Rss(child)`, bytes (counts shared pages twice).
+    pub peak_rss_total: u64,
+    /// Memory samples taken.
+    pub samples: usize,
+}
+
+// ---------------------------------------------------------------------------------------
+// Mappings
+// ---------------------------------------------------------------------------------------
+
+/// An owned mapping, unmapped on drop.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mapping {
+    /// Maps `len` bytes (a whole number of pages, not zero) and advises `MADV_NOHUGEPAGE`.
+    fn map(len: usize, flags: libc::c_int, fd: RawFd) -> io::Result<Self> {
+        // SAFETY: a new mapping at an address the kernel chooses; no existing memory is
+        // touched. The result is checked before use.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let m = Mapping { ptr: p.cast(), len };
+        // SAFETY: advice on the mapping just made, which this function owns.
+        if unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(m)
+    }
+
+    /// Private anonymous memory, not yet populated.
+    fn anon(len: usize) -> io::Result<Self> {
+        Self::map(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)
+    }
+
+    /// Private anonymous memory with every page written (so present and dirty).
+    fn populated(len: usize) -> io::Result<Self> {
+        let m = Self::anon(len)?;
+        m.populate();
+        Ok(m)
+    }
+
+    fn pages(&self) -> usize {
+        self.len / PAGE
+    }
+
+    fn page_ptr(&self, i: usize) -> *mut u8 {
+        self.ptr.wrapping_add(i * PAGE)
+    }
+
+    /// Stores `v` at the start of page `i` (ignored when `i` is out of range). Allocation-
+    /// and panic-free, so a forked child may call it.
+    #[inline]
+    fn write_page(&self, i: usize, v: u64) {
+        if i < self.pages() {
+            // SAFETY: page `i` lies inside this read-write mapping and is 8-byte aligned;
+            // `&self` keeps the mapping alive.
+            unsafe { ptr::write_volatile(self.page_ptr(i).cast::<u64>(), v) }
+        }
+    }
+
+    /// Loads the first word of page `i` (0 when `i` is out of range). Allocation- and
+    /// panic-free.
+    #[inline]
+    fn read_page(&self, i: usize) -> u64 {
+        if i < self.pages() {
+            // SAFETY: as in `write_page`; the mapping is readable.
+            unsafe { ptr::read_volatile(self.page_ptr(i).cast::<u64>()) }
+        } else {
+            0
+        }
+    }
+
+    /// Writes every page once.
+    fn populate(&self) {
+        for i in 0..self.pages() {
+            self.write_page(i, i as u64 | 1);
+        }
+    }
+
+    /// Copies page `i` of `src` over page `i` of `self` (ignored when out of range).
+    #[inline]
+    fn copy_page_from(&self, src: &Mapping, i: usize) {
+        if i < self.pages() && i < src.pages() {
+            // SAFETY: page `i` is inside both mappings, which are distinct mappings (so the
+            // ranges do not overlap) kept alive by the borrows.
+            unsafe { ptr::copy_nonoverlapping(src.page_ptr(i), self.page_ptr(i), PAGE) }
+        }
+    }
+
+    /// `MADV_DONTNEED` over the whole mapping.
+    fn discard(&self) -> io::Result<()> {
+        // SAFETY: advice over this mapping only; no Rust reference into it is live.
+        if unsafe { libc::madvise(self.ptr.cast(), self.len, libc::MADV_DONTNEED) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `Mapping::map` with this address and length, and
+        // nothing refers to it once its owner is dropped.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// `bytes` rounded up to whole pages; an error for zero.
+fn region_len(bytes: usize) -> io::Result<usize> {
+    if bytes == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "region size must be positive",
+        ));
+    }
+    bytes
+        .checked_next_multiple_of(PAGE)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "region size overflows"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes and file descriptors
+// ---------------------------------------------------------------------------------------
+
+/// A forked child: killed and reaped on drop unless [`Child::wait`] reaped it.
+struct Child {
+    pid: libc::pid_t,
+    reaped: bool,
+}
+
+/// Ends a forked child should its code ever unwind, so the child never runs the parent's
+/// code past the `fork()`.
+struct ExitOnUnwind;
+
+impl Drop for ExitOnUnwind {
+    fn drop(&mut self) {
+        // SAFETY: `_exit` is async-signal-safe and ends the process immediately.
+        unsafe { libc::_exit(127) }
+    }
+}
+
+/// Forks; the child runs `child` and `_exit`s with its result.
+///
+/// `child` must use async-signal-safe operations only (no allocation, no locks, no
+/// printing): another thread of the parent may have held a lock at the fork.
+fn fork_child<F: FnOnce() -> i32>(child: F) -> io::Result<Child> {
+    // SAFETY: fork(2) itself has no memory-safety preconditions; the child below runs only
+    // `child` (async-signal-safe by this function's contract) and leaves through `_exit`,
+    // never returning into the parent's stack frames nor running its destructors.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        0 => {
+            let guard = ExitOnUnwind;
+            let code = child();
+            std::mem::forget(guard);
+            // SAFETY: ends the child at once, without atexit handlers or destructors.
+            unsafe { libc::_exit(code) }
+        }
+        pid => Ok(Child { pid, reaped: false }),
+    }
+}
+
+impl Child {
+    /// Reaps the child; an error unless it exited with status 0.
+    fn wait(mut self) -> io::Result<()> {
+        let mut status: libc::c_int = 0;
+        loop {
+            // SAFETY: waitpid writes one int through a valid pointer.
+            let r = unsafe { libc::waitpid(self.pid, &mut status, 0) };
+            if r == self.pid {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                if e.raw_os_error() == Some(libc::ECHILD) {
+                    self.reaped = true;
+                }
+                return Err(e);
+            }
+        }
+        self.reaped = true;
+        if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "child {} ended with wait status {status:#x}",
+                self.pid
+            )))
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
+        // SAFETY: `pid` is our own unreaped child, so the id cannot have been reused.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        let mut status = 0;
+        loop {
+            // SAFETY: as in `Child::wait`.
+            let r = unsafe { libc::waitpid(self.pid, &mut status, 0) };
+            if r == self.pid || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                break;
+            }
+        }
+    }
+}
+
+/// A close-on-exec pipe: (read end, write end).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two ints into the array it is given.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are new and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Blocking one-byte read, retried on EINTR; async-signal-safe. Returns bytes read (0 at
+/// end of file) or -1.
+fn read_byte(fd: RawFd) -> isize {
+    let mut b = 0u8;
+    loop {
+        // SAFETY: reads at most one byte into a live local.
+        let r = unsafe { libc::read(fd, (&mut b as *mut u8).cast(), 1) };
+        // SAFETY: reads this thread's errno.
+        if r >= 0 || unsafe { *libc::__errno_location() } != libc::EINTR {
+            return r;
+        }
+    }
+}
+
+/// Writes `n` bytes of value 1 to a pipe (retrying on EINTR and short writes).
+fn write_bytes(fd: &OwnedFd, n: usize) -> io::Result<()> {
+    let buf = vec![1u8; n];
+    let mut done = 0;
+    while done < n {
+        // SAFETY: writes from the live buffer, within its bounds.
+        let r = unsafe { libc::write(fd.as_raw_fd(), buf[done..].as_ptr().cast(), n - done) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += r as usize;
+    }
+    Ok(())
+}
+
+/// Reads `n` bytes from a pipe, waiting at most `CHILD_TIMEOUT_MS` between bytes.
+fn read_bytes_timeout(fd: &OwnedFd, n: usize) -> io::Result<()> {
+    let mut got = 0;
+    while got < n {
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one pollfd that lives for the call.
+        let r = unsafe { libc::poll(&mut pfd, 1, CHILD_TIMEOUT_MS) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "children did not report in time",
+            ));
+        }
+        match read_byte(fd.as_raw_fd()) {
+            1 => got += 1,
+            0 => return Err(io::Error::other("children's pipe closed early")),
+            _ => return Err(io::Error::last_os_error()),
+        }
+    }
+    Ok(())
+}
+
+/// `(Rss, Pss)` of a process in bytes, from `/proc/<pid>/smaps_rollup`.
+fn rss_pss(pid: libc::pid_t) -> io::Result<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    Ok((proc_kb(&text, "Rss")?, proc_kb(&text, "Pss")?))
+}
+
+/// The value of a `Key:   N kB` line, in bytes.
+fn proc_kb(text: &str, key: &str) -> io::Result<u64> {
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix(key).and_then(|r| r.strip_prefix(':')) {
+            let num = rest.trim().trim_end_matches("kB").trim();
+            return num
+                .parse::<u64>()
+                .map(|kb| kb * 1024)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{key}: {e}")));
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("no {key} line"),
+    ))
+}
+
+// ---------------------------------------------------------------------------------------
+// Threaded page touching
+// ---------------------------------------------------------------------------------------
+
+/// A start line for worker threads: they block until it is opened (or abandoned).
+struct Gate {
+    state: Mutex<u8>, // 0 closed, 1 go, 2 abandoned
+    cv: Condvar,
+}
+
+impl Gate {
+    fn new() -> Self {
+        Gate {
+            state: Mutex::new(0),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn set(&self, v: u8) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = v;
+        self.cv.notify_all();
+    }
+
+    /// Waits for the gate; true when told to go.
+    fn wait(&self) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while *s == 0 {
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        *s == 1
+    }
+}
+
+/// Writes one word to every page of `m` with `threads` threads on disjoint, contiguous page
+/// ranges; the wall time from releasing the threads until the last one finishes.
+fn touch_all_threaded(m: &Mapping, threads: usize) -> io::Result<Duration> {
+    let pages = m.pages();
+    let threads = threads.clamp(1, pages.max(1));
+    let base = m.ptr as usize;
+    let gate = Gate::new();
+    thread::scope(|s| {
+        let mut handles = Vec::with_capacity(threads);
+        for t in 0..threads {
+            let (lo, hi) = (pages * t / threads, pages * (t + 1) / threads);
+            let gate = &gate;
+            let spawned = thread::Builder::new()
+                .name(format!("baseline-touch-{t}"))
+                .spawn_scoped(s, move || {
+                    if gate.wait() {
+                        for i in lo..hi {
+                            // SAFETY: page `i` < `pages` lies inside `m`, which the scope
+                            // keeps mapped; threads write disjoint page ranges.
+                            unsafe { ptr::write_volatile((base + i * PAGE) as *mut u64, 7) };
+                        }
+                    }
+                });
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    gate.set(2);
+                    return Err(e);
+                }
+            }
+        }
+        let start = Instant::now();
+        gate.set(1);
+        let mut panicked = false;
+        for h in handles {
+            panicked |= h.join().is_err();
+        }
+        let elapsed = start.elapsed();
+        if panicked {
+            return Err(io::Error::other("a touch thread panicked"));
+        }
+        Ok(elapsed)
+    })
+}
+
+fn per_second(count: usize, d: Duration) -> f64 {
+    count as f64 / d.as_secs_f64()
+}
+
+// ---------------------------------------------------------------------------------------
+// 1-3: kernel fork, COW fault, first touch
+// ---------------------------------------------------------------------------------------
+
+/// Kernel `fork()` latency: a region of `bytes`, every page written, is held by this
+/// process; `fork()` is timed in the parent (the child `_exit(0)`s at once and is reaped
+/// after the timing). Returns the median of `reps` (at least 1) repetitions.
+pub fn kernel_fork_latency(bytes: usize, reps: usize) -> io::Result<Duration> {
+    let region = Mapping::populated(region_len(bytes)?)?;
+    let mut times = Vec::with_capacity(reps.max(1));
+    for _ in 0..reps.max(1) {
+        let start = Instant::now();
+        let child = fork_child(|| 0)?;
+        times.push(start.elapsed());
+        child.wait()?;
+    }
+    drop(region);
+    times.sort();
+    Ok(times[times.len() / 2])
+}
+
+/// Kernel COW write faults per second: a region of `bytes` is written, a child is forked
+/// and kept alive (blocked on a pipe) so every page is shared, then the parent writes one
+/// word to each page with `threads` threads on disjoint page ranges (one COW fault each).
+/// Returns faults per second (wall clock, all threads together).
+pub fn kernel_cow_fault_rate(bytes: usize, threads: usize) -> io::Result<f64> {
+    let region = Mapping::populated(region_len(bytes)?)?;
+    let (release_r, release_w) = pipe()?;
+    let rfd = release_r.as_raw_fd();
+    let child = fork_child(|| {
+        read_byte(rfd);
+        0
+    })?;
+    let elapsed = touch_all_threaded(&region, threads)?;
+    write_bytes(&release_w, 1)?;
+    child.wait()?;
+    Ok(per_second(region.pages(), elapsed))
+}
+
+/// Kernel first-touch faults per second: a fresh anonymous mapping of `bytes`; one word is
+/// written to each page by `threads` threads on disjoint page ranges (a zero-fill fault
+/// each). Returns faults per second.
+pub fn kernel_first_touch_rate(bytes: usize, threads: usize) -> io::Result<f64> {
+    let region = Mapping::anon(region_len(bytes)?)?;
+    let elapsed = touch_all_threaded(&region, threads)?;
+    Ok(per_second(region.pages(), elapsed))
+}
+
+// ---------------------------------------------------------------------------------------
+// 4: naive uffd-wp snapshot
+// ---------------------------------------------------------------------------------------
+
+/// Opens a non-blocking, close-on-exec userfaultfd: `userfaultfd(2)`, then
+/// `/dev/userfaultfd` when the syscall is refused (EPERM: a seccomp profile, or
+/// `vm.unprivileged_userfaultfd=0`), then the syscall with `UFFD_USER_MODE_ONLY`.
+fn open_userfaultfd() -> io::Result<OwnedFd> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    let from_raw = |fd: libc::c_long| -> io::Result<OwnedFd> {
+        let fd = RawFd::try_from(fd).map_err(|_| io::Error::other("fd out of range"))?;
+        // SAFETY: `fd` is a descriptor the kernel just returned to us and no one else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    // SAFETY: userfaultfd(2) takes one flags word and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if fd >= 0 {
+        return from_raw(fd);
+    }
+    let sys_err = io::Error::last_os_error();
+    if sys_err.raw_os_error() != Some(libc::EPERM) {
+        return Err(sys_err);
+    }
+    let dev_err = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+    {
+        Ok(dev) => {
+            // SAFETY: USERFAULTFD_IOC_NEW takes the new descriptor's flags as its integer
+            // argument and returns a new descriptor or -1.
+            let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags) };
+            if fd >= 0 {
+                return from_raw(fd.into());
+            }
+            io::Error::last_os_error()
+        }
+        Err(e) => e,
+    };
+    let user_flags = flags | uapi::UFFD_USER_MODE_ONLY as libc::c_int;
+    // SAFETY: as above.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, user_flags) };
+    if fd >= 0 {
+        return from_raw(fd);
+    }
+    Err(io::Error::new(
+        sys_err.kind(),
+        format!(
+            "userfaultfd unavailable: syscall: {sys_err}; /dev/userfaultfd: {dev_err}; \
+             UFFD_USER_MODE_ONLY: {}",
+            io::Error::last_os_error()
+        ),
+    ))
+}
+
+/// `UFFDIO_API` handshake asking for `features`; returns the features granted.
+fn uffd_api(fd: &OwnedFd, features: u64) -> io::Result<u64> {
+    let mut api = uapi::uffdio_api {
+        api: uapi::UFFD_API.into(),
+        features,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API reads and writes one `uffdio_api`, which outlives the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), uioctl::UFFDIO_API as libc::Ioctl, &mut api) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(api.features)
+}
+
+fn uffd_register(fd: &OwnedFd, m: &Mapping, mode: u64) -> io::Result<()> {
+    let mut reg = uapi::uffdio_register {
+        range: uapi::uffdio_range {
+            start: m.ptr as u64,
+            len: m.len as u64,
+        },
+        mode,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_REGISTER reads and writes one `uffdio_register`; the range is a mapping
+    // we own.
+    if unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            uioctl::UFFDIO_REGISTER as libc::Ioctl,
+            &mut reg,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Write-protects (`protect`) or un-protects and wakes (`!protect`) `[start, start+len)`.
+fn uffd_writeprotect(fd: RawFd, start: usize, len: usize, protect: bool) -> io::Result<()> {
+    let mut wp = uapi::uffdio_writeprotect {
+        range: uapi::uffdio_range {
+            start: start as u64,
+            len: len as u64,
+        },
+        mode: if protect {
+            UFFDIO_WRITEPROTECT_MODE_WP
+        } else {
+            0
+        },
+    };
+    // SAFETY: UFFDIO_WRITEPROTECT reads one `uffdio_writeprotect` that outlives the call;
+    // it changes page protection only, which cannot invalidate Rust references.
+    if unsafe { libc::ioctl(fd, uioctl::UFFDIO_WRITEPROTECT as libc::Ioctl, &mut wp) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The handler thread of the uffd-wp snapshot: for each write-protect fault, copy the
+/// page's old contents to the snapshot, then un-protect it (which wakes the writer).
+/// Returns the number of faults served.
+fn wp_handler(
+    fd: RawFd,
+    base: usize,
+    len: usize,
+    snap: usize,
+    stop: &AtomicBool,
+) -> io::Result<usize> {
+    let msg_size = std::mem::size_of::<uapi::uffd_msg>();
+    // SAFETY: `uffd_msg` is plain old data (integers and unions of integers), so the
+    // all-zero bit pattern is a valid value.
+    let mut msgs: [uapi::uffd_msg; 32] = unsafe { std::mem::zeroed() };
+    let mut served = 0;
+    loop {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one pollfd that lives for the call.
+        let r = unsafe { libc::poll(&mut pfd, 1, 5) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            if stop.load(Ordering::Acquire) {
+                return Ok(served);
+            }
+            continue;
+        }
+        // SAFETY: reads at most `size_of_val(&msgs)` bytes into the local array.
+        let n = unsafe { libc::read(fd, msgs.as_mut_ptr().cast(), std::mem::size_of_val(&msgs)) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        for msg in &msgs[..n as usize / msg_size] {
+            let event = msg.event;
+            if u32::from(event) != uapi::UFFD_EVENT_PAGEFAULT {
+                continue;
+            }
+            let arg = msg.arg;
+            // SAFETY: the kernel fills the `pagefault` member for PAGEFAULT events.
+            let pf = unsafe { arg.pagefault };
+            let (flags, address) = (pf.flags, pf.address as usize);
+            if flags & u64::from(uapi::UFFD_PAGEFAULT_FLAG_WP) == 0
+                || address < base
+                || address >= base + len
+            {
+                continue;
+            }
+            let page = address & !(PAGE - 1);
+            // SAFETY: `page` is a whole page inside the registered region and the same
+            // offset is inside the snapshot buffer (same length); the writer that faulted
+            // on it is blocked until the un-protect below, so nothing writes it meanwhile.
+            unsafe {
+                ptr::copy_nonoverlapping(page as *const u8, (snap + (page - base)) as *mut u8, PAGE)
+            };
+            uffd_writeprotect(fd, page, PAGE, false)?;
+            served += 1;
+        }
+    }
+}
+
+/// The naive userfaultfd write-protect snapshot (QEMU's background snapshot): the region of
+/// `bytes` (every page written) is registered with userfaultfd in WP mode and
+/// write-protected as a whole (the "fork"); the owner then writes `write_fraction` of its
+/// pages (distinct, random) while a handler thread copies each faulting page out to a
+/// preallocated, pre-touched snapshot buffer before un-protecting it. The background copy
+/// of the untouched pages is not measured.
+pub fn uffd_wp_snapshot(bytes: usize, write_fraction: f64) -> io::Result<UffdWpReport> {
+    let len = region_len(bytes)?;
+    let region = Mapping::populated(len)?;
+    let snapshot = Mapping::populated(len)?;
+    let pages = region.pages();
+    let targets = distinct_pages(
+        &mut Rng::new(0x5eed_0004),
+        pages,
+        fraction_of(pages, write_fraction),
+    );
+
+    let uffd = open_userfaultfd()?;
+    let wp = u64::from(uapi::UFFD_FEATURE_PAGEFAULT_FLAG_WP);
+    if uffd_api(&uffd, wp)? & wp == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "userfaultfd write-protect is not supported",
+        ));
+    }
+    let t = Instant::now();
+    uffd_register(&uffd, &region, uapi::UFFDIO_REGISTER_MODE_WP.into())?;
+    let register = t.elapsed();
+    let t = Instant::now();
+    uffd_writeprotect(uffd.as_raw_fd(), region.ptr as usize, len, true)?;
+    let protect = t.elapsed();
+
+    let fd = uffd.as_raw_fd();
+    let (base, snap) = (region.ptr as usize, snapshot.ptr as usize);
+    let stop = AtomicBool::new(false);
+    let (write_time, handled) = thread::scope(|s| -> io::Result<(Duration, usize)> {
+        let stop = &stop;
+        let handler = thread::Builder::new()
+            .name("baseline-uffd-wp".into())
+            .spawn_scoped(s, move || {
+                let r = wp_handler(fd, base, len, snap, stop);
+                if r.is_err() {
+                    // Best effort: release any writer still blocked on a fault.
+                    let _ = uffd_writeprotect(fd, base, len, false);
+                }
+                r
+            })?;
+        let t = Instant::now();
+        for (k, &p) in targets.iter().enumerate() {
+            region.write_page(p, k as u64);
+        }
+        let write_time = t.elapsed();
+        stop.store(true, Ordering::Release);
+        let handled = handler
+            .join()
+            .map_err(|_| io::Error::other("uffd handler thread panicked"))??;
+        Ok((write_time, handled))
+    })?;
+    drop(uffd);
+    let faults = targets.len();
+    Ok(UffdWpReport {
+        pages,
+        register,
+        protect,
+        faults,
+        handled,
+        write_time,
+        mean_fault: write_time / u32::try_from(faults.max(1)).unwrap_or(u32::MAX),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// 5: memcpy snapshot
+// ---------------------------------------------------------------------------------------
+
+/// Snapshot by copying: `memcpy` of a written region of `bytes` into a preallocated,
+/// already-touched buffer (a first, untimed copy touches it). Returns the timed copy.
+pub fn memcpy_snapshot(bytes: usize) -> io::Result<Duration> {
+    let len = region_len(bytes)?;
+    let src = Mapping::populated(len)?;
+    let dst = Mapping::anon(len)?;
+    let copy = || {
+        // SAFETY: two distinct live mappings of `len` bytes each.
+        unsafe { ptr::copy_nonoverlapping(src.ptr, dst.ptr, len) };
+        std::hint::black_box(dst.read_page(dst.pages() - 1));
+    };
+    copy();
+    let t = Instant::now();
+    copy();
+    Ok(t.elapsed())
+}
+
+// ---------------------------------------------------------------------------------------
+// 6-8: fuzzer reset loops
+// ---------------------------------------------------------------------------------------
+
+/// The random page accesses of one fuzz iteration: `writes` stores then `reads` loads, on
+/// pages drawn with replacement. Allocation- and panic-free.
+#[inline]
+fn fuzz_accesses(m: &Mapping, rng: &mut Rng, writes: usize, reads: usize, it: u64) -> u64 {
+    let pages = m.pages();
+    for _ in 0..writes {
+        m.write_page(rng.below(pages), it);
+    }
+    let mut acc = 0u64;
+    for _ in 0..reads {
+        acc = acc.wrapping_add(m.read_page(rng.below(pages)));
+    }
+    acc
+}
+
+const FUZZ_SEED: u64 = 0xf022_5eed;
+
+/// The kernel fork server: a populated snapshot of `bytes`; each of `iters` iterations
+/// forks, the child writes `writes` random pages, reads `reads` random pages and
+/// `_exit(0)`s, and the parent waits for it. Returns iterations per second.
+pub fn fork_server_iters_per_sec(
+    bytes: usize,
+    writes: usize,
+    reads: usize,
+    iters: usize,
+) -> io::Result<f64> {
+    let snapshot = Mapping::populated(region_len(bytes)?)?;
+    let iters = iters.max(1);
+    let t = Instant::now();
+    for it in 0..iters as u64 {
+        let snap = &snapshot;
+        let child = fork_child(move || {
+            let mut rng = Rng::new(FUZZ_SEED ^ it.wrapping_mul(0x9E37_79B9));
+            std::hint::black_box(fuzz_accesses(snap, &mut rng, writes, reads, it));
+            0
+        })?;
+        child.wait()?;
+    }
+    Ok(per_second(iters, t.elapsed()))
+}
+
+/// Wasmtime-style reset: a memfd holds the snapshot image (every page written), mapped
+/// `MAP_PRIVATE`; each of `iters` iterations writes `writes` random pages, reads `reads`
+/// random pages, then resets with `MADV_DONTNEED` over the whole mapping (so later reads
+/// fault the image back in from the page cache). One untimed warm-up iteration runs
+/// first. Returns iterations per second.
+pub fn memfd_reset_iters_per_sec(
+    bytes: usize,
+    writes: usize,
+    reads: usize,
+    iters: usize,
+) -> io::Result<f64> {
+    let len = region_len(bytes)?;
+    // SAFETY: memfd_create reads a NUL-terminated name and returns a new descriptor or -1.
+    let raw = unsafe { libc::memfd_create(c"cowarena-baseline".as_ptr(), libc::MFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a new descriptor owned by nobody else.
+    let memfd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let size = libc::off_t::try_from(len).map_err(|_| io::Error::other("size too large"))?;
+    // SAFETY: sizes a file we own.
+    if unsafe { libc::ftruncate(memfd.as_raw_fd(), size) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Mapping::map(len, libc::MAP_SHARED, memfd.as_raw_fd())?.populate();
+    let view = Mapping::map(len, libc::MAP_PRIVATE, memfd.as_raw_fd())?;
+    let mut rng = Rng::new(FUZZ_SEED);
+    let mut iteration = |it: u64| -> io::Result<()> {
+        std::hint::black_box(fuzz_accesses(&view, &mut rng, writes, reads, it));
+        view.discard()
+    };
+    iteration(0)?;
+    let iters = iters.max(1);
+    let t = Instant::now();
+    for it in 1..=iters as u64 {
+        iteration(it)?;
+    }
+    Ok(per_second(iters, t.elapsed()))
+}
+
+/// Snapshot-fuzzer reset (LibAFL style): a working copy and a pristine copy of `bytes`;
+/// each of `iters` iterations writes `writes` random pages (recording each newly dirtied
+/// page in a software list, deduplicated by a bitmap), reads `reads` random pages, then
+/// restores every dirty page by `memcpy` from the pristine copy. Returns iterations per
+/// second.
+pub fn dirty_memcpy_reset_iters_per_sec(
+    bytes: usize,
+    writes: usize,
+    reads: usize,
+    iters: usize,
+) -> io::Result<f64> {
+    let len = region_len(bytes)?;
+    let pristine = Mapping::populated(len)?;
+    let work = Mapping::anon(len)?;
+    // SAFETY: two distinct live mappings of `len` bytes each.
+    unsafe { ptr::copy_nonoverlapping(pristine.ptr, work.ptr, len) };
+    let pages = work.pages();
+    let mut bitmap = vec![0u64; pages.div_ceil(64)];
+    let mut dirty: Vec<usize> = Vec::with_capacity(writes.min(pages));
+    let mut rng = Rng::new(FUZZ_SEED);
+    let iters = iters.max(1);
+    let t = Instant::now();
+    for it in 0..iters as u64 {
+        for _ in 0..writes {
+            let p = rng.below(pages);
+            let (word, bit) = (p / 64, 1u64 << (p % 64));
+            if bitmap[word] & bit == 0 {
+                bitmap[word] |= bit;
+                dirty.push(p);
+            }
+            work.write_page(p, it);
+        }
+        let mut acc = 0u64;
+        for _ in 0..reads {
+            acc = acc.wrapping_add(work.read_page(rng.below(pages)));
+        }
+        std::hint::black_box(acc);
+        for &p in &dirty {
+            work.copy_page_from(&pristine, p);
+            bitmap[p / 64] &= !(1u64 << (p % 64));
+        }
+        dirty.clear();
+    }
+    Ok(per_second(iters, t.elapsed()))
+}
+
+// ---------------------------------------------------------------------------------------
+// 9: W3, live snapshot by fork
+// ---------------------------------------------------------------------------------------
+
+/// What the W3 child reports through a shared page.
+#[repr(C)]
+struct ChildReport {
+    done: AtomicU32,
+    sum: AtomicU64,
+    nanos: AtomicU64,
+}
+
+/// Samples `Pss` and `Rss` of the owner and the child; keeps the maxima of the sums.
+#[derive(Default)]
+struct MemPeak {
+    pss: AtomicU64,
+    rss: AtomicU64,
+    samples: AtomicU64,
+}
+
+impl MemPeak {
+    fn sample(&self, owner: libc::pid_t, child: libc::pid_t) {
+        if let (Ok((r1, p1)), Ok((r2, p2))) = (rss_pss(owner), rss_pss(child)) {
+            self.pss.fetch_max(p1 + p2, Ordering::Relaxed);
+            self.rss.fetch_max(r1 + r2, Ordering::Relaxed);
+            self.samples.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Workload W3 on the kernel: a heap of `bytes`, every page written; the owner forks; the
+/// child reads the whole heap (one `u64` per 64 bytes, summed) and exits, while the owner
+/// writes `write_fraction` of the heap's pages (distinct, random). Reports the owner's
+/// pause at `fork()`, its write throughput while the child reads against the same kind of
+/// writes before the fork, and the peak memory of the two processes (`Pss` and `Rss` from
+/// `/proc/<pid>/smaps_rollup`, sampled every 10 ms by a thread started after the fork, and
+/// once more after the owner's last write).
+pub fn kernel_fork_live_snapshot(
+    bytes: usize,
+    write_fraction: f64,
+) -> io::Result<LiveSnapshotReport> {
+    let len = region_len(bytes)?;
+    let heap = Mapping::populated(len)?;
+    let pages = heap.pages();
+    let n = fraction_of(pages, write_fraction);
+    let mut rng = Rng::new(0x5eed_0009);
+    let before_list = distinct_pages(&mut rng, pages, n);
+    let during_list = distinct_pages(&mut rng, pages, n);
+    let shared = Mapping::map(PAGE, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1)?;
+    // SAFETY: the page is zero-filled (a valid `ChildReport`: atomics of zero), page-aligned,
+    // shared with the child, and outlives `report` (both live to the end of this function).
+    let report: &ChildReport = unsafe { &*shared.ptr.cast::<ChildReport>() };
+
+    let t = Instant::now();
+    for (k, &p) in before_list.iter().enumerate() {
+        heap.write_page(p, k as u64);
+    }
+    let before_time = t.elapsed();
+    // SAFETY: getpid cannot fail.
+    let owner = unsafe { libc::getpid() };
+    let pss_before = rss_pss(owner)?.1;
+
+    let heap_ref = &heap;
+    let t = Instant::now();
+    let child = fork_child(move || {
+        let start = Instant::now();
+        let words = len / 8;
+        let base = heap_ref.ptr.cast::<u64>();
+        let mut sum = 0u64;
+        let mut w = 0;
+        while w < words {
+            // SAFETY: word `w` < `len / 8` is inside the heap, which this child's copy of
+            // the address space maps for its whole life.
+            sum = sum.wrapping_add(unsafe { ptr::read_volatile(base.add(w)) });
+            w += 8;
+        }
+        report.sum.store(sum, Ordering::Relaxed);
+        let nanos = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        report.nanos.store(nanos, Ordering::Relaxed);
+        report.done.store(1, Ordering::Release);
+        0
+    })?;
+    let fork_pause = t.elapsed();
+    let child_pid = child.pid;
+
+    let peak = MemPeak::default();
+    let stop = AtomicBool::new(false);
+    let (during_pages, during_time, outlived) = thread::scope(|s| -> io::Result<_> {
+        let (peak, stop) = (&peak, &stop);
+        let sampler = thread::Builder::new()
+            .name("baseline-memsample".into())
+            .spawn_scoped(s, move || {
+                while !stop.load(Ordering::Acquire) {
+                    peak.sample(owner, child_pid);
+                    thread::sleep(Duration::from_millis(10));
+                }
+            })?;
+        const CHUNK: usize = 64;
+        let t = Instant::now();
+        let (mut during_pages, mut during_time) = (0, Duration::ZERO);
+        let mut child_done = false;
+        for (c, chunk) in during_list.chunks(CHUNK).enumerate() {
+            if report.done.load(Ordering::Acquire) != 0 {
+                child_done = true;
+                break;
+            }
+            for (k, &p) in chunk.iter().enumerate() {
+                heap.write_page(p, (c * CHUNK + k) as u64);
+            }
+            during_pages += chunk.len();
+            during_time = t.elapsed();
+        }
+        let outlived = !child_done && report.done.load(Ordering::Acquire) == 0;
+        if child_done {
+            // Finish the owner's writes; they no longer overlap the child's read.
+            for &p in &during_list[during_pages..] {
+                heap.write_page(p, 0);
+            }
+        } else if outlived {
+            peak.sample(owner, child_pid);
+        }
+        let waited = child.wait();
+        stop.store(true, Ordering::Release);
+        sampler
+            .join()
+            .map_err(|_| io::Error::other("memory sampler thread panicked"))?;
+        waited?;
+        Ok((during_pages, during_time, outlived))
+    })?;
+
+    std::hint::black_box(report.sum.load(Ordering::Relaxed));
+    let write_rate_before = per_second(n, before_time);
+    let write_rate_during = if during_pages == 0 {
+        f64::NAN
+    } else {
+        per_second(during_pages, during_time)
+    };
+    Ok(LiveSnapshotReport {
+        pages,
+        fork_pause,
+        pages_written: n,
+        write_rate_before,
+        write_rate_during,
+        slowdown: write_rate_before / write_rate_during,
+        pages_written_during: during_pages,
+        child_outlived_writes: outlived,
+        child_read: Duration::from_nanos(report.nanos.load(Ordering::Relaxed)),
+        pss_before,
+        peak_pss_total: peak.pss.load(Ordering::Relaxed),
+        peak_rss_total: peak.rss.load(Ordering::Relaxed),
+        samples: peak.samples.load(Ordering::Relaxed) as usize,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// 10: W5, page-table memory per forked child
+// ---------------------------------------------------------------------------------------
+
+/// Workload W5 on the kernel: a process holding `bytes` of written memory forks `children`
+/// (at least 1) children; each writes one page, reports in, and blocks; each child's
+/// `VmPTE` is read from `/proc/<pid>/status`. Returns the mean page-table bytes per child
+/// (multiply by 1000 for 1000 children). All children are reaped.
+pub fn kernel_fork_pagetable_bytes(bytes: usize, children: usize) -> io::Result<u64> {
+    let region = Mapping::populated(region_len(bytes)?)?;
+    let pages = region.pages();
+    let children = children.max(1);
+    let (ready_r, ready_w) = pipe()?;
+    let (release_r, release_w) = pipe()?;
+    let (ready_fd, release_fd) = (ready_w.as_raw_fd(), release_r.as_raw_fd());
+    let mut kids = Vec::with_capacity(children);
+    for k in 0..children {
+        let region = &region;
+        kids.push(fork_child(move || {
+            region.write_page(k % pages, k as u64);
+            let one = 1u8;
+            // SAFETY: writes one byte from a live local to an inherited pipe.
+            if unsafe { libc::write(ready_fd, (&one as *const u8).cast(), 1) } != 1 {
+                return 1;
+            }
+            read_byte(release_fd);
+            0
+        })?);
+    }
+    read_bytes_timeout(&ready_r, children)?;
+    let mut total = 0u64;
+    for kid in &kids {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", kid.pid))?;
+        total += proc_kb(&status, "VmPTE")?;
+    }
+    write_bytes(&release_w, children)?;
+    for kid in kids {
+        kid.wait()?;
+    }
+    Ok(total / children as u64)
+}

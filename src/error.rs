@@ -1,0 +1,125 @@
+//! The one error type of the public API.
+//!
+//! Every variant's message says what went wrong *and what to do about it*: a user who
+//! meets one of these in a container log should not need to read our source.
+
+use std::io;
+
+/// Why userfaultfd could not be opened (see [`Error::UffdUnavailable`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UffdBlock {
+    /// `userfaultfd(2)` returned EPERM even with `UFFD_USER_MODE_ONLY` while a seccomp filter
+    /// is installed: Docker's, containerd's and Podman's default profiles do this.
+    Seccomp,
+    /// The kernel refuses unprivileged userfaultfd (`vm.unprivileged_userfaultfd=0` and no
+    /// `CAP_SYS_PTRACE`) and `/dev/userfaultfd` is absent or not accessible.
+    Unprivileged,
+    /// `/dev/userfaultfd` exists but this process may not open it, and the syscall is refused.
+    DevicePermission,
+    /// The kernel has no userfaultfd at all (ENOSYS: too old, or built without
+    /// `CONFIG_USERFAULTFD`).
+    NoKernelSupport,
+}
+
+/// Errors returned by cowarena.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// userfaultfd is not available to this process; the message names the remedy.
+    #[error("userfaultfd unavailable: {}", remedy(*.0))]
+    UffdUnavailable(UffdBlock, #[source] io::Error),
+
+    /// The kernel lacks a userfaultfd feature cowarena needs.
+    #[error(
+        "the kernel lacks userfaultfd feature {feature} (running {kernel}); cowarena needs \
+         Linux 5.11 or newer with write-protect support for anonymous memory (CONFIG_HAVE_ARCH_USERFAULTFD_WP)"
+    )]
+    MissingFeature {
+        /// The feature's kernel name, e.g. `UFFD_FEATURE_PAGEFAULT_FLAG_WP`.
+        feature: &'static str,
+        /// `uname -r` of the running kernel.
+        kernel: String,
+    },
+
+    /// An offset/length pair falls outside the space.
+    #[error("range {offset:#x}+{len:#x} is outside the space of {size:#x} bytes")]
+    OutOfRange {
+        /// First byte of the request.
+        offset: usize,
+        /// Length of the request.
+        len: usize,
+        /// Size of the space.
+        size: usize,
+    },
+
+    /// A size or length argument is unusable (zero, or too large for the address space).
+    #[error("invalid size {size:#x}: {why}")]
+    InvalidSize {
+        /// The rejected value.
+        size: usize,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+
+    /// A configured limit of the arena has been reached.
+    #[error(
+        "arena capacity exhausted: {what} would exceed the limit of {limit} bytes; drop spaces \
+         you no longer need or raise the limit with `Arena::builder().max_memory(..)`"
+    )]
+    CapacityExhausted {
+        /// What was being allocated.
+        what: &'static str,
+        /// The configured limit, in bytes.
+        limit: u64,
+    },
+
+    /// A kernel call failed; `op` names it.
+    #[error("{op} failed: {source}")]
+    Os {
+        /// The operation, e.g. `mmap view` or `UFFDIO_COPY`.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The arena's fault engine has stopped (a previous fatal error); no new work is accepted.
+    #[error("the arena's fault engine has stopped after a fatal error: {0}; create a new Arena")]
+    EngineStopped(String),
+}
+
+/// The remedy text for each cause; kept here so `doctor` and the error agree.
+pub fn remedy(cause: UffdBlock) -> &'static str {
+    match cause {
+        UffdBlock::Seccomp => {
+            "userfaultfd(2) blocked by seccomp (EPERM under a seccomp filter, as in Docker's default \
+             profile): run the container with `--security-opt seccomp=cowarena-seccomp.json` (shipped \
+             in the cowarena repository: Docker's default profile plus userfaultfd), or on Linux 6.1+ \
+             with `--device /dev/userfaultfd`"
+        }
+        UffdBlock::Unprivileged => {
+            "unprivileged userfaultfd is disabled (vm.unprivileged_userfaultfd=0 and no CAP_SYS_PTRACE): \
+             run as root, `sysctl -w vm.unprivileged_userfaultfd=1`, or (Linux 6.1+) give this user \
+             read-write access to /dev/userfaultfd"
+        }
+        UffdBlock::DevicePermission => {
+            "/dev/userfaultfd exists but is not accessible to this user and the syscall is refused: \
+             `chmod 0666 /dev/userfaultfd` or add the user to its group (Linux 6.1+), or \
+             `sysctl -w vm.unprivileged_userfaultfd=1`"
+        }
+        UffdBlock::NoKernelSupport => {
+            "this kernel has no userfaultfd (ENOSYS): cowarena needs Linux 5.11+ built with \
+             CONFIG_USERFAULTFD"
+        }
+    }
+}
+
+/// `Result` with cowarena's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn os(op: &'static str, source: io::Error) -> Self {
+        Error::Os { op, source }
+    }
+}

@@ -1,0 +1,73 @@
+//! Frames: 4 KiB of data with a reference count and a home.
+
+use super::RegionId;
+
+/// Index of a frame in the [`FrameStore`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+pub struct FrameId(pub(crate) u32);
+
+/// Where a frame's bytes live: page `page` of region `region` (a space's view, or a
+/// frozen region left behind by a fork).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Home {
+    pub region: RegionId,
+    pub page: u32,
+}
+
+/// One frame.
+///
+/// Invariant: `refs` equals the number of tables (not spaces) whose entries name this
+/// frame — a shared table holds one reference for all its sharers, which is why `fork`
+/// never touches frames (BRIEF invariant 4).
+#[derive(Clone, Copy, Debug)]
+pub struct Frame {
+    pub refs: u32,
+    pub home: Home,
+}
+
+#[derive(Default)]
+pub struct FrameStore {
+    slots: Vec<Option<Frame>>,
+    free: Vec<u32>,
+    in_use: usize,
+}
+
+impl FrameStore {
+    pub fn alloc(&mut self, home: Home) -> FrameId {
+        let f = Frame { refs: 1, home };
+        self.in_use += 1;
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = Some(f);
+                FrameId(i)
+            }
+            None => {
+                self.slots.push(Some(f));
+                FrameId(self.slots.len() as u32 - 1)
+            }
+        }
+    }
+
+    pub fn release(&mut self, id: FrameId) -> Frame {
+        let f = self.slots[id.0 as usize].take().expect("release of a free frame");
+        self.free.push(id.0);
+        self.in_use -= 1;
+        f
+    }
+
+    pub fn get(&self, id: FrameId) -> &Frame {
+        self.slots[id.0 as usize].as_ref().expect("use of a free frame")
+    }
+
+    pub fn get_mut(&mut self, id: FrameId) -> &mut Frame {
+        self.slots[id.0 as usize].as_mut().expect("use of a free frame")
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.in_use
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (FrameId, &Frame)> {
+        self.slots.iter().enumerate().filter_map(|(i, f)| f.as_ref().map(|f| (FrameId(i as u32), f)))
+    }
+}

@@ -1,0 +1,714 @@
+//! The memory-management core: software page tables shared copy-on-write between the
+//! spaces of a fork family, frames with reference counts and homes, and the decisions of
+//! the fault path. Pure, safe Rust: nothing here touches the kernel or view memory. The
+//! fault engine (`crate::fault`) asks this module *what* to do and performs it with
+//! `crate::sys`.
+//!
+//! Kernel names are used where they fit: [`Mm::break_cow_pte`] duplicates (or reuses) a
+//! shared table before a write, as in the COW-PTE series; [`Mm::resolve_fault`] is the
+//! analog of `handle_pte_fault` / `do_wp_page`.
+
+mod bits;
+mod frame;
+mod table;
+
+pub use bits::Bits;
+pub use frame::{Frame, FrameId, FrameStore, Home};
+pub use table::{Pte, PteTable, TableId, TableStore, PTRS_PER_PTE};
+
+/// Bytes per page.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Index of a region (a view or a frozen region) in the [`Mm`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct RegionId(pub(crate) u32);
+
+/// Index of a space in the [`Mm`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+pub struct SpaceId(pub(crate) u32);
+
+/// What a region is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RegionKind {
+    /// The view of a space: mapped pages are read-only copies or (writable) homes.
+    View(SpaceId),
+    /// Pages moved out of a view by a fork (`mremap(MREMAP_DONTUNMAP)`). Immutable: they
+    /// are homes of frames that were shared when frozen; a page dies with its frame.
+    Frozen,
+}
+
+/// A range of memory holding frame homes. `B` is the owner of the mapping (the engine's
+/// RAII mapping; `()` in pure tests): dropping it unmaps.
+pub struct Region<B> {
+    pub base: usize,
+    pub pages: usize,
+    pub kind: RegionKind,
+    /// Invariant: the number of live frames whose home is in this region. A frozen region
+    /// is released when it reaches zero.
+    pub homes: usize,
+    pub backing: B,
+}
+
+/// Per-page state of a space's view, as the kernel sees it.
+///
+/// Invariants (checked by [`Mm::check`]):
+/// * `writable ⊆ present`, `home ⊆ present`, `writable ⊆ home`;
+/// * a present page holds the bytes of the frame its entry names, or zeros when the entry
+///   is empty (BRIEF 3);
+/// * a writable page's frame is homed there, its table has `share == 1` and the frame
+///   `refs == 1` (BRIEF 2).
+#[derive(Clone, Debug)]
+pub struct ViewState {
+    pub present: Bits,
+    pub writable: Bits,
+    pub home: Bits,
+}
+
+impl ViewState {
+    fn new(pages: usize) -> ViewState {
+        ViewState { present: Bits::new(pages), writable: Bits::new(pages), home: Bits::new(pages) }
+    }
+    fn reset(&mut self) {
+        self.present.clear_all();
+        self.writable.clear_all();
+        self.home.clear_all();
+    }
+}
+
+/// One space: a directory of table references (one per 2 MiB) and its view.
+pub struct SpaceMm {
+    pub pages: usize,
+    /// The directory (the PMD level): `dir[i]` maps pages `512*i .. 512*(i+1)`.
+    pub dir: Vec<Option<TableId>>,
+    pub view: RegionId,
+    /// Fork family: every space descending from one root shares it (the `anon_vma`).
+    pub family: u32,
+    pub vs: ViewState,
+}
+
+/// Where to fill a view page from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Src {
+    /// A page of zeros.
+    Zero,
+    /// The page at this address (a frame's home; always populated memory).
+    Addr(usize),
+}
+
+/// What the engine must do in the kernel to serve a fault.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Action {
+    /// Nothing: the page was served by someone else first; wake the faulting thread.
+    Wake,
+    /// UFFDIO_COPY one page into `dst`, write-protected when `wp`.
+    Fill { dst: usize, src: Src, wp: bool },
+    /// UFFDIO_WRITEPROTECT(clear) the page at `dst` (its bytes are already right).
+    Unprotect { dst: usize },
+}
+
+/// The state change that follows a successful [`Action`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Commit {
+    None,
+    MapReadOnly { frame: Option<FrameId> },
+    NewFrame { old: Option<FrameId>, copied: bool },
+    Rehome { frame: FrameId, copied: bool },
+    MakeWritable,
+}
+
+/// A decided fault: perform `action`, then hand it back to [`Mm::commit`].
+#[derive(Clone, Copy, Debug)]
+#[must_use]
+pub struct Resolution {
+    pub action: Action,
+    space: SpaceId,
+    page: usize,
+    commit: Commit,
+}
+
+/// Kinds of fault, for the counters.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FaultKind {
+    ReadZero,
+    ReadCopy,
+    WriteZero,
+    WriteCow,
+    WriteReuse,
+    Spurious,
+}
+
+/// Counters kept by the core (read under the arena lock).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmCounters {
+    pub forks: u64,
+    pub freezes: u64,
+    pub faults_read_zero: u64,
+    pub faults_read_copy: u64,
+    pub faults_write_zero: u64,
+    pub faults_write_cow: u64,
+    pub faults_write_reuse: u64,
+    pub faults_spurious: u64,
+    pub tables_shared: u64,
+    pub tables_broken: u64,
+    pub tables_reused: u64,
+    pub bytes_copied: u64,
+    pub bytes_reclaimed: u64,
+}
+
+/// Work the engine must do in the kernel after a state change: give frozen pages back and
+/// unmap dead regions. Drained with [`Mm::take_reclaim`].
+pub struct Reclaim<B> {
+    /// Page ranges `(addr, len)` of frozen regions whose frames died.
+    pub discard: Vec<(usize, usize)>,
+    /// Backings of regions that no longer hold anything: drop (unmap) them.
+    pub dead: Vec<B>,
+}
+
+impl<B> Default for Reclaim<B> {
+    fn default() -> Self {
+        Reclaim { discard: Vec::new(), dead: Vec::new() }
+    }
+}
+
+/// A simple slab with id reuse.
+struct Slab<T> {
+    slots: Vec<Option<T>>,
+    free: Vec<u32>,
+    len: usize,
+}
+
+impl<T> Slab<T> {
+    const fn new() -> Self {
+        Slab { slots: Vec::new(), free: Vec::new(), len: 0 }
+    }
+    fn insert(&mut self, t: T) -> u32 {
+        self.len += 1;
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = Some(t);
+                i
+            }
+            None => {
+                self.slots.push(Some(t));
+                self.slots.len() as u32 - 1
+            }
+        }
+    }
+    fn remove(&mut self, i: u32) -> T {
+        let t = self.slots[i as usize].take().expect("remove of a free slot");
+        self.free.push(i);
+        self.len -= 1;
+        t
+    }
+    fn get(&self, i: u32) -> Option<&T> {
+        self.slots.get(i as usize).and_then(|s| s.as_ref())
+    }
+    fn get_mut(&mut self, i: u32) -> Option<&mut T> {
+        self.slots.get_mut(i as usize).and_then(|s| s.as_mut())
+    }
+    fn iter(&self) -> impl Iterator<Item = (u32, &T)> {
+        self.slots.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|s| (i as u32, s)))
+    }
+}
+
+/// The state of one arena: every space, table, frame and region.
+pub struct Mm<B> {
+    tables: TableStore,
+    frames: FrameStore,
+    regions: Slab<Region<B>>,
+    spaces: Slab<SpaceMm>,
+    next_family: u32,
+    reclaim: Reclaim<B>,
+    pub counters: MmCounters,
+}
+
+impl<B> Default for Mm<B> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<B> Mm<B> {
+    pub fn new() -> Self {
+        Mm {
+            tables: TableStore::default(),
+            frames: FrameStore::default(),
+            regions: Slab::new(),
+            spaces: Slab::new(),
+            next_family: 0,
+            reclaim: Reclaim::default(),
+            counters: MmCounters::default(),
+        }
+    }
+
+    // ---- gauges -------------------------------------------------------------------------
+
+    pub fn frames_in_use(&self) -> usize {
+        self.frames.in_use()
+    }
+    pub fn tables_in_use(&self) -> usize {
+        self.tables.in_use()
+    }
+    pub fn spaces_in_use(&self) -> usize {
+        self.spaces.len
+    }
+    pub fn views_in_use(&self) -> usize {
+        self.regions.iter().filter(|(_, r)| matches!(r.kind, RegionKind::View(_))).count()
+    }
+    pub fn frozen_regions(&self) -> usize {
+        self.regions.iter().filter(|(_, r)| r.kind == RegionKind::Frozen).count()
+    }
+    /// Tables currently shared by more than one space.
+    pub fn tables_shared_now(&self) -> usize {
+        self.tables.iter().filter(|(_, t)| t.share > 1).count()
+    }
+
+    // ---- spaces -------------------------------------------------------------------------
+
+    fn space(&self, sp: SpaceId) -> &SpaceMm {
+        self.spaces.get(sp.0).expect("use of a dropped space")
+    }
+    fn space_mut(&mut self, sp: SpaceId) -> &mut SpaceMm {
+        self.spaces.get_mut(sp.0).expect("use of a dropped space")
+    }
+    fn region(&self, r: RegionId) -> &Region<B> {
+        self.regions.get(r.0).expect("use of a dead region")
+    }
+    fn region_mut(&mut self, r: RegionId) -> &mut Region<B> {
+        self.regions.get_mut(r.0).expect("use of a dead region")
+    }
+
+    /// Pages of a space.
+    pub fn pages(&self, sp: SpaceId) -> usize {
+        self.space(sp).pages
+    }
+
+    /// Base address of a space's view.
+    pub fn view_base(&self, sp: SpaceId) -> usize {
+        self.region(self.space(sp).view).base
+    }
+
+    /// The space whose view contains `addr`, and the page index.
+    pub fn space_at(&self, addr: usize) -> Option<(SpaceId, usize)> {
+        self.regions.iter().find_map(|(_, r)| match r.kind {
+            RegionKind::View(sp) if addr >= r.base && addr < r.base + r.pages * PAGE_SIZE => {
+                Some((sp, (addr - r.base) / PAGE_SIZE))
+            }
+            _ => None,
+        })
+    }
+
+    /// A new, empty space of `pages` pages whose view is mapped at `view_base`.
+    pub fn new_space(&mut self, pages: usize, view_base: usize, view: B) -> SpaceId {
+        let family = self.next_family;
+        self.next_family += 1;
+        self.insert_space(pages, view_base, view, vec![None; pages.div_ceil(PTRS_PER_PTE)], family)
+    }
+
+    fn insert_space(&mut self, pages: usize, base: usize, view: B, dir: Vec<Option<TableId>>, family: u32) -> SpaceId {
+        let region = RegionId(self.regions.insert(Region {
+            base,
+            pages,
+            kind: RegionKind::Frozen, // fixed below once the space id is known
+            homes: 0,
+            backing: view,
+        }));
+        let sp = SpaceId(self.spaces.insert(SpaceMm { pages, dir, view: region, family, vs: ViewState::new(pages) }));
+        self.region_mut(region).kind = RegionKind::View(sp);
+        sp
+    }
+
+    /// Does forking `sp` need its view frozen first? True when the view holds frame homes
+    /// (pages written since the last fork): those must leave the view before they become
+    /// shared, so that the view may later be written in place.
+    pub fn needs_freeze(&self, sp: SpaceId) -> bool {
+        self.region(self.space(sp).view).homes > 0
+    }
+
+    /// The view of `sp` was moved to `frozen_base` (`mremap(MREMAP_DONTUNMAP)`), and its
+    /// old address stays mapped but empty. Re-homes every frame of the view in O(1): the
+    /// view's region becomes the frozen region. Read-only copies that moved along are not
+    /// homes; their pages are queued for discard.
+    pub fn freeze_view(&mut self, sp: SpaceId, frozen_base: usize, frozen: B) {
+        let old = self.space(sp).view;
+        let (pages, view_base) = (self.region(old).pages, self.region(old).base);
+        // The region (and every Home naming it) now describes the frozen pages.
+        let r = self.region_mut(old);
+        r.kind = RegionKind::Frozen;
+        r.base = frozen_base;
+        let view_backing = std::mem::replace(&mut r.backing, frozen);
+        let new = RegionId(self.regions.insert(Region {
+            base: view_base,
+            pages,
+            kind: RegionKind::View(sp),
+            homes: 0,
+            backing: view_backing,
+        }));
+        let s = self.space_mut(sp);
+        s.view = new;
+        let garbage = s.vs.present.runs_and_not(&s.vs.home);
+        s.vs.reset();
+        for (a, b) in garbage {
+            self.reclaim.discard.push((frozen_base + a * PAGE_SIZE, (b - a) * PAGE_SIZE));
+        }
+        self.counters.freezes += 1;
+    }
+
+    /// Fork `parent`: the child shares every table of the parent (O(tables)); no frame is
+    /// touched. The parent's view must hold no homes ([`Mm::needs_freeze`] is false).
+    pub fn fork(&mut self, parent: SpaceId, view_base: usize, view: B) -> SpaceId {
+        debug_assert!(!self.needs_freeze(parent), "fork of a view that still holds homes");
+        let (pages, family, dir) = {
+            let p = self.space(parent);
+            (p.pages, p.family, p.dir.clone())
+        };
+        let mut shared = 0;
+        for t in dir.iter().flatten() {
+            let t = self.tables.get_mut(*t);
+            t.share += 1;
+            t.cow = true;
+            shared += 1;
+        }
+        self.counters.tables_shared += shared;
+        self.counters.forks += 1;
+        self.insert_space(pages, view_base, view, dir, family)
+    }
+
+    /// Drop a space: release its tables (and the frames only they held). Returns the view's
+    /// backing, to be unmapped by the caller.
+    pub fn drop_space(&mut self, sp: SpaceId) -> B {
+        let dir = std::mem::take(&mut self.space_mut(sp).dir);
+        for t in dir.iter().flatten() {
+            self.put_table(*t);
+        }
+        let s = self.spaces.remove(sp.0);
+        let view = self.regions.remove(s.view.0);
+        debug_assert_eq!(view.homes, 0, "a dropped view still holds homes");
+        view.backing
+    }
+
+    /// Drain the kernel work queued by state changes.
+    pub fn take_reclaim(&mut self) -> Reclaim<B> {
+        std::mem::take(&mut self.reclaim)
+    }
+
+    // ---- tables and frames --------------------------------------------------------------
+
+    fn put_table(&mut self, t: TableId) {
+        let tab = self.tables.get_mut(t);
+        tab.share -= 1;
+        if tab.share > 0 {
+            return;
+        }
+        let entries: Vec<FrameId> = tab.entries.iter().filter_map(|e| e.frame()).collect();
+        for f in entries {
+            self.put_frame(f);
+        }
+        self.tables.release(t);
+    }
+
+    fn put_frame(&mut self, f: FrameId) {
+        let fr = self.frames.get_mut(f);
+        fr.refs -= 1;
+        if fr.refs == 0 {
+            let fr = self.frames.release(f);
+            self.unhome(fr.home);
+        }
+    }
+
+    /// A frame leaves its home (it died or moved into a view).
+    fn unhome(&mut self, home: Home) {
+        let r = self.region_mut(home.region);
+        r.homes -= 1;
+        match r.kind {
+            RegionKind::View(sp) => {
+                self.space_mut(sp).vs.home.clear(home.page as usize);
+            }
+            RegionKind::Frozen => {
+                let addr = r.base + home.page as usize * PAGE_SIZE;
+                let dead = r.homes == 0;
+                match self.reclaim.discard.last_mut() {
+                    Some((a, l)) if *a + *l == addr => *l += PAGE_SIZE,
+                    _ => self.reclaim.discard.push((addr, PAGE_SIZE)),
+                }
+                self.counters.bytes_reclaimed += PAGE_SIZE as u64;
+                if dead {
+                    let r = self.regions.remove(home.region.0);
+                    // No need to discard pages of a region about to be unmapped.
+                    let (lo, hi) = (r.base, r.base + r.pages * PAGE_SIZE);
+                    self.reclaim.discard.retain(|(a, _)| *a < lo || *a >= hi);
+                    self.reclaim.dead.push(r.backing);
+                }
+            }
+        }
+    }
+
+    fn home_addr(&self, home: Home) -> usize {
+        self.region(home.region).base + home.page as usize * PAGE_SIZE
+    }
+
+    /// The entry mapping `page` of `sp`.
+    pub fn lookup(&self, sp: SpaceId, page: usize) -> Pte {
+        match self.space(sp).dir[page / PTRS_PER_PTE] {
+            None => Pte::NONE,
+            Some(t) => self.tables.get(t).entries[page % PTRS_PER_PTE],
+        }
+    }
+
+    /// Make the table covering `page` exclusive to `sp` before a change to it: allocate it
+    /// if absent, reuse it when no one else shares it any more, otherwise duplicate it and
+    /// take a frame reference for every entry (the COW-PTE break).
+    pub fn break_cow_pte(&mut self, sp: SpaceId, page: usize) -> TableId {
+        let ti = page / PTRS_PER_PTE;
+        match self.space(sp).dir[ti] {
+            None => {
+                let t = self.tables.alloc(None);
+                self.space_mut(sp).dir[ti] = Some(t);
+                t
+            }
+            Some(t) if self.tables.get(t).share == 1 => {
+                let tab = self.tables.get_mut(t);
+                if tab.cow {
+                    tab.cow = false;
+                    self.counters.tables_reused += 1;
+                }
+                t
+            }
+            Some(t) => {
+                let entries = *self.tables.get(t).entries;
+                let new = self.tables.alloc(Some(&entries));
+                let frames: Vec<FrameId> = self.tables.get(new).entries.iter().filter_map(|e| e.frame()).collect();
+                for f in frames {
+                    self.frames.get_mut(f).refs += 1;
+                }
+                self.tables.get_mut(t).share -= 1;
+                self.space_mut(sp).dir[ti] = Some(new);
+                self.counters.tables_broken += 1;
+                tracing::trace!(space = sp.0, table = ti, "break_cow_pte");
+                new
+            }
+        }
+    }
+
+    // ---- the fault path -----------------------------------------------------------------
+
+    /// Decide how to serve a fault on page `page` of `sp` (`write`: the access writes).
+    /// May break a shared table (invisible to readers); all other state changes wait for
+    /// [`Mm::commit`], after the engine performed `action`.
+    pub fn resolve_fault(&mut self, sp: SpaceId, page: usize, write: bool) -> Resolution {
+        let (view, present, writable) = {
+            let s = self.space(sp);
+            (s.view, s.vs.present.get(page), s.vs.writable.get(page))
+        };
+        let dst = self.region(view).base + page * PAGE_SIZE;
+        let done = |action, commit| Resolution { action, space: sp, page, commit };
+        if writable || (!write && present) {
+            return done(Action::Wake, Commit::None);
+        }
+        if !write {
+            return match self.lookup(sp, page).frame() {
+                None => done(Action::Fill { dst, src: Src::Zero, wp: true }, Commit::MapReadOnly { frame: None }),
+                Some(f) => {
+                    let home = self.frames.get(f).home;
+                    debug_assert!(home.region != view, "a home page is always present");
+                    let src = Src::Addr(self.home_addr(home));
+                    done(Action::Fill { dst, src, wp: true }, Commit::MapReadOnly { frame: Some(f) })
+                }
+            };
+        }
+        let t = self.break_cow_pte(sp, page);
+        let fill_or_unprotect = |src| if present { Action::Unprotect { dst } } else { Action::Fill { dst, src, wp: false } };
+        match self.tables.get(t).entries[page % PTRS_PER_PTE].frame() {
+            None => done(fill_or_unprotect(Src::Zero), Commit::NewFrame { old: None, copied: false }),
+            Some(f) => {
+                let fr = *self.frames.get(f);
+                let here = fr.home == Home { region: view, page: page as u32 };
+                if here {
+                    debug_assert!(present && fr.refs == 1);
+                    done(Action::Unprotect { dst }, Commit::MakeWritable)
+                } else if fr.refs == 1 {
+                    let src = Src::Addr(self.home_addr(fr.home));
+                    done(fill_or_unprotect(src), Commit::Rehome { frame: f, copied: !present })
+                } else {
+                    let src = Src::Addr(self.home_addr(fr.home));
+                    done(fill_or_unprotect(src), Commit::NewFrame { old: Some(f), copied: !present })
+                }
+            }
+        }
+    }
+
+    /// Apply a resolution whose action succeeded. Returns the kind of fault served.
+    pub fn commit(&mut self, r: Resolution) -> FaultKind {
+        let (sp, page) = (r.space, r.page);
+        let ei = page % PTRS_PER_PTE;
+        let view = self.space(sp).view;
+        let here = Home { region: view, page: page as u32 };
+        let kind = match r.commit {
+            Commit::None => FaultKind::Spurious,
+            Commit::MapReadOnly { frame } => {
+                self.space_mut(sp).vs.present.set(page);
+                if frame.is_some() {
+                    // Setting ACCESSED is the one change allowed on a shared table.
+                    let t = self.space(sp).dir[page / PTRS_PER_PTE].expect("entry without table");
+                    let e = &mut self.tables.get_mut(t).entries[ei];
+                    *e = e.with(Pte::ACCESSED);
+                    self.counters.bytes_copied += PAGE_SIZE as u64;
+                    FaultKind::ReadCopy
+                } else {
+                    FaultKind::ReadZero
+                }
+            }
+            Commit::NewFrame { old, copied } => {
+                let g = self.frames.alloc(here);
+                self.region_mut(view).homes += 1;
+                let t = self.space(sp).dir[page / PTRS_PER_PTE].expect("break_cow_pte ran");
+                debug_assert_eq!(self.tables.get(t).share, 1);
+                self.tables.get_mut(t).entries[ei] = Pte::new(g, Pte::ACCESSED | Pte::DIRTY);
+                if let Some(old) = old {
+                    let o = self.frames.get_mut(old);
+                    debug_assert!(o.refs > 1);
+                    o.refs -= 1;
+                }
+                if copied {
+                    self.counters.bytes_copied += PAGE_SIZE as u64;
+                }
+                self.map_writable(sp, page);
+                if old.is_some() {
+                    FaultKind::WriteCow
+                } else {
+                    FaultKind::WriteZero
+                }
+            }
+            Commit::Rehome { frame, copied } => {
+                let old_home = self.frames.get(frame).home;
+                self.unhome(old_home);
+                self.frames.get_mut(frame).home = here;
+                self.region_mut(view).homes += 1;
+                self.set_entry_bits(sp, page, Pte::ACCESSED | Pte::DIRTY);
+                if copied {
+                    self.counters.bytes_copied += PAGE_SIZE as u64;
+                }
+                self.map_writable(sp, page);
+                FaultKind::WriteReuse
+            }
+            Commit::MakeWritable => {
+                self.set_entry_bits(sp, page, Pte::ACCESSED | Pte::DIRTY);
+                self.map_writable(sp, page);
+                FaultKind::WriteReuse
+            }
+        };
+        let c = &mut self.counters;
+        match kind {
+            FaultKind::ReadZero => c.faults_read_zero += 1,
+            FaultKind::ReadCopy => c.faults_read_copy += 1,
+            FaultKind::WriteZero => c.faults_write_zero += 1,
+            FaultKind::WriteCow => c.faults_write_cow += 1,
+            FaultKind::WriteReuse => c.faults_write_reuse += 1,
+            FaultKind::Spurious => c.faults_spurious += 1,
+        }
+        kind
+    }
+
+    fn map_writable(&mut self, sp: SpaceId, page: usize) {
+        let vs = &mut self.space_mut(sp).vs;
+        vs.present.set(page);
+        vs.writable.set(page);
+        vs.home.set(page);
+    }
+
+    fn set_entry_bits(&mut self, sp: SpaceId, page: usize, bits: u64) {
+        let t = self.space(sp).dir[page / PTRS_PER_PTE].expect("entry without table");
+        let tab = self.tables.get_mut(t);
+        let e = &mut tab.entries[page % PTRS_PER_PTE];
+        debug_assert!(tab.share == 1 || bits == Pte::ACCESSED, "invariant 1: shared table modified");
+        *e = e.with(bits);
+    }
+
+    /// Where the explicit read API finds the bytes of `page` of `sp`: zeros or a frame's
+    /// home (populated memory). Marks the entry accessed.
+    pub fn read_source(&mut self, sp: SpaceId, page: usize) -> Src {
+        let Some(t) = self.space(sp).dir[page / PTRS_PER_PTE] else { return Src::Zero };
+        let e = &mut self.tables.get_mut(t).entries[page % PTRS_PER_PTE];
+        match e.frame() {
+            None => Src::Zero,
+            Some(f) => {
+                *e = e.with(Pte::ACCESSED);
+                Src::Addr(self.home_addr(self.frames.get(f).home))
+            }
+        }
+    }
+
+    // ---- invariants ---------------------------------------------------------------------
+
+    /// Check every structural invariant; returns a description of the first violation.
+    /// Cost O(everything): for tests and debug assertions.
+    pub fn check(&self) -> Result<(), String> {
+        use std::collections::HashMap;
+        let mut share: HashMap<TableId, u32> = HashMap::new();
+        for (_, s) in self.spaces.iter() {
+            for t in s.dir.iter().flatten() {
+                *share.entry(*t).or_default() += 1;
+            }
+        }
+        let mut refs: HashMap<FrameId, u32> = HashMap::new();
+        for (id, t) in self.tables.iter() {
+            let want = share.get(&id).copied().unwrap_or(0);
+            if t.share != want {
+                return Err(format!("table {id:?}: share {} but {want} directories name it", t.share));
+            }
+            for f in t.entries.iter().filter_map(|e| e.frame()) {
+                *refs.entry(f).or_default() += 1;
+            }
+        }
+        let mut homes: HashMap<RegionId, usize> = HashMap::new();
+        for (id, f) in self.frames.iter() {
+            let want = refs.get(&id).copied().unwrap_or(0);
+            if f.refs != want {
+                return Err(format!("frame {id:?}: refs {} but {want} tables name it", f.refs));
+            }
+            *homes.entry(f.home.region).or_default() += 1;
+            let r = self.regions.get(f.home.region.0).ok_or(format!("frame {id:?} homed in a dead region"))?;
+            if let RegionKind::View(sp) = r.kind {
+                let s = self.space(sp);
+                let p = f.home.page as usize;
+                if !s.vs.home.get(p) || !s.vs.present.get(p) {
+                    return Err(format!("frame {id:?} homed at view page {p} of {sp:?} not marked present+home"));
+                }
+                if self.lookup(sp, p).frame() != Some(id) {
+                    return Err(format!("frame {id:?} homed in {sp:?} page {p} whose entry names another frame"));
+                }
+                if f.refs != 1 {
+                    return Err(format!("frame {id:?} homed in a view but has {} refs", f.refs));
+                }
+            }
+        }
+        for (rid, r) in self.regions.iter() {
+            let want = homes.get(&RegionId(rid)).copied().unwrap_or(0);
+            if r.homes != want {
+                return Err(format!("region {rid}: homes {} but {want} frames live there", r.homes));
+            }
+            if r.kind == RegionKind::Frozen && r.homes == 0 {
+                return Err(format!("frozen region {rid} is empty but not released"));
+            }
+        }
+        for (sid, s) in self.spaces.iter() {
+            let sp = SpaceId(sid);
+            for p in 0..s.pages {
+                let (pr, w, h) = (s.vs.present.get(p), s.vs.writable.get(p), s.vs.home.get(p));
+                if (w || h) && !pr || w && !h {
+                    return Err(format!("{sp:?} page {p}: view bits present={pr} writable={w} home={h}"));
+                }
+                if w {
+                    let t = s.dir[p / PTRS_PER_PTE].ok_or("writable page without table")?;
+                    if self.tables.get(t).share != 1 {
+                        return Err(format!("{sp:?} page {p}: writable under a shared table (invariant 2)"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,256 @@
+//! Kernel-free tests of the core: a fake "kernel" holds one `u64` per mapped page and
+//! performs the engine's actions; random operation sequences are checked against a
+//! plain reference (one `Vec<u64>` per space) and against [`Mm::check`].
+
+use super::*;
+use std::collections::HashMap;
+
+const BASE_STEP: usize = 1 << 32;
+
+/// Pages as the kernel would hold them: address -> (value, write-protected).
+#[derive(Default)]
+struct FakeKernel {
+    mem: HashMap<usize, (u64, bool)>,
+    next_base: usize,
+}
+
+impl FakeKernel {
+    fn map(&mut self) -> usize {
+        self.next_base += BASE_STEP;
+        self.next_base
+    }
+    fn run(&mut self, a: Action) {
+        match a {
+            Action::Wake => {}
+            Action::Fill { dst, src, wp } => {
+                let v = match src {
+                    Src::Zero => 0,
+                    Src::Addr(s) => self.mem.get(&s).expect("fill from an unpopulated home").0,
+                };
+                assert!(self.mem.insert(dst, (v, wp)).is_none(), "UFFDIO_COPY onto a present page");
+            }
+            Action::Unprotect { dst } => {
+                let p = self.mem.get_mut(&dst).expect("unprotect of a missing page");
+                assert!(p.1, "unprotect of a writable page");
+                p.1 = false;
+            }
+        }
+    }
+    fn moverange(&mut self, from: usize, to: usize, pages: usize) {
+        for p in 0..pages {
+            if let Some(v) = self.mem.remove(&(from + p * PAGE_SIZE)) {
+                self.mem.insert(to + p * PAGE_SIZE, v);
+            }
+        }
+    }
+    fn unmap(&mut self, base: usize, pages: usize) {
+        for p in 0..pages {
+            self.mem.remove(&(base + p * PAGE_SIZE));
+        }
+    }
+}
+
+struct Sim {
+    mm: Mm<(usize, usize)>,
+    k: FakeKernel,
+    spaces: Vec<(SpaceId, Vec<u64>)>,
+}
+
+impl Sim {
+    fn new() -> Sim {
+        Sim { mm: Mm::new(), k: FakeKernel::default(), spaces: Vec::new() }
+    }
+    fn reclaim(&mut self) {
+        let r = self.mm.take_reclaim();
+        for (a, l) in r.discard {
+            self.k.unmap(a, l / PAGE_SIZE);
+        }
+        for (base, pages) in r.dead {
+            self.k.unmap(base, pages);
+        }
+    }
+    fn create(&mut self, pages: usize) {
+        let base = self.k.map();
+        let sp = self.mm.new_space(pages, base, (base, pages));
+        self.spaces.push((sp, vec![0; pages]));
+    }
+    fn fork(&mut self, i: usize) {
+        let (p, model) = (self.spaces[i].0, self.spaces[i].1.clone());
+        let pages = model.len();
+        if self.mm.needs_freeze(p) {
+            let base = self.mm.view_base(p);
+            let to = self.k.map();
+            self.k.moverange(base, to, pages);
+            self.mm.freeze_view(p, to, (to, pages));
+            self.reclaim();
+        }
+        let base = self.k.map();
+        let c = self.mm.fork(p, base, (base, pages));
+        self.spaces.push((c, model));
+    }
+    /// An access through the view: fault if the fake kernel would fault, then access.
+    fn access(&mut self, i: usize, page: usize, write: Option<u64>) -> u64 {
+        let sp = self.spaces[i].0;
+        let addr = self.mm.view_base(sp) + page * PAGE_SIZE;
+        loop {
+            let need = match self.k.mem.get(&addr) {
+                None => true,
+                Some(&(_, wp)) => write.is_some() && wp,
+            };
+            if !need {
+                break;
+            }
+            let r = self.mm.resolve_fault(sp, page, write.is_some());
+            assert_ne!(r.action, Action::Wake, "fault resolved to nothing");
+            self.k.run(r.action);
+            self.mm.commit(r);
+            self.reclaim();
+        }
+        let p = self.k.mem.get_mut(&addr).unwrap();
+        if let Some(v) = write {
+            p.0 = v;
+            self.spaces[i].1[page] = v;
+        }
+        p.0
+    }
+    fn api_read(&mut self, i: usize, page: usize) -> u64 {
+        match self.mm.read_source(self.spaces[i].0, page) {
+            Src::Zero => 0,
+            Src::Addr(a) => self.k.mem[&a].0,
+        }
+    }
+    fn drop_space(&mut self, i: usize) {
+        let (sp, _) = self.spaces.swap_remove(i);
+        let (base, pages) = self.mm.drop_space(sp);
+        self.k.unmap(base, pages);
+        self.reclaim();
+    }
+    fn check(&self) {
+        self.mm.check().unwrap();
+        // Invariant 3: every present view page holds its entry's frame bytes.
+        for (sp, model) in &self.spaces {
+            let base = self.mm.view_base(*sp);
+            for (p, want) in model.iter().enumerate() {
+                if let Some(&(v, _)) = self.k.mem.get(&(base + p * PAGE_SIZE)) {
+                    assert_eq!(v, *want, "{sp:?} page {p}: view holds stale bytes");
+                }
+            }
+        }
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+#[test]
+fn fork_shares_tables_and_write_breaks_one() {
+    let mut s = Sim::new();
+    s.create(2048);
+    for p in [0, 1, 600, 1500] {
+        s.access(0, p, Some(p as u64 + 1));
+    }
+    assert_eq!(s.mm.tables_in_use(), 3);
+    s.fork(0);
+    assert_eq!(s.mm.counters.tables_shared, 3);
+    assert_eq!(s.mm.tables_shared_now(), 3);
+    // A read through the child does not break anything.
+    assert_eq!(s.access(1, 600, None), 601);
+    assert_eq!(s.mm.counters.tables_broken, 0);
+    // A write through the child breaks exactly the table it lands in, and COWs the page.
+    s.access(1, 0, Some(99));
+    assert_eq!(s.mm.counters.tables_broken, 1);
+    assert_eq!(s.mm.counters.faults_write_cow, 1);
+    assert_eq!(s.access(0, 0, None), 1);
+    // The parent's write to the same table: the table is no longer shared -> reused.
+    s.access(0, 1, Some(7));
+    assert_eq!(s.mm.counters.tables_reused, 1);
+    assert_eq!(s.mm.counters.tables_broken, 1);
+    // Frame 1 was shared by two tables; parent now wrote it: COW (refs 2).
+    assert_eq!(s.access(1, 1, None), 2);
+    s.check();
+}
+
+#[test]
+fn exclusive_frame_is_reused_not_copied() {
+    let mut s = Sim::new();
+    s.create(512);
+    s.access(0, 5, Some(5));
+    s.fork(0);
+    s.drop_space(1);
+    // Parent is alone again: its write reuses the table and takes the frozen frame over.
+    s.access(0, 5, Some(6));
+    assert_eq!(s.mm.counters.faults_write_reuse, 1);
+    assert_eq!(s.mm.counters.faults_write_cow, 0);
+    assert_eq!(s.mm.frozen_regions(), 0, "the frozen region died with its last home");
+    s.check();
+}
+
+#[test]
+fn everything_is_released() {
+    let mut s = Sim::new();
+    s.create(1024);
+    for p in 0..1024 {
+        s.access(0, p, Some(p as u64));
+    }
+    s.fork(0);
+    s.fork(1);
+    s.access(2, 3, Some(1));
+    s.access(0, 700, Some(1));
+    s.drop_space(1);
+    s.drop_space(0);
+    s.drop_space(0);
+    assert_eq!((s.mm.frames_in_use(), s.mm.tables_in_use(), s.mm.views_in_use(), s.mm.frozen_regions()), (0, 0, 0, 0));
+    assert!(s.k.mem.is_empty(), "pages left mapped: {}", s.k.mem.len());
+}
+
+#[test]
+fn model_random_sequences() {
+    for seed in 1..=60u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut s = Sim::new();
+        let pages = 512 * (1 + rng.below(3)) + rng.below(3) * 7;
+        s.create(pages);
+        for step in 0..1500 {
+            if s.spaces.is_empty() {
+                s.create(pages);
+            }
+            let i = rng.below(s.spaces.len());
+            let page = rng.below(pages);
+            match rng.below(100) {
+                0..=4 if s.spaces.len() < 12 => s.fork(i),
+                5..=7 => s.drop_space(i),
+                8..=40 => {
+                    let v = rng.next();
+                    s.access(i, page, Some(v));
+                }
+                41..=70 => {
+                    let want = s.spaces[i].1[page];
+                    assert_eq!(s.access(i, page, None), want, "seed {seed} step {step}: view read");
+                }
+                _ => {
+                    let want = s.spaces[i].1[page];
+                    assert_eq!(s.api_read(i, page), want, "seed {seed} step {step}: api read");
+                }
+            }
+            if step % 50 == 0 {
+                s.check();
+            }
+        }
+        s.check();
+        while !s.spaces.is_empty() {
+            s.drop_space(0);
+        }
+        assert_eq!((s.mm.frames_in_use(), s.mm.tables_in_use(), s.mm.frozen_regions()), (0, 0, 0), "seed {seed}");
+        assert!(s.k.mem.is_empty(), "seed {seed}: pages left mapped");
+    }
+}

@@ -1,0 +1,150 @@
+//! Anonymous mappings (views, frozen regions), 2 MiB aligned so that `mremap` can move
+//! whole page tables, and the raw byte copies the engine performs on them.
+
+use std::io;
+
+/// Bytes per page.
+pub const PAGE: usize = 4096;
+/// Bytes covered by one PTE table (512 entries).
+pub const TABLE_SPAN: usize = 2 << 20;
+
+/// An owned anonymous mapping, unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    addr: usize,
+    len: usize,
+}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl Mapping {
+    /// Map `len` bytes (a multiple of the page size) of zero-filled private anonymous
+    /// memory at a 2 MiB-aligned address, excluded from `fork(2)` (MADV_DONTFORK: a forked
+    /// child would otherwise read zeros where the view is unregistered) and from
+    /// transparent huge pages.
+    pub fn anon(len: usize) -> io::Result<Mapping> {
+        let padded = len.checked_add(TABLE_SPAN).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases nothing.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                padded,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let raw = raw as usize;
+        let addr = (raw + TABLE_SPAN - 1) & !(TABLE_SPAN - 1);
+        let head = addr - raw;
+        let tail = padded - head - len;
+        // SAFETY: both trimmed pieces lie inside the mapping we just created and own.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw as *mut libc::c_void, head);
+            }
+            if tail > 0 {
+                libc::munmap((addr + len) as *mut libc::c_void, tail);
+            }
+        }
+        let m = Mapping { addr, len };
+        m.advise(0, len, libc::MADV_DONTFORK)?;
+        m.advise(0, len, libc::MADV_NOHUGEPAGE)?;
+        Ok(m)
+    }
+
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// madvise a sub-range.
+    pub fn advise(&self, off: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
+        debug_assert!(off + len <= self.len);
+        // SAFETY: the range lies inside this mapping; advice values we use do not
+        // invalidate Rust references (nobody holds references into views across this call
+        // except under the documented view aliasing contract).
+        check(unsafe { libc::madvise((self.addr + off) as *mut libc::c_void, len, advice) })
+    }
+
+    /// Give the pages of a sub-range back to the OS (they read as zero afterwards, or fault
+    /// into userfaultfd when the range is registered).
+    pub fn discard(&self, off: usize, len: usize) -> io::Result<()> {
+        self.advise(off, len, libc::MADV_DONTNEED)
+    }
+
+    /// Move every page of this mapping to a new 2 MiB-aligned mapping, leaving this one in
+    /// place but empty (`MREMAP_DONTUNMAP`). The kernel moves whole page tables: O(tables).
+    /// With UFFD_FEATURE_EVENT_REMAP the call blocks until the REMAP event is read.
+    pub fn freeze(&self) -> io::Result<Mapping> {
+        // Reserve an aligned destination, then move onto it.
+        let dst = Mapping::anon(self.len)?;
+        let to = dst.addr;
+        std::mem::forget(dst);
+        // SAFETY: source is this mapping; destination is a range we reserved and own;
+        // MREMAP_FIXED replaces the reservation atomically.
+        let r = unsafe {
+            libc::mremap(
+                self.addr as *mut libc::c_void,
+                self.len,
+                self.len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP,
+                to as *mut libc::c_void,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            // SAFETY: the reservation is still ours.
+            unsafe { libc::munmap(to as *mut libc::c_void, self.len) };
+            return Err(e);
+        }
+        Ok(Mapping { addr: r as usize, len: self.len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: we own the mapping; the engine guarantees no fault is outstanding on it.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Copy `dst.len()` bytes out of memory at `src`.
+///
+/// # Safety
+/// `src..src+dst.len()` must be mapped, readable and populated (not a view page that
+/// would fault into the engine), and not concurrently written.
+pub unsafe fn read_raw(src: usize, dst: &mut [u8]) {
+    // SAFETY: forwarded to the caller.
+    unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+}
+
+/// Copy `src` into memory at `dst`.
+///
+/// # Safety
+/// `dst..dst+src.len()` must be mapped, writable, populated and writable without a fault
+/// (not write-protected), and not concurrently accessed.
+pub unsafe fn write_raw(dst: usize, src: &[u8]) {
+    // SAFETY: forwarded to the caller.
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+}
+
+/// `uname -r`.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}

@@ -1,0 +1,5 @@
+//! The kernel interface. Every raw syscall and ioctl of cowarena lives under this module;
+//! everything above it is safe Rust.
+
+pub mod mem;
+pub mod uffd;

@@ -1,0 +1,340 @@
+//! userfaultfd: opening it with the most capable access available, the API handshake, and
+//! the ioctls the fault engine uses. Written against `linux-raw-sys` (no bindgen, no
+//! libclang): see DESIGN.md for why the `userfaultfd` crate is not used.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use linux_raw_sys::general as g;
+use linux_raw_sys::ioctl as i;
+
+use crate::error::{Error, UffdBlock};
+
+/// `_IO(0xAA, 0)`: open a userfaultfd through `/dev/userfaultfd` (Linux 6.1+).
+const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
+/// `_IOWR(0xAA, 5, struct uffdio_move)` (Linux 6.8+); not exported by linux-raw-sys 0.12.
+const UFFDIO_MOVE: libc::c_ulong = 0xC028_AA05;
+/// `UFFDIO_WRITEPROTECT_MODE_WP` (bit 0); not exported by linux-raw-sys 0.12.
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+
+/// How this process obtained its userfaultfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UffdAccess {
+    /// Through `/dev/userfaultfd` (Linux 6.1+): faults from user and kernel mode are served.
+    Device,
+    /// Through `userfaultfd(2)` without `UFFD_USER_MODE_ONLY` (root, CAP_SYS_PTRACE, or
+    /// `vm.unprivileged_userfaultfd=1`): faults from user and kernel mode are served.
+    Syscall,
+    /// Through `userfaultfd(2)` with `UFFD_USER_MODE_ONLY`: only user-mode faults are
+    /// served; a *syscall* that touches an unpopulated view page (e.g. `write(fd, view)`)
+    /// fails with EFAULT. Use the explicit `Space::read`/`Space::write` API or
+    /// `Space::populate` before handing view memory to the kernel.
+    UserModeOnly,
+}
+
+impl UffdAccess {
+    /// One sentence on what this access level implies for users.
+    pub fn implications(self) -> &'static str {
+        match self {
+            UffdAccess::Device => "opened via /dev/userfaultfd: kernel-mode accesses to views (e.g. write(2) from a view) are served",
+            UffdAccess::Syscall => "opened via userfaultfd(2) with full privileges: kernel-mode accesses to views are served",
+            UffdAccess::UserModeOnly => {
+                "opened with UFFD_USER_MODE_ONLY: a syscall touching an unpopulated view page fails with EFAULT; \
+                 use Space::read/write or Space::populate before passing view memory to the kernel"
+            }
+        }
+    }
+}
+
+/// Feature bits cowarena asks for, with their kernel names (for error messages and doctor).
+pub const FEATURE_NAMES: &[(u64, &str)] = &[
+    (g::UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64, "UFFD_FEATURE_PAGEFAULT_FLAG_WP"),
+    (g::UFFD_FEATURE_EVENT_REMAP as u64, "UFFD_FEATURE_EVENT_REMAP"),
+    (g::UFFD_FEATURE_SIGBUS as u64, "UFFD_FEATURE_SIGBUS"),
+    (g::UFFD_FEATURE_THREAD_ID as u64, "UFFD_FEATURE_THREAD_ID"),
+    (g::UFFD_FEATURE_WP_UNPOPULATED as u64, "UFFD_FEATURE_WP_UNPOPULATED"),
+    (g::UFFD_FEATURE_MOVE as u64, "UFFD_FEATURE_MOVE"),
+];
+
+pub const FEATURE_WP: u64 = g::UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64;
+pub const FEATURE_EVENT_REMAP: u64 = g::UFFD_FEATURE_EVENT_REMAP as u64;
+pub const FEATURE_SIGBUS: u64 = g::UFFD_FEATURE_SIGBUS as u64;
+pub const FEATURE_THREAD_ID: u64 = g::UFFD_FEATURE_THREAD_ID as u64;
+pub const FEATURE_WP_UNPOPULATED: u64 = g::UFFD_FEATURE_WP_UNPOPULATED as u64;
+pub const FEATURE_MOVE: u64 = g::UFFD_FEATURE_MOVE as u64;
+
+pub const EVENT_PAGEFAULT: u8 = g::UFFD_EVENT_PAGEFAULT as u8;
+pub const EVENT_REMAP: u8 = g::UFFD_EVENT_REMAP as u8;
+pub const PAGEFAULT_FLAG_WRITE: u64 = g::UFFD_PAGEFAULT_FLAG_WRITE as u64;
+pub const PAGEFAULT_FLAG_WP: u64 = g::UFFD_PAGEFAULT_FLAG_WP as u64;
+
+/// An open, API-negotiated userfaultfd.
+#[derive(Debug)]
+pub struct Uffd {
+    fd: OwnedFd,
+    access: UffdAccess,
+    features: u64,
+}
+
+/// One message read from the userfaultfd.
+#[derive(Debug, Clone, Copy)]
+pub enum UffdMsg {
+    /// A page fault at `address` (page-aligned by the caller), with `UFFD_PAGEFAULT_FLAG_*`.
+    PageFault { address: u64, flags: u64, tid: u32 },
+    /// A REMAP event: `[from, from+len)` moved to `to` (the mremap caller waits for us).
+    Remap { from: u64, to: u64, len: u64 },
+    /// Any other event (fork/remove/unmap are not requested; logged and ignored).
+    Other(u8),
+}
+
+fn errno() -> io::Error {
+    io::Error::last_os_error()
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Is a seccomp filter installed on this thread (`Seccomp: 2` in /proc/self/status)?
+pub fn seccomp_filtered() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Seccomp:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("2"))
+        })
+        .unwrap_or(false)
+}
+
+fn raw_open(flags: libc::c_int, user_mode_only: bool) -> io::Result<OwnedFd> {
+    let f = flags | if user_mode_only { g::UFFD_USER_MODE_ONLY as libc::c_int } else { 0 };
+    // SAFETY: userfaultfd(2) takes one int argument and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, f) };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: the kernel just returned this fd to us; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn dev_open(flags: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: the path is a NUL-terminated literal; open returns an fd or -1.
+    let dev = unsafe { libc::open(c"/dev/userfaultfd".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if dev < 0 {
+        return Err(errno());
+    }
+    // SAFETY: `dev` is our fd; wrapping it closes it when this function returns.
+    let dev = unsafe { OwnedFd::from_raw_fd(dev) };
+    // SAFETY: USERFAULTFD_IOC_NEW takes the new fd's flags as its argument.
+    let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags) };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: the ioctl returned a fresh userfaultfd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Open a userfaultfd fd with the most capable access available, without the handshake.
+fn open_fd() -> Result<(OwnedFd, UffdAccess), Error> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    let dev = dev_open(flags);
+    if let Ok(fd) = dev {
+        return Ok((fd, UffdAccess::Device));
+    }
+    let full = raw_open(flags, false);
+    if let Ok(fd) = full {
+        return Ok((fd, UffdAccess::Syscall));
+    }
+    let umo = raw_open(flags, true);
+    if let Ok(fd) = umo {
+        return Ok((fd, UffdAccess::UserModeOnly));
+    }
+    let full_err = full.unwrap_err();
+    let umo_err = umo.unwrap_err();
+    let dev_err = dev.unwrap_err();
+    let cause = match umo_err.raw_os_error() {
+        Some(libc::ENOSYS) => UffdBlock::NoKernelSupport,
+        // User-mode-only is allowed to everyone since 5.11 unless something filters it.
+        Some(libc::EPERM) if seccomp_filtered() => UffdBlock::Seccomp,
+        // Before 5.11 the flag is unknown (EINVAL): the plain syscall's error decides.
+        _ if dev_err.raw_os_error() == Some(libc::EACCES) => UffdBlock::DevicePermission,
+        _ if full_err.raw_os_error() == Some(libc::EPERM) && seccomp_filtered() => UffdBlock::Seccomp,
+        _ => UffdBlock::Unprivileged,
+    };
+    Err(Error::UffdUnavailable(cause, umo_err))
+}
+
+impl Uffd {
+    /// Feature bits the kernel offers (probed on a throwaway fd: the handshake is one-shot).
+    pub fn probe() -> Result<(UffdAccess, u64), Error> {
+        let (fd, access) = open_fd()?;
+        let api = api(&fd, 0).map_err(|e| Error::os("UFFDIO_API", e))?;
+        Ok((access, api.features))
+    }
+
+    /// Open and negotiate: `required` features must all be offered; `optional` ones are
+    /// taken when offered.
+    pub fn open(required: u64, optional: u64) -> Result<Uffd, Error> {
+        let (_, offered) = Self::probe()?;
+        if let Some((_, name)) = FEATURE_NAMES.iter().find(|(b, _)| required & b != 0 && offered & b == 0) {
+            return Err(Error::MissingFeature { feature: name, kernel: kernel_release() });
+        }
+        let (fd, access) = open_fd()?;
+        let want = required | (optional & offered);
+        let got = api(&fd, want).map_err(|e| Error::os("UFFDIO_API", e))?;
+        Ok(Uffd { fd, access, features: want & got.features | want })
+    }
+
+    pub fn access(&self) -> UffdAccess {
+        self.access
+    }
+
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    pub fn has(&self, feature: u64) -> bool {
+        self.features & feature == feature
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Register `[start, start+len)` for MISSING and WP faults.
+    pub fn register(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut r = g::uffdio_register {
+            range: g::uffdio_range { start: start as u64, len: len as u64 },
+            mode: (g::UFFDIO_REGISTER_MODE_MISSING | g::UFFDIO_REGISTER_MODE_WP) as u64,
+            ioctls: 0,
+        };
+        self.ioctl(i::UFFDIO_REGISTER as _, &mut r as *mut _ as *mut libc::c_void)
+    }
+
+    pub fn unregister(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut r = g::uffdio_range { start: start as u64, len: len as u64 };
+        self.ioctl(i::UFFDIO_UNREGISTER as _, &mut r as *mut _ as *mut libc::c_void)
+    }
+
+    /// UFFDIO_COPY `len` bytes from `src` to `dst`, retried until complete. EAGAIN (a
+    /// pending REMAP or a partial copy) is retried; EEXIST reports `Ok(false)` (someone
+    /// populated the page first).
+    ///
+    /// # Safety
+    /// `src..src+len` must be readable memory that stays mapped for the call.
+    pub unsafe fn copy(&self, dst: usize, src: usize, len: usize, wp: bool) -> io::Result<bool> {
+        let mut done = 0usize;
+        while done < len {
+            let mut c = g::uffdio_copy {
+                dst: (dst + done) as u64,
+                src: (src + done) as u64,
+                len: (len - done) as u64,
+                mode: if wp { g::UFFDIO_COPY_MODE_WP as u64 } else { 0 },
+                copy: 0,
+            };
+            match self.ioctl(i::UFFDIO_COPY as _, &mut c as *mut _ as *mut libc::c_void) {
+                Ok(()) => done = len,
+                Err(e) => {
+                    // `copy` holds the bytes copied, or a negative errno.
+                    if c.copy > 0 {
+                        done += c.copy as usize;
+                        continue;
+                    }
+                    match e.raw_os_error() {
+                        Some(libc::EAGAIN) => std::thread::yield_now(),
+                        Some(libc::EEXIST) if done == 0 => return Ok(false),
+                        _ => return Err(e),
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Set (`wp`) or clear write protection on `[start, start+len)`; clearing wakes waiters.
+    pub fn writeprotect(&self, start: usize, len: usize, wp: bool) -> io::Result<()> {
+        let mut w = g::uffdio_writeprotect {
+            range: g::uffdio_range { start: start as u64, len: len as u64 },
+            mode: if wp { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+        };
+        loop {
+            match self.ioctl(i::UFFDIO_WRITEPROTECT as _, &mut w as *mut _ as *mut libc::c_void) {
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => std::thread::yield_now(),
+                r => return r,
+            }
+        }
+    }
+
+    /// Wake threads waiting on faults in `[start, start+len)`.
+    pub fn wake(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut r = g::uffdio_range { start: start as u64, len: len as u64 };
+        self.ioctl(i::UFFDIO_WAKE as _, &mut r as *mut _ as *mut libc::c_void)
+    }
+
+    /// UFFDIO_MOVE (6.8+): move the pages at `src` to `dst` without copying.
+    pub fn move_pages(&self, dst: usize, src: usize, len: usize) -> io::Result<()> {
+        let mut m = g::uffdio_move { dst: dst as u64, src: src as u64, len: len as u64, mode: 0, move_: 0 };
+        self.ioctl(UFFDIO_MOVE, &mut m as *mut _ as *mut libc::c_void)
+    }
+
+    /// Read pending messages without blocking; returns how many were decoded into `out`.
+    pub fn read_msgs(&self, out: &mut Vec<UffdMsg>) -> io::Result<usize> {
+        const N: usize = 64;
+        let mut buf = [std::mem::MaybeUninit::<g::uffd_msg>::uninit(); N];
+        // SAFETY: `buf` is writable for N messages; read(2) writes whole messages only.
+        let n = unsafe {
+            libc::read(self.raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, std::mem::size_of_val(&buf))
+        };
+        if n < 0 {
+            let e = errno();
+            return if e.raw_os_error() == Some(libc::EAGAIN) { Ok(0) } else { Err(e) };
+        }
+        let count = n as usize / std::mem::size_of::<g::uffd_msg>();
+        for m in &buf[..count] {
+            // SAFETY: the kernel initialised the first `count` messages.
+            let m = unsafe { m.assume_init() };
+            // SAFETY: the union member read matches `event`, as the uapi header documents.
+            let msg = unsafe {
+                match m.event as u32 {
+                    g::UFFD_EVENT_PAGEFAULT => UffdMsg::PageFault {
+                        address: m.arg.pagefault.address,
+                        flags: m.arg.pagefault.flags,
+                        tid: m.arg.pagefault.feat.ptid,
+                    },
+                    g::UFFD_EVENT_REMAP => UffdMsg::Remap {
+                        from: m.arg.remap.from,
+                        to: m.arg.remap.to,
+                        len: m.arg.remap.len,
+                    },
+                    e => UffdMsg::Other(e as u8),
+                }
+            };
+            out.push(msg);
+        }
+        Ok(count)
+    }
+
+    fn ioctl(&self, req: libc::c_ulong, arg: *mut libc::c_void) -> io::Result<()> {
+        // SAFETY: every caller passes a request number with the matching, live argument struct.
+        let r = unsafe { libc::ioctl(self.raw_fd(), req as _, arg) };
+        if r < 0 {
+            Err(errno())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn api(fd: &OwnedFd, features: u64) -> io::Result<g::uffdio_api> {
+    let mut a = g::uffdio_api { api: g::UFFD_API as u64, features, ioctls: 0 };
+    // SAFETY: UFFDIO_API takes a live `struct uffdio_api`.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), i::UFFDIO_API as _, &mut a as *mut g::uffdio_api) };
+    if r < 0 {
+        Err(errno())
+    } else {
+        Ok(a)
+    }
+}
