@@ -1,5 +1,14 @@
-//! cowarena (work in progress)
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+pub mod arena;
 pub mod error;
+mod fault;
+#[doc(hidden)]
 pub mod mm;
+pub mod space;
 pub(crate) mod sys;
-pub use error::{Error, Result};
+
+pub use arena::{Arena, ArenaBuilder, FaultStats, Stats, UffdAccess};
+pub use error::{Error, Result, UffdBlock};
+pub use space::Space;

@@ -376,8 +376,11 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: both descriptors are new and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    // SAFETY: a new descriptor owned by nobody else.
+    let r = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    // SAFETY: as above.
+    let w = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+    Ok((r, w))
 }
 
 /// Blocking one-byte read, retried on EINTR; async-signal-safe. Returns bytes read (0 at
@@ -387,8 +390,8 @@ fn read_byte(fd: RawFd) -> isize {
     loop {
         // SAFETY: reads at most one byte into a live local.
         let r = unsafe { libc::read(fd, (&mut b as *mut u8).cast(), 1) };
-        // SAFETY: reads this thread's errno.
-        if r >= 0 || unsafe { *libc::__errno_location() } != libc::EINTR {
+        // `last_os_error` only reads errno: no allocation, safe in a forked child.
+        if r >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
             return r;
         }
     }
@@ -1082,7 +1085,7 @@ pub fn kernel_fork_live_snapshot(
         while w < words {
             // SAFETY: word `w` < `len / 8` is inside the heap, which this child's copy of
             // the address space maps for its whole life.
-            sum = sum.wrapping_add(unsafe { ptr::read_volatile(base.add(w)) });
+            sum = sum.wrapping_add(unsafe { ptr::read_volatile(base.wrapping_add(w)) });
             w += 8;
         }
         report.sum.store(sum, Ordering::Relaxed);

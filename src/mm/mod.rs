@@ -66,7 +66,11 @@ pub struct ViewState {
 
 impl ViewState {
     fn new(pages: usize) -> ViewState {
-        ViewState { present: Bits::new(pages), writable: Bits::new(pages), home: Bits::new(pages) }
+        ViewState {
+            present: Bits::new(pages),
+            writable: Bits::new(pages),
+            home: Bits::new(pages),
+        }
     }
     fn reset(&mut self) {
         self.present.clear_all();
@@ -166,7 +170,10 @@ pub struct Reclaim<B> {
 
 impl<B> Default for Reclaim<B> {
     fn default() -> Self {
-        Reclaim { discard: Vec::new(), dead: Vec::new() }
+        Reclaim {
+            discard: Vec::new(),
+            dead: Vec::new(),
+        }
     }
 }
 
@@ -179,7 +186,11 @@ struct Slab<T> {
 
 impl<T> Slab<T> {
     const fn new() -> Self {
-        Slab { slots: Vec::new(), free: Vec::new(), len: 0 }
+        Slab {
+            slots: Vec::new(),
+            free: Vec::new(),
+            len: 0,
+        }
     }
     fn insert(&mut self, t: T) -> u32 {
         self.len += 1;
@@ -195,7 +206,9 @@ impl<T> Slab<T> {
         }
     }
     fn remove(&mut self, i: u32) -> T {
-        let t = self.slots[i as usize].take().expect("remove of a free slot");
+        let t = self.slots[i as usize]
+            .take()
+            .expect("remove of a free slot");
         self.free.push(i);
         self.len -= 1;
         t
@@ -207,7 +220,10 @@ impl<T> Slab<T> {
         self.slots.get_mut(i as usize).and_then(|s| s.as_mut())
     }
     fn iter(&self) -> impl Iterator<Item = (u32, &T)> {
-        self.slots.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|s| (i as u32, s)))
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i as u32, s)))
     }
 }
 
@@ -218,6 +234,8 @@ pub struct Mm<B> {
     regions: Slab<Region<B>>,
     spaces: Slab<SpaceMm>,
     next_family: u32,
+    /// View base address -> space, for the fault path's address lookup.
+    views: std::collections::BTreeMap<usize, SpaceId>,
     reclaim: Reclaim<B>,
     pub counters: MmCounters,
 }
@@ -236,6 +254,7 @@ impl<B> Mm<B> {
             regions: Slab::new(),
             spaces: Slab::new(),
             next_family: 0,
+            views: std::collections::BTreeMap::new(),
             reclaim: Reclaim::default(),
             counters: MmCounters::default(),
         }
@@ -253,10 +272,10 @@ impl<B> Mm<B> {
         self.spaces.len
     }
     pub fn views_in_use(&self) -> usize {
-        self.regions.iter().filter(|(_, r)| matches!(r.kind, RegionKind::View(_))).count()
+        self.views.len()
     }
     pub fn frozen_regions(&self) -> usize {
-        self.regions.iter().filter(|(_, r)| r.kind == RegionKind::Frozen).count()
+        self.regions.len - self.views.len()
     }
     /// Tables currently shared by more than one space.
     pub fn tables_shared_now(&self) -> usize {
@@ -288,24 +307,39 @@ impl<B> Mm<B> {
         self.region(self.space(sp).view).base
     }
 
+    /// The backing (mapping owner) of a space's view.
+    pub fn view_backing(&self, sp: SpaceId) -> &B {
+        &self.region(self.space(sp).view).backing
+    }
+
     /// The space whose view contains `addr`, and the page index.
     pub fn space_at(&self, addr: usize) -> Option<(SpaceId, usize)> {
-        self.regions.iter().find_map(|(_, r)| match r.kind {
-            RegionKind::View(sp) if addr >= r.base && addr < r.base + r.pages * PAGE_SIZE => {
-                Some((sp, (addr - r.base) / PAGE_SIZE))
-            }
-            _ => None,
-        })
+        let (&base, &sp) = self.views.range(..=addr).next_back()?;
+        let pages = self.space(sp).pages;
+        (addr < base + pages * PAGE_SIZE).then_some((sp, (addr - base) / PAGE_SIZE))
     }
 
     /// A new, empty space of `pages` pages whose view is mapped at `view_base`.
     pub fn new_space(&mut self, pages: usize, view_base: usize, view: B) -> SpaceId {
         let family = self.next_family;
         self.next_family += 1;
-        self.insert_space(pages, view_base, view, vec![None; pages.div_ceil(PTRS_PER_PTE)], family)
+        self.insert_space(
+            pages,
+            view_base,
+            view,
+            vec![None; pages.div_ceil(PTRS_PER_PTE)],
+            family,
+        )
     }
 
-    fn insert_space(&mut self, pages: usize, base: usize, view: B, dir: Vec<Option<TableId>>, family: u32) -> SpaceId {
+    fn insert_space(
+        &mut self,
+        pages: usize,
+        base: usize,
+        view: B,
+        dir: Vec<Option<TableId>>,
+        family: u32,
+    ) -> SpaceId {
         let region = RegionId(self.regions.insert(Region {
             base,
             pages,
@@ -313,8 +347,15 @@ impl<B> Mm<B> {
             homes: 0,
             backing: view,
         }));
-        let sp = SpaceId(self.spaces.insert(SpaceMm { pages, dir, view: region, family, vs: ViewState::new(pages) }));
+        let sp = SpaceId(self.spaces.insert(SpaceMm {
+            pages,
+            dir,
+            view: region,
+            family,
+            vs: ViewState::new(pages),
+        }));
         self.region_mut(region).kind = RegionKind::View(sp);
+        self.views.insert(base, sp);
         sp
     }
 
@@ -349,7 +390,9 @@ impl<B> Mm<B> {
         let garbage = s.vs.present.runs_and_not(&s.vs.home);
         s.vs.reset();
         for (a, b) in garbage {
-            self.reclaim.discard.push((frozen_base + a * PAGE_SIZE, (b - a) * PAGE_SIZE));
+            self.reclaim
+                .discard
+                .push((frozen_base + a * PAGE_SIZE, (b - a) * PAGE_SIZE));
         }
         self.counters.freezes += 1;
     }
@@ -357,7 +400,10 @@ impl<B> Mm<B> {
     /// Fork `parent`: the child shares every table of the parent (O(tables)); no frame is
     /// touched. The parent's view must hold no homes ([`Mm::needs_freeze`] is false).
     pub fn fork(&mut self, parent: SpaceId, view_base: usize, view: B) -> SpaceId {
-        debug_assert!(!self.needs_freeze(parent), "fork of a view that still holds homes");
+        debug_assert!(
+            !self.needs_freeze(parent),
+            "fork of a view that still holds homes"
+        );
         let (pages, family, dir) = {
             let p = self.space(parent);
             (p.pages, p.family, p.dir.clone())
@@ -383,6 +429,7 @@ impl<B> Mm<B> {
         }
         let s = self.spaces.remove(sp.0);
         let view = self.regions.remove(s.view.0);
+        self.views.remove(&view.base);
         debug_assert_eq!(view.homes, 0, "a dropped view still holds homes");
         view.backing
     }
@@ -477,7 +524,13 @@ impl<B> Mm<B> {
             Some(t) => {
                 let entries = *self.tables.get(t).entries;
                 let new = self.tables.alloc(Some(&entries));
-                let frames: Vec<FrameId> = self.tables.get(new).entries.iter().filter_map(|e| e.frame()).collect();
+                let frames: Vec<FrameId> = self
+                    .tables
+                    .get(new)
+                    .entries
+                    .iter()
+                    .filter_map(|e| e.frame())
+                    .collect();
                 for f in frames {
                     self.frames.get_mut(f).refs += 1;
                 }
@@ -501,37 +554,84 @@ impl<B> Mm<B> {
             (s.view, s.vs.present.get(page), s.vs.writable.get(page))
         };
         let dst = self.region(view).base + page * PAGE_SIZE;
-        let done = |action, commit| Resolution { action, space: sp, page, commit };
+        let done = |action, commit| Resolution {
+            action,
+            space: sp,
+            page,
+            commit,
+        };
         if writable || (!write && present) {
             return done(Action::Wake, Commit::None);
         }
         if !write {
             return match self.lookup(sp, page).frame() {
-                None => done(Action::Fill { dst, src: Src::Zero, wp: true }, Commit::MapReadOnly { frame: None }),
+                None => done(
+                    Action::Fill {
+                        dst,
+                        src: Src::Zero,
+                        wp: true,
+                    },
+                    Commit::MapReadOnly { frame: None },
+                ),
                 Some(f) => {
                     let home = self.frames.get(f).home;
                     debug_assert!(home.region != view, "a home page is always present");
                     let src = Src::Addr(self.home_addr(home));
-                    done(Action::Fill { dst, src, wp: true }, Commit::MapReadOnly { frame: Some(f) })
+                    done(
+                        Action::Fill { dst, src, wp: true },
+                        Commit::MapReadOnly { frame: Some(f) },
+                    )
                 }
             };
         }
         let t = self.break_cow_pte(sp, page);
-        let fill_or_unprotect = |src| if present { Action::Unprotect { dst } } else { Action::Fill { dst, src, wp: false } };
+        let fill_or_unprotect = |src| {
+            if present {
+                Action::Unprotect { dst }
+            } else {
+                Action::Fill {
+                    dst,
+                    src,
+                    wp: false,
+                }
+            }
+        };
         match self.tables.get(t).entries[page % PTRS_PER_PTE].frame() {
-            None => done(fill_or_unprotect(Src::Zero), Commit::NewFrame { old: None, copied: false }),
+            None => done(
+                fill_or_unprotect(Src::Zero),
+                Commit::NewFrame {
+                    old: None,
+                    copied: false,
+                },
+            ),
             Some(f) => {
                 let fr = *self.frames.get(f);
-                let here = fr.home == Home { region: view, page: page as u32 };
+                let here = fr.home
+                    == Home {
+                        region: view,
+                        page: page as u32,
+                    };
                 if here {
                     debug_assert!(present && fr.refs == 1);
                     done(Action::Unprotect { dst }, Commit::MakeWritable)
                 } else if fr.refs == 1 {
                     let src = Src::Addr(self.home_addr(fr.home));
-                    done(fill_or_unprotect(src), Commit::Rehome { frame: f, copied: !present })
+                    done(
+                        fill_or_unprotect(src),
+                        Commit::Rehome {
+                            frame: f,
+                            copied: !present,
+                        },
+                    )
                 } else {
                     let src = Src::Addr(self.home_addr(fr.home));
-                    done(fill_or_unprotect(src), Commit::NewFrame { old: Some(f), copied: !present })
+                    done(
+                        fill_or_unprotect(src),
+                        Commit::NewFrame {
+                            old: Some(f),
+                            copied: !present,
+                        },
+                    )
                 }
             }
         }
@@ -542,7 +642,10 @@ impl<B> Mm<B> {
         let (sp, page) = (r.space, r.page);
         let ei = page % PTRS_PER_PTE;
         let view = self.space(sp).view;
-        let here = Home { region: view, page: page as u32 };
+        let here = Home {
+            region: view,
+            page: page as u32,
+        };
         let kind = match r.commit {
             Commit::None => FaultKind::Spurious,
             Commit::MapReadOnly { frame } => {
@@ -620,14 +723,19 @@ impl<B> Mm<B> {
         let t = self.space(sp).dir[page / PTRS_PER_PTE].expect("entry without table");
         let tab = self.tables.get_mut(t);
         let e = &mut tab.entries[page % PTRS_PER_PTE];
-        debug_assert!(tab.share == 1 || bits == Pte::ACCESSED, "invariant 1: shared table modified");
+        debug_assert!(
+            tab.share == 1 || bits == Pte::ACCESSED,
+            "invariant 1: shared table modified"
+        );
         *e = e.with(bits);
     }
 
     /// Where the explicit read API finds the bytes of `page` of `sp`: zeros or a frame's
     /// home (populated memory). Marks the entry accessed.
     pub fn read_source(&mut self, sp: SpaceId, page: usize) -> Src {
-        let Some(t) = self.space(sp).dir[page / PTRS_PER_PTE] else { return Src::Zero };
+        let Some(t) = self.space(sp).dir[page / PTRS_PER_PTE] else {
+            return Src::Zero;
+        };
         let e = &mut self.tables.get_mut(t).entries[page % PTRS_PER_PTE];
         match e.frame() {
             None => Src::Zero,
@@ -654,7 +762,10 @@ impl<B> Mm<B> {
         for (id, t) in self.tables.iter() {
             let want = share.get(&id).copied().unwrap_or(0);
             if t.share != want {
-                return Err(format!("table {id:?}: share {} but {want} directories name it", t.share));
+                return Err(format!(
+                    "table {id:?}: share {} but {want} directories name it",
+                    t.share
+                ));
             }
             for f in t.entries.iter().filter_map(|e| e.frame()) {
                 *refs.entry(f).or_default() += 1;
@@ -664,28 +775,44 @@ impl<B> Mm<B> {
         for (id, f) in self.frames.iter() {
             let want = refs.get(&id).copied().unwrap_or(0);
             if f.refs != want {
-                return Err(format!("frame {id:?}: refs {} but {want} tables name it", f.refs));
+                return Err(format!(
+                    "frame {id:?}: refs {} but {want} tables name it",
+                    f.refs
+                ));
             }
             *homes.entry(f.home.region).or_default() += 1;
-            let r = self.regions.get(f.home.region.0).ok_or(format!("frame {id:?} homed in a dead region"))?;
+            let r = self
+                .regions
+                .get(f.home.region.0)
+                .ok_or(format!("frame {id:?} homed in a dead region"))?;
             if let RegionKind::View(sp) = r.kind {
                 let s = self.space(sp);
                 let p = f.home.page as usize;
                 if !s.vs.home.get(p) || !s.vs.present.get(p) {
-                    return Err(format!("frame {id:?} homed at view page {p} of {sp:?} not marked present+home"));
+                    return Err(format!(
+                        "frame {id:?} homed at view page {p} of {sp:?} not marked present+home"
+                    ));
                 }
                 if self.lookup(sp, p).frame() != Some(id) {
-                    return Err(format!("frame {id:?} homed in {sp:?} page {p} whose entry names another frame"));
+                    return Err(format!(
+                        "frame {id:?} homed in {sp:?} page {p} whose entry names another frame"
+                    ));
                 }
                 if f.refs != 1 {
-                    return Err(format!("frame {id:?} homed in a view but has {} refs", f.refs));
+                    return Err(format!(
+                        "frame {id:?} homed in a view but has {} refs",
+                        f.refs
+                    ));
                 }
             }
         }
         for (rid, r) in self.regions.iter() {
             let want = homes.get(&RegionId(rid)).copied().unwrap_or(0);
             if r.homes != want {
-                return Err(format!("region {rid}: homes {} but {want} frames live there", r.homes));
+                return Err(format!(
+                    "region {rid}: homes {} but {want} frames live there",
+                    r.homes
+                ));
             }
             if r.kind == RegionKind::Frozen && r.homes == 0 {
                 return Err(format!("frozen region {rid} is empty but not released"));
@@ -696,12 +823,16 @@ impl<B> Mm<B> {
             for p in 0..s.pages {
                 let (pr, w, h) = (s.vs.present.get(p), s.vs.writable.get(p), s.vs.home.get(p));
                 if (w || h) && !pr || w && !h {
-                    return Err(format!("{sp:?} page {p}: view bits present={pr} writable={w} home={h}"));
+                    return Err(format!(
+                        "{sp:?} page {p}: view bits present={pr} writable={w} home={h}"
+                    ));
                 }
                 if w {
                     let t = s.dir[p / PTRS_PER_PTE].ok_or("writable page without table")?;
                     if self.tables.get(t).share != 1 {
-                        return Err(format!("{sp:?} page {p}: writable under a shared table (invariant 2)"));
+                        return Err(format!(
+                            "{sp:?} page {p}: writable under a shared table (invariant 2)"
+                        ));
                     }
                 }
             }

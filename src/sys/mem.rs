@@ -29,7 +29,9 @@ impl Mapping {
     /// child would otherwise read zeros where the view is unregistered) and from
     /// transparent huge pages.
     pub fn anon(len: usize) -> io::Result<Mapping> {
-        let padded = len.checked_add(TABLE_SPAN).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        let padded = len
+            .checked_add(TABLE_SPAN)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
         // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases nothing.
         let raw = unsafe {
             libc::mmap(
@@ -111,7 +113,10 @@ impl Mapping {
             unsafe { libc::munmap(to as *mut libc::c_void, self.len) };
             return Err(e);
         }
-        Ok(Mapping { addr: r as usize, len: self.len })
+        Ok(Mapping {
+            addr: r as usize,
+            len: self.len,
+        })
     }
 }
 
@@ -147,4 +152,18 @@ pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "unknown".into())
+}
+
+/// MADV_DONTNEED a range that the caller owns (pages of a frozen region whose frames died).
+pub fn discard_range(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the caller passes pages of a live mapping it owns and nobody reads any more.
+    check(unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) })
+}
+
+/// Make one view page inaccessible so that the access that cannot be served dies loudly
+/// (SIGSEGV) instead of reading a zero page.
+pub fn poison_page(addr: usize) -> io::Result<()> {
+    // SAFETY: changes protection of one page of a view we own; no Rust reference is
+    // created from it by the library.
+    check(unsafe { libc::mprotect(addr as *mut libc::c_void, PAGE, libc::PROT_NONE) })
 }

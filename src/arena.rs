@@ -1,0 +1,246 @@
+//! [`Arena`]: one userfaultfd, one fault engine, and the spaces created from it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::fault::{Core, Engine};
+use crate::mm::{Mm, PAGE_SIZE};
+use crate::space::Space;
+use crate::sys::mem::Mapping;
+use crate::sys::uffd::{self, Uffd};
+
+pub use crate::sys::uffd::UffdAccess;
+
+/// Largest space: 1 TiB (the directory and view bitmaps are sized by it).
+pub const MAX_SPACE: usize = 1 << 40;
+
+/// The engine state kept alive by the arena and every space. Dropping the last handle
+/// stops the engine threads first, then unmaps what is left, then closes the userfaultfd:
+/// a view is never left registered but unserved.
+pub(crate) struct Inner {
+    pub core: Arc<Core>,
+    engine: Option<Engine>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Every space holds an `Arc<Inner>`, so no view is live here: stopping is safe.
+        self.core.stopping.store(true, Ordering::Relaxed);
+        drop(self.engine.take());
+    }
+}
+
+/// Builder for an [`Arena`].
+///
+/// ```
+/// # fn main() -> Result<(), cowarena::Error> {
+/// let arena = cowarena::Arena::builder().max_memory(64 << 20).build()?;
+/// let s = arena.space(1 << 20)?;
+/// assert_eq!(s.len(), 1 << 20);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ArenaBuilder {
+    max_memory: Option<u64>,
+}
+
+impl ArenaBuilder {
+    /// Limit the memory the arena's frames may use, in bytes. A write that needs a new
+    /// frame beyond it fails: [`Error::CapacityExhausted`] from the API, a loud fault
+    /// (SIGSEGV, with the reason logged) from a view access. Default: no limit.
+    pub fn max_memory(mut self, bytes: u64) -> Self {
+        self.max_memory = Some(bytes);
+        self
+    }
+
+    /// Open userfaultfd (the most capable access available), negotiate features and start
+    /// the fault engine.
+    pub fn build(self) -> Result<Arena> {
+        let uffd = Uffd::open(
+            uffd::FEATURE_WP,
+            uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_THREAD_ID,
+        )?;
+        tracing::debug!(access = ?uffd.access(), features = uffd.features(), "userfaultfd opened");
+        let core = Arc::new(Core {
+            mm: std::sync::Mutex::new(Mm::new()),
+            uffd,
+            max_memory: self.max_memory.unwrap_or(u64::MAX),
+            faults_failed: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+        });
+        let engine = Engine::start(core.clone())?;
+        Ok(Arena {
+            inner: Arc::new(Inner {
+                core,
+                engine: Some(engine),
+            }),
+        })
+    }
+}
+
+/// A family of forkable address spaces served by one userfaultfd.
+///
+/// ```
+/// # fn main() -> Result<(), cowarena::Error> {
+/// use cowarena::Arena;
+/// let arena = Arena::new()?;
+/// let mut root = arena.space(4 << 20)?;
+/// root.as_mut_slice()[..5].copy_from_slice(b"hello");
+/// let mut child = root.fork()?;
+/// child.as_mut_slice()[0] = b'j';
+/// assert_eq!(&root.as_slice()[..5], b"hello");
+/// assert_eq!(&child.as_slice()[..5], b"jello");
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Arena {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Arena {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Arena")
+            .field("access", &self.uffd_access())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Arena {
+    /// An arena with default settings; see [`Arena::builder`].
+    pub fn new() -> Result<Arena> {
+        ArenaBuilder::default().build()
+    }
+
+    /// Configure an arena.
+    pub fn builder() -> ArenaBuilder {
+        ArenaBuilder::default()
+    }
+
+    /// Map a new zero-filled space of `len` bytes in this process. The view is rounded up
+    /// to whole pages; [`Space::len`] is `len`.
+    pub fn space(&self, len: usize) -> Result<Space> {
+        if len == 0 {
+            return Err(Error::InvalidSize {
+                size: len,
+                why: "a space needs at least one byte",
+            });
+        }
+        if len > MAX_SPACE {
+            return Err(Error::InvalidSize {
+                size: len,
+                why: "larger than the 1 TiB maximum space",
+            });
+        }
+        let pages = len.div_ceil(PAGE_SIZE);
+        let core = &self.inner.core;
+        let view = new_view(core, pages)?;
+        let base = view.addr();
+        let id = core.lock().new_space(pages, base, view);
+        tracing::debug!(space = id.0, len, "space created");
+        Ok(Space::new(self.inner.clone(), id, base, len))
+    }
+
+    /// A snapshot of the arena's counters.
+    pub fn stats(&self) -> Stats {
+        let mm = self.inner.core.lock();
+        let c = mm.counters;
+        Stats {
+            forks: c.forks,
+            freezes: c.freezes,
+            faults: FaultStats {
+                read_zero: c.faults_read_zero,
+                read_copy: c.faults_read_copy,
+                write_zero: c.faults_write_zero,
+                write_cow: c.faults_write_cow,
+                write_reuse: c.faults_write_reuse,
+                spurious: c.faults_spurious,
+                failed: self.inner.core.faults_failed.load(Ordering::Relaxed),
+            },
+            tables_shared: c.tables_shared,
+            tables_broken: c.tables_broken,
+            tables_reused: c.tables_reused,
+            tables_in_use: mm.tables_in_use() as u64,
+            tables_shared_now: mm.tables_shared_now() as u64,
+            frames_in_use: mm.frames_in_use() as u64,
+            spaces_in_use: mm.spaces_in_use() as u64,
+            views_in_use: mm.views_in_use() as u64,
+            frozen_regions: mm.frozen_regions() as u64,
+            bytes_copied: c.bytes_copied,
+            bytes_reclaimed: c.bytes_reclaimed,
+        }
+    }
+
+    /// How this arena's userfaultfd was obtained, and so what view accesses from syscalls
+    /// can expect; see [`UffdAccess::implications`].
+    pub fn uffd_access(&self) -> UffdAccess {
+        self.inner.core.uffd.access()
+    }
+
+    /// Check every internal invariant (O(everything); for tests and debugging).
+    #[doc(hidden)]
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        self.inner.core.lock().check()
+    }
+}
+
+/// Map and register a view of `pages` pages.
+pub(crate) fn new_view(core: &Core, pages: usize) -> Result<Mapping> {
+    let view = Mapping::anon(pages * PAGE_SIZE).map_err(|e| Error::os("mmap view", e))?;
+    core.uffd
+        .register(view.addr(), view.len())
+        .map_err(|e| Error::os("UFFDIO_REGISTER view", e))?;
+    Ok(view)
+}
+
+/// Faults served, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultStats {
+    /// Reads of never-written pages (filled with zeros, write-protected).
+    pub read_zero: u64,
+    /// Reads of written pages (copied from the frame's home, write-protected).
+    pub read_copy: u64,
+    /// First writes to never-written pages (a new frame).
+    pub write_zero: u64,
+    /// Writes to shared frames (copy-on-write into a new frame).
+    pub write_cow: u64,
+    /// Writes to frames that were no longer shared (taken over, no copy of a shared frame).
+    pub write_reuse: u64,
+    /// Faults found already served (another thread faulted the same page).
+    pub spurious: u64,
+    /// Faults that could not be served and were turned into SIGSEGV for the faulting thread.
+    pub failed: u64,
+}
+
+/// Counters and gauges of an arena; see [`Arena::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Forks performed.
+    pub forks: u64,
+    /// Forks that had to freeze the parent's view (it held pages written since the last fork).
+    pub freezes: u64,
+    /// Faults served, by kind.
+    pub faults: FaultStats,
+    /// Table references taken by forks (each fork shares every table of its parent).
+    pub tables_shared: u64,
+    /// Shared tables duplicated by a write (`break_cow_pte`).
+    pub tables_broken: u64,
+    /// Formerly shared tables reused in place because no one else shared them any more.
+    pub tables_reused: u64,
+    /// Tables allocated now.
+    pub tables_in_use: u64,
+    /// Tables currently shared by more than one space.
+    pub tables_shared_now: u64,
+    /// Frames (4 KiB each) allocated now.
+    pub frames_in_use: u64,
+    /// Spaces alive now.
+    pub spaces_in_use: u64,
+    /// Views mapped now.
+    pub views_in_use: u64,
+    /// Frozen regions (left behind by forks) mapped now.
+    pub frozen_regions: u64,
+    /// Bytes of page data copied (fills of written pages and copy-on-write).
+    pub bytes_copied: u64,
+    /// Bytes of frozen memory given back to the OS.
+    pub bytes_reclaimed: u64,
+}

@@ -1,0 +1,224 @@
+//! The fault engine: serves MISSING and WRITE-PROTECT faults on views, and performs in the
+//! kernel what the core (`crate::mm`) decides.
+//!
+//! Threads: a *reader* reads the userfaultfd and never blocks on the arena lock — it must
+//! stay free to acknowledge REMAP events, because a fork that freezes a view blocks in
+//! `mremap` (while holding the lock) until the event is read. Page faults are handed to a
+//! *worker* that takes the lock and serves them.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use crate::error::{Error, Result};
+use crate::mm::{Action, FaultKind, Mm, SpaceId, Src, PAGE_SIZE};
+use crate::sys::mem::Mapping;
+use crate::sys::uffd::{self, Uffd, UffdMsg};
+use crate::sys::wake::EventFd;
+
+/// A page of zeros, the source of zero fills.
+#[repr(C, align(4096))]
+struct ZeroPage([u8; PAGE_SIZE]);
+static ZERO_PAGE: ZeroPage = ZeroPage([0; PAGE_SIZE]);
+
+/// State shared by the API and the engine threads.
+pub(crate) struct Core {
+    pub mm: Mutex<Mm<Mapping>>,
+    pub uffd: Uffd,
+    /// Memory limit for frames, in bytes (`u64::MAX`: none).
+    pub max_memory: u64,
+    pub faults_failed: AtomicU64,
+    pub stopping: AtomicBool,
+}
+
+impl Core {
+    pub fn lock(&self) -> MutexGuard<'_, Mm<Mapping>> {
+        // A panic while holding the lock leaves state we cannot trust; but the views must
+        // stay served (a closed uffd would turn them into zero pages), so keep going with
+        // the state as it is and report the poisoning through `faults_failed`.
+        self.mm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn exec(&self, action: Action) -> std::io::Result<()> {
+        match action {
+            Action::Wake => Ok(()),
+            Action::Fill { dst, src, wp } => {
+                let src = match src {
+                    Src::Zero => ZERO_PAGE.0.as_ptr() as usize,
+                    Src::Addr(a) => a,
+                };
+                // SAFETY: `src` is the static zero page or a frame's home, which the core
+                // guarantees is populated memory that stays mapped while we hold the lock.
+                match unsafe { self.uffd.copy(dst, src, PAGE_SIZE, wp) } {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(std::io::Error::from_raw_os_error(libc::EEXIST)),
+                    Err(e) => Err(e),
+                }
+            }
+            Action::Unprotect { dst } => self.uffd.writeprotect(dst, PAGE_SIZE, false),
+        }
+    }
+
+    /// Serve (or pre-serve) page `page` of `sp` under the lock. Does not wake anyone
+    /// beyond what the ioctl does; the caller decides.
+    pub fn fault_in(
+        &self,
+        mm: &mut Mm<Mapping>,
+        sp: SpaceId,
+        page: usize,
+        write: bool,
+    ) -> Result<FaultKind> {
+        if write && (mm.frames_in_use() as u64 + 1) * PAGE_SIZE as u64 > self.max_memory {
+            return Err(Error::CapacityExhausted {
+                what: "a new frame",
+                limit: self.max_memory,
+            });
+        }
+        let r = mm.resolve_fault(sp, page, write);
+        self.exec(r.action)
+            .map_err(|e| Error::os(op_name(r.action), e))?;
+        let kind = mm.commit(r);
+        self.reclaim(mm);
+        Ok(kind)
+    }
+
+    /// Perform the kernel side of released memory. Runs under the lock: a discarded address
+    /// must not be reused by a new mapping before we madvise it.
+    pub fn reclaim(&self, mm: &mut Mm<Mapping>) {
+        let r = mm.take_reclaim();
+        for (addr, len) in r.discard {
+            // Discarding is an optimisation; failure leaves memory in use, not wrong data.
+            let _ = crate::sys::mem::discard_range(addr, len);
+        }
+        drop(r.dead);
+    }
+
+    /// Serve one fault message from the userfaultfd.
+    fn serve(&self, address: u64, flags: u64) {
+        let addr = address as usize & !(PAGE_SIZE - 1);
+        let write = flags & (uffd::PAGEFAULT_FLAG_WRITE | uffd::PAGEFAULT_FLAG_WP) != 0;
+        let mut mm = self.lock();
+        let Some((sp, page)) = mm.space_at(addr) else {
+            // The view is gone (its space was dropped while a thread touched it): waking
+            // makes the thread retry against an unmapped range and take SIGSEGV.
+            drop(mm);
+            let _ = self.uffd.wake(addr, PAGE_SIZE);
+            return;
+        };
+        match self.fault_in(&mut mm, sp, page, write) {
+            Ok(kind) => {
+                tracing::trace!(space = sp.0, page, ?kind, "fault served");
+                if kind == FaultKind::Spurious {
+                    let _ = self.uffd.wake(addr, PAGE_SIZE);
+                }
+            }
+            Err(e) => {
+                drop(mm);
+                self.fail_loudly(addr, &e);
+            }
+        }
+    }
+
+    /// A fault we cannot serve must never yield a zero page: make the page inaccessible
+    /// and wake the thread, which then dies of SIGSEGV at the faulting access.
+    fn fail_loudly(&self, addr: usize, e: &Error) {
+        self.faults_failed.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(addr = format_args!("{addr:#x}"), error = %e, "cowarena: cannot serve fault; the faulting access will fail");
+        eprintln!(
+            "cowarena: cannot serve the fault at {addr:#x}: {e}; the faulting thread gets SIGSEGV"
+        );
+        let _ = crate::sys::mem::poison_page(addr);
+        let _ = self.uffd.wake(addr, PAGE_SIZE);
+    }
+}
+
+fn op_name(a: Action) -> &'static str {
+    match a {
+        Action::Fill { .. } => "UFFDIO_COPY",
+        Action::Unprotect { .. } => "UFFDIO_WRITEPROTECT",
+        Action::Wake => "UFFDIO_WAKE",
+    }
+}
+
+/// The engine's threads; stopping and joining happens on drop.
+pub(crate) struct Engine {
+    stop: Arc<EventFd>,
+    reader: Option<JoinHandle<()>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl Engine {
+    pub fn start(core: Arc<Core>) -> Result<Engine> {
+        let stop = Arc::new(EventFd::new().map_err(|e| Error::os("eventfd", e))?);
+        let (tx, rx) = mpsc::channel::<(u64, u64)>();
+        let reader = {
+            let (core, stop) = (core.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("cowarena-uffd".into())
+                .spawn(move || reader_loop(&core, &stop, tx))
+                .map_err(|e| Error::os("spawn reader thread", e))?
+        };
+        let worker = std::thread::Builder::new()
+            .name("cowarena-fault".into())
+            .spawn(move || {
+                for (address, flags) in rx {
+                    core.serve(address, flags);
+                }
+            })
+            .map_err(|e| Error::os("spawn fault thread", e))?;
+        Ok(Engine {
+            stop,
+            reader: Some(reader),
+            worker: Some(worker),
+        })
+    }
+}
+
+fn reader_loop(core: &Core, stop: &EventFd, tx: mpsc::Sender<(u64, u64)>) {
+    let mut msgs = Vec::with_capacity(64);
+    loop {
+        match crate::sys::wake::poll2(core.uffd.raw_fd(), stop.raw_fd()) {
+            Ok((_, true)) => return,
+            Ok((false, false)) => continue,
+            Ok((true, false)) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "cowarena: poll on userfaultfd failed");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                continue;
+            }
+        }
+        msgs.clear();
+        if let Err(e) = core.uffd.read_msgs(&mut msgs) {
+            tracing::error!(error = %e, "cowarena: read from userfaultfd failed");
+            continue;
+        }
+        for m in &msgs {
+            match *m {
+                UffdMsg::PageFault { address, flags, .. } => {
+                    if tx.send((address, flags)).is_err() {
+                        return;
+                    }
+                }
+                // Reading the event is the acknowledgement the mremap caller waits for.
+                UffdMsg::Remap { from, to, len } => {
+                    tracing::trace!(from, to, len, "remap event");
+                }
+                UffdMsg::Other(ev) => tracing::debug!(event = ev, "unexpected userfaultfd event"),
+            }
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.stop.signal();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        // The reader dropped the sender: the worker drains what is queued and ends.
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}

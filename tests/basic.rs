@@ -1,0 +1,37 @@
+//! The walkthrough, end to end through real userfaultfd.
+
+use cowarena::Arena;
+
+#[test]
+fn hello_jello() {
+    let arena = Arena::new().expect("userfaultfd");
+    let mut root = arena.space(1 << 30).unwrap();
+    root.as_mut_slice()[..5].copy_from_slice(b"hello");
+    let mut child = root.fork().unwrap();
+    child.as_mut_slice()[0] = b'j';
+    assert_eq!(&root.as_slice()[..5], b"hello");
+    assert_eq!(&child.as_slice()[..5], b"jello");
+    let mut buf = [0u8; 5];
+    child.read(0, &mut buf).unwrap();
+    assert_eq!(&buf, b"jello");
+    child.write(4096 * 3 + 4094, b"span").unwrap();
+    assert_eq!(&child.as_slice()[4096 * 3 + 4094..4096 * 3 + 4098], b"span");
+    assert_eq!(&root.as_slice()[4096 * 3 + 4094..4096 * 3 + 4098], &[0; 4]);
+    let s = arena.stats();
+    assert_eq!(s.forks, 1);
+    assert_eq!(s.tables_broken, 1);
+    arena.check_invariants().unwrap();
+    drop(root);
+    drop(child);
+    let s = arena.stats();
+    assert_eq!(
+        (
+            s.frames_in_use,
+            s.tables_in_use,
+            s.views_in_use,
+            s.frozen_regions
+        ),
+        (0, 0, 0, 0),
+        "{s:?}"
+    );
+}
