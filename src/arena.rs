@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+pub use crate::fault::FaultMode;
 use crate::fault::{Core, Engine};
 use crate::mm::{Mm, PAGE_SIZE};
 use crate::space::Space;
@@ -21,12 +22,16 @@ pub const MAX_SPACE: usize = 1 << 40;
 pub(crate) struct Inner {
     pub core: Arc<Core>,
     engine: Option<Engine>,
+    signal_slot: Option<usize>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         // Every space holds an `Arc<Inner>`, so no view is live here: stopping is safe.
         self.core.stopping.store(true, Ordering::Relaxed);
+        if let Some(slot) = self.signal_slot {
+            crate::fault::signal::unregister(slot);
+        }
         drop(self.engine.take());
     }
 }
@@ -43,6 +48,7 @@ impl Drop for Inner {
 #[derive(Debug, Clone, Default)]
 pub struct ArenaBuilder {
     max_memory: Option<u64>,
+    fault_mode: Option<FaultMode>,
 }
 
 impl ArenaBuilder {
@@ -54,28 +60,49 @@ impl ArenaBuilder {
         self
     }
 
+    /// How view faults are served. Default: [`FaultMode::Signal`] when the kernel offers
+    /// `UFFD_FEATURE_SIGBUS` (5.11+: always, in practice), else [`FaultMode::Thread`]. Read
+    /// the contract of [`FaultMode::Signal`] before passing view memory to syscalls.
+    pub fn fault_mode(mut self, mode: FaultMode) -> Self {
+        self.fault_mode = Some(mode);
+        self
+    }
+
     /// Open userfaultfd (the most capable access available), negotiate features and start
     /// the fault engine.
     pub fn build(self) -> Result<Arena> {
-        let uffd = Uffd::open(
-            uffd::FEATURE_WP,
-            uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_THREAD_ID,
-        )?;
-        tracing::debug!(access = ?uffd.access(), features = uffd.features(), "userfaultfd opened");
+        let (_, offered) = Uffd::probe()?;
+        let mode = self.fault_mode.unwrap_or(if offered & uffd::FEATURE_SIGBUS != 0 {
+            FaultMode::Signal
+        } else {
+            FaultMode::Thread
+        });
+        let required = uffd::FEATURE_WP | if mode == FaultMode::Signal { uffd::FEATURE_SIGBUS } else { 0 };
+        let uffd = Uffd::open(required, uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_THREAD_ID)?;
+        tracing::debug!(access = ?uffd.access(), features = uffd.features(), ?mode, "userfaultfd opened");
         let core = Arc::new(Core {
             mm: std::sync::Mutex::new(Mm::new()),
             uffd,
             max_memory: self.max_memory.unwrap_or(u64::MAX),
             faults_failed: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            mode,
+            refill: crate::sys::wake::EventFd::new().map_err(|e| Error::os("eventfd", e))?,
         });
+        drop(core.lock()); // preallocate the fault path's headroom
         let engine = Engine::start(core.clone())?;
-        Ok(Arena {
-            inner: Arc::new(Inner {
-                core,
-                engine: Some(engine),
-            }),
-        })
+        let signal_slot = match mode {
+            FaultMode::Thread => None,
+            FaultMode::Signal => {
+                crate::sys::signal::install(crate::fault::signal::on_fault)
+                    .map_err(|e| Error::os("sigaction(SIGBUS)", e))?;
+                Some(crate::fault::signal::register(&core).ok_or(Error::InvalidSize {
+                    size: crate::fault::signal::MAX_ARENAS,
+                    why: "too many live arenas in signal fault mode; drop some or use FaultMode::Thread",
+                })?)
+            }
+        };
+        Ok(Arena { inner: Arc::new(Inner { core, engine: Some(engine), signal_slot }) })
     }
 }
 
@@ -100,9 +127,7 @@ pub struct Arena {
 
 impl std::fmt::Debug for Arena {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Arena")
-            .field("access", &self.uffd_access())
-            .finish_non_exhaustive()
+        f.debug_struct("Arena").field("access", &self.uffd_access()).finish_non_exhaustive()
     }
 }
 
@@ -121,16 +146,10 @@ impl Arena {
     /// to whole pages; [`Space::len`] is `len`.
     pub fn space(&self, len: usize) -> Result<Space> {
         if len == 0 {
-            return Err(Error::InvalidSize {
-                size: len,
-                why: "a space needs at least one byte",
-            });
+            return Err(Error::InvalidSize { size: len, why: "a space needs at least one byte" });
         }
         if len > MAX_SPACE {
-            return Err(Error::InvalidSize {
-                size: len,
-                why: "larger than the 1 TiB maximum space",
-            });
+            return Err(Error::InvalidSize { size: len, why: "larger than the 1 TiB maximum space" });
         }
         let pages = len.div_ceil(PAGE_SIZE);
         let core = &self.inner.core;
@@ -177,6 +196,11 @@ impl Arena {
         self.inner.core.uffd.access()
     }
 
+    /// The fault mode in use.
+    pub fn fault_mode(&self) -> FaultMode {
+        self.inner.core.mode
+    }
+
     /// Check every internal invariant (O(everything); for tests and debugging).
     #[doc(hidden)]
     pub fn check_invariants(&self) -> std::result::Result<(), String> {
@@ -187,9 +211,7 @@ impl Arena {
 /// Map and register a view of `pages` pages.
 pub(crate) fn new_view(core: &Core, pages: usize) -> Result<Mapping> {
     let view = Mapping::anon(pages * PAGE_SIZE).map_err(|e| Error::os("mmap view", e))?;
-    core.uffd
-        .register(view.addr(), view.len())
-        .map_err(|e| Error::os("UFFDIO_REGISTER view", e))?;
+    core.uffd.register(view.addr(), view.len()).map_err(|e| Error::os("UFFDIO_REGISTER view", e))?;
     Ok(view)
 }
 

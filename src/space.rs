@@ -42,12 +42,7 @@ impl std::fmt::Debug for Space {
 
 impl Space {
     pub(crate) fn new(inner: Arc<Inner>, id: SpaceId, base: usize, len: usize) -> Space {
-        Space {
-            inner,
-            id,
-            base,
-            len,
-        }
+        Space { inner, id, base, len }
     }
 
     /// Length in bytes, as requested at creation.
@@ -88,11 +83,7 @@ impl Space {
     fn check_range(&self, offset: usize, len: usize) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len => Ok(()),
-            _ => Err(Error::OutOfRange {
-                offset,
-                len,
-                size: self.len,
-            }),
+            _ => Err(Error::OutOfRange { offset, len, size: self.len }),
         }
     }
 
@@ -145,19 +136,24 @@ impl Space {
     /// Copy `buf.len()` bytes at `offset` into `buf`, without faulting the view.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len())?;
-        let mut mm = self.inner.core.lock();
+        // Bytes go through a bounce page: `buf` may itself be view memory that faults,
+        // and nothing may fault while the arena lock is held.
+        let mut bounce = [0u8; PAGE_SIZE];
         let mut done = 0;
         while done < buf.len() {
             let at = offset + done;
             let (page, off) = (at / PAGE_SIZE, at % PAGE_SIZE);
             let n = (PAGE_SIZE - off).min(buf.len() - done);
-            let out = &mut buf[done..done + n];
-            match mm.read_source(self.id, page) {
-                Src::Zero => out.fill(0),
-                // SAFETY: a frame's home is populated memory that stays mapped while we
-                // hold the lock; `off + n <= PAGE_SIZE`.
-                Src::Addr(a) => unsafe { crate::sys::mem::read_raw(a + off, out) },
+            {
+                let mut mm = self.inner.core.lock();
+                match mm.read_source(self.id, page) {
+                    Src::Zero => bounce[..n].fill(0),
+                    // SAFETY: a frame's home is populated memory that stays mapped while we
+                    // hold the lock; `off + n <= PAGE_SIZE`.
+                    Src::Addr(a) => unsafe { crate::sys::mem::read_raw(a + off, &mut bounce[..n]) },
+                }
             }
+            buf[done..done + n].copy_from_slice(&bounce[..n]);
             done += n;
         }
         Ok(())
@@ -168,16 +164,20 @@ impl Space {
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
         self.check_range(offset, data.len())?;
         let core = &self.inner.core;
-        let mut mm = core.lock();
+        // As in `read`: `data` may be view memory, so copy it out before taking the lock.
+        let mut bounce = [0u8; PAGE_SIZE];
         let mut done = 0;
         while done < data.len() {
             let at = offset + done;
             let (page, off) = (at / PAGE_SIZE, at % PAGE_SIZE);
             let n = (PAGE_SIZE - off).min(data.len() - done);
+            bounce[..n].copy_from_slice(&data[done..done + n]);
+            let mut mm = core.lock();
             core.fault_in(&mut mm, self.id, page, true)?;
             // SAFETY: after a write fault-in the view page is populated and writable, and
             // stays so while we hold the lock.
-            unsafe { crate::sys::mem::write_raw(self.base + at, &data[done..done + n]) };
+            unsafe { crate::sys::mem::write_raw(self.base + at, &bounce[..n]) };
+            drop(mm);
             done += n;
         }
         Ok(())

@@ -24,14 +24,31 @@ fn hello_jello() {
     drop(root);
     drop(child);
     let s = arena.stats();
-    assert_eq!(
-        (
-            s.frames_in_use,
-            s.tables_in_use,
-            s.views_in_use,
-            s.frozen_regions
-        ),
-        (0, 0, 0, 0),
-        "{s:?}"
-    );
+    assert_eq!((s.frames_in_use, s.tables_in_use, s.views_in_use, s.frozen_regions), (0, 0, 0, 0), "{s:?}");
+}
+
+#[test]
+fn both_fault_modes_serve_views() {
+    for mode in [cowarena::FaultMode::Signal, cowarena::FaultMode::Thread] {
+        let arena = Arena::builder().fault_mode(mode).build().unwrap();
+        assert_eq!(arena.fault_mode(), mode);
+        let mut a = arena.space(8 << 20).unwrap();
+        for (i, b) in a.as_mut_slice().iter_mut().enumerate().step_by(4096) {
+            *b = (i / 4096) as u8;
+        }
+        let mut b = a.fork().unwrap();
+        let c = b.fork().unwrap();
+        for i in (0..8 << 20).step_by(4096) {
+            b.as_mut_slice()[i] = b.as_slice()[i].wrapping_add(1);
+        }
+        for i in (0..8 << 20).step_by(4096) {
+            let want = (i / 4096) as u8;
+            assert_eq!(a.as_slice()[i], want, "{mode:?} parent page {}", i / 4096);
+            assert_eq!(b.as_slice()[i], want.wrapping_add(1), "{mode:?} child page {}", i / 4096);
+            assert_eq!(c.as_slice()[i], want, "{mode:?} grandchild page {}", i / 4096);
+        }
+        arena.check_invariants().unwrap();
+        let s = arena.stats();
+        assert!(s.faults.write_cow >= 2048, "{s:?}");
+    }
 }

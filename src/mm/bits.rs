@@ -7,9 +7,7 @@ pub struct Bits {
 
 impl Bits {
     pub fn new(bits: usize) -> Bits {
-        Bits {
-            words: vec![0; bits.div_ceil(64)],
-        }
+        Bits { words: vec![0; bits.div_ceil(64)] }
     }
     pub fn get(&self, i: usize) -> bool {
         self.words[i / 64] >> (i % 64) & 1 != 0
@@ -71,10 +69,7 @@ mod tests {
         assert_eq!(a.runs_and_not(&b), vec![(1, 4), (63, 66), (130, 131)]);
         let mut c = Bits::new(200);
         c.set(64);
-        assert_eq!(
-            a.runs_and_not(&c),
-            vec![(1, 4), (63, 64), (65, 66), (130, 131)]
-        );
+        assert_eq!(a.runs_and_not(&c), vec![(1, 4), (63, 64), (65, 66), (130, 131)]);
         assert_eq!(a.count(), 7);
     }
 }

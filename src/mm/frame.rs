@@ -49,34 +49,36 @@ impl FrameStore {
     }
 
     pub fn release(&mut self, id: FrameId) -> Frame {
-        let f = self.slots[id.0 as usize]
-            .take()
-            .expect("release of a free frame");
+        let f = self.slots[id.0 as usize].take().expect("release of a free frame");
         self.free.push(id.0);
         self.in_use -= 1;
         f
     }
 
     pub fn get(&self, id: FrameId) -> &Frame {
-        self.slots[id.0 as usize]
-            .as_ref()
-            .expect("use of a free frame")
+        self.slots[id.0 as usize].as_ref().expect("use of a free frame")
     }
 
     pub fn get_mut(&mut self, id: FrameId) -> &mut Frame {
-        self.slots[id.0 as usize]
-            .as_mut()
-            .expect("use of a free frame")
+        self.slots[id.0 as usize].as_mut().expect("use of a free frame")
     }
 
     pub fn in_use(&self) -> usize {
         self.in_use
     }
 
+    /// Can `n` frames be allocated without touching the allocator?
+    pub fn has_headroom(&self, n: usize) -> bool {
+        self.free.len() + (self.slots.capacity() - self.slots.len()) >= n
+    }
+
+    /// Preallocate room for `n` more frames.
+    pub fn reserve(&mut self, n: usize) {
+        self.slots.reserve(n);
+        self.free.reserve(n);
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (FrameId, &Frame)> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, f)| f.as_ref().map(|f| (FrameId(i as u32), f)))
+        self.slots.iter().enumerate().filter_map(|(i, f)| f.as_ref().map(|f| (FrameId(i as u32), f)))
     }
 }

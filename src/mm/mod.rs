@@ -66,11 +66,7 @@ pub struct ViewState {
 
 impl ViewState {
     fn new(pages: usize) -> ViewState {
-        ViewState {
-            present: Bits::new(pages),
-            writable: Bits::new(pages),
-            home: Bits::new(pages),
-        }
+        ViewState { present: Bits::new(pages), writable: Bits::new(pages), home: Bits::new(pages) }
     }
     fn reset(&mut self) {
         self.present.clear_all();
@@ -160,7 +156,7 @@ pub struct MmCounters {
 }
 
 /// Work the engine must do in the kernel after a state change: give frozen pages back and
-/// unmap dead regions. Drained with [`Mm::take_reclaim`].
+/// unmap dead regions. Drained with [`Mm::drain_reclaim`].
 pub struct Reclaim<B> {
     /// Page ranges `(addr, len)` of frozen regions whose frames died.
     pub discard: Vec<(usize, usize)>,
@@ -170,10 +166,7 @@ pub struct Reclaim<B> {
 
 impl<B> Default for Reclaim<B> {
     fn default() -> Self {
-        Reclaim {
-            discard: Vec::new(),
-            dead: Vec::new(),
-        }
+        Reclaim { discard: Vec::new(), dead: Vec::new() }
     }
 }
 
@@ -186,11 +179,7 @@ struct Slab<T> {
 
 impl<T> Slab<T> {
     const fn new() -> Self {
-        Slab {
-            slots: Vec::new(),
-            free: Vec::new(),
-            len: 0,
-        }
+        Slab { slots: Vec::new(), free: Vec::new(), len: 0 }
     }
     fn insert(&mut self, t: T) -> u32 {
         self.len += 1;
@@ -206,9 +195,7 @@ impl<T> Slab<T> {
         }
     }
     fn remove(&mut self, i: u32) -> T {
-        let t = self.slots[i as usize]
-            .take()
-            .expect("remove of a free slot");
+        let t = self.slots[i as usize].take().expect("remove of a free slot");
         self.free.push(i);
         self.len -= 1;
         t
@@ -220,10 +207,7 @@ impl<T> Slab<T> {
         self.slots.get_mut(i as usize).and_then(|s| s.as_mut())
     }
     fn iter(&self) -> impl Iterator<Item = (u32, &T)> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.as_ref().map(|s| (i as u32, s)))
+        self.slots.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|s| (i as u32, s)))
     }
 }
 
@@ -297,6 +281,11 @@ impl<B> Mm<B> {
         self.regions.get_mut(r.0).expect("use of a dead region")
     }
 
+    /// Is `page` of `sp` mapped in its view (read-only or writable)?
+    pub fn is_present(&self, sp: SpaceId, page: usize) -> bool {
+        self.space(sp).vs.present.get(page)
+    }
+
     /// Pages of a space.
     pub fn pages(&self, sp: SpaceId) -> usize {
         self.space(sp).pages
@@ -323,23 +312,10 @@ impl<B> Mm<B> {
     pub fn new_space(&mut self, pages: usize, view_base: usize, view: B) -> SpaceId {
         let family = self.next_family;
         self.next_family += 1;
-        self.insert_space(
-            pages,
-            view_base,
-            view,
-            vec![None; pages.div_ceil(PTRS_PER_PTE)],
-            family,
-        )
+        self.insert_space(pages, view_base, view, vec![None; pages.div_ceil(PTRS_PER_PTE)], family)
     }
 
-    fn insert_space(
-        &mut self,
-        pages: usize,
-        base: usize,
-        view: B,
-        dir: Vec<Option<TableId>>,
-        family: u32,
-    ) -> SpaceId {
+    fn insert_space(&mut self, pages: usize, base: usize, view: B, dir: Vec<Option<TableId>>, family: u32) -> SpaceId {
         let region = RegionId(self.regions.insert(Region {
             base,
             pages,
@@ -347,13 +323,7 @@ impl<B> Mm<B> {
             homes: 0,
             backing: view,
         }));
-        let sp = SpaceId(self.spaces.insert(SpaceMm {
-            pages,
-            dir,
-            view: region,
-            family,
-            vs: ViewState::new(pages),
-        }));
+        let sp = SpaceId(self.spaces.insert(SpaceMm { pages, dir, view: region, family, vs: ViewState::new(pages) }));
         self.region_mut(region).kind = RegionKind::View(sp);
         self.views.insert(base, sp);
         sp
@@ -390,9 +360,7 @@ impl<B> Mm<B> {
         let garbage = s.vs.present.runs_and_not(&s.vs.home);
         s.vs.reset();
         for (a, b) in garbage {
-            self.reclaim
-                .discard
-                .push((frozen_base + a * PAGE_SIZE, (b - a) * PAGE_SIZE));
+            self.reclaim.discard.push((frozen_base + a * PAGE_SIZE, (b - a) * PAGE_SIZE));
         }
         self.counters.freezes += 1;
     }
@@ -400,10 +368,7 @@ impl<B> Mm<B> {
     /// Fork `parent`: the child shares every table of the parent (O(tables)); no frame is
     /// touched. The parent's view must hold no homes ([`Mm::needs_freeze`] is false).
     pub fn fork(&mut self, parent: SpaceId, view_base: usize, view: B) -> SpaceId {
-        debug_assert!(
-            !self.needs_freeze(parent),
-            "fork of a view that still holds homes"
-        );
+        debug_assert!(!self.needs_freeze(parent), "fork of a view that still holds homes");
         let (pages, family, dir) = {
             let p = self.space(parent);
             (p.pages, p.family, p.dir.clone())
@@ -434,9 +399,37 @@ impl<B> Mm<B> {
         view.backing
     }
 
-    /// Drain the kernel work queued by state changes.
-    pub fn take_reclaim(&mut self) -> Reclaim<B> {
-        std::mem::take(&mut self.reclaim)
+    /// Drain the kernel work queued by state changes: `discard(addr, len)` for each dead
+    /// frozen page range, then `unmap(backing)` for each dead region. Keeps the queues'
+    /// capacity (the fault path must not allocate).
+    pub fn drain_reclaim(&mut self, mut discard: impl FnMut(usize, usize), mut unmap: impl FnMut(B)) {
+        for (a, l) in self.reclaim.discard.drain(..) {
+            discard(a, l);
+        }
+        for b in self.reclaim.dead.drain(..) {
+            unmap(b);
+        }
+    }
+
+    /// Can one more fault be served without allocating? The fault path takes at most one
+    /// table and one frame, and may queue one discard and one dead region. Checked before
+    /// serving a fault from a signal handler; [`Mm::reserve_headroom`] refills outside it.
+    pub fn has_headroom(&self) -> bool {
+        self.tables.has_headroom(2)
+            && self.frames.has_headroom(2)
+            && self.reclaim.discard.capacity() - self.reclaim.discard.len() >= 2
+            && self.reclaim.dead.capacity() - self.reclaim.dead.len() >= 2
+            && self.regions.free.capacity() - self.regions.free.len() >= 2
+    }
+
+    /// Preallocate what the next faults need (called outside signal context).
+    pub fn reserve_headroom(&mut self) {
+        const N: usize = 256;
+        self.tables.reserve(N / 4);
+        self.frames.reserve(4 * N);
+        self.reclaim.discard.reserve(N);
+        self.reclaim.dead.reserve(16);
+        self.regions.free.reserve(16);
     }
 
     // ---- tables and frames --------------------------------------------------------------
@@ -447,8 +440,8 @@ impl<B> Mm<B> {
         if tab.share > 0 {
             return;
         }
-        let entries: Vec<FrameId> = tab.entries.iter().filter_map(|e| e.frame()).collect();
-        for f in entries {
+        let entries = *tab.entries;
+        for f in entries.iter().filter_map(|e| e.frame()) {
             self.put_frame(f);
         }
         self.tables.release(t);
@@ -524,20 +517,14 @@ impl<B> Mm<B> {
             Some(t) => {
                 let entries = *self.tables.get(t).entries;
                 let new = self.tables.alloc(Some(&entries));
-                let frames: Vec<FrameId> = self
-                    .tables
-                    .get(new)
-                    .entries
-                    .iter()
-                    .filter_map(|e| e.frame())
-                    .collect();
-                for f in frames {
-                    self.frames.get_mut(f).refs += 1;
+                for e in entries.iter() {
+                    if let Some(f) = e.frame() {
+                        self.frames.get_mut(f).refs += 1;
+                    }
                 }
                 self.tables.get_mut(t).share -= 1;
                 self.space_mut(sp).dir[ti] = Some(new);
                 self.counters.tables_broken += 1;
-                tracing::trace!(space = sp.0, table = ti, "break_cow_pte");
                 new
             }
         }
@@ -554,33 +541,18 @@ impl<B> Mm<B> {
             (s.view, s.vs.present.get(page), s.vs.writable.get(page))
         };
         let dst = self.region(view).base + page * PAGE_SIZE;
-        let done = |action, commit| Resolution {
-            action,
-            space: sp,
-            page,
-            commit,
-        };
+        let done = |action, commit| Resolution { action, space: sp, page, commit };
         if writable || (!write && present) {
             return done(Action::Wake, Commit::None);
         }
         if !write {
             return match self.lookup(sp, page).frame() {
-                None => done(
-                    Action::Fill {
-                        dst,
-                        src: Src::Zero,
-                        wp: true,
-                    },
-                    Commit::MapReadOnly { frame: None },
-                ),
+                None => done(Action::Fill { dst, src: Src::Zero, wp: true }, Commit::MapReadOnly { frame: None }),
                 Some(f) => {
                     let home = self.frames.get(f).home;
                     debug_assert!(home.region != view, "a home page is always present");
                     let src = Src::Addr(self.home_addr(home));
-                    done(
-                        Action::Fill { dst, src, wp: true },
-                        Commit::MapReadOnly { frame: Some(f) },
-                    )
+                    done(Action::Fill { dst, src, wp: true }, Commit::MapReadOnly { frame: Some(f) })
                 }
             };
         }
@@ -589,49 +561,23 @@ impl<B> Mm<B> {
             if present {
                 Action::Unprotect { dst }
             } else {
-                Action::Fill {
-                    dst,
-                    src,
-                    wp: false,
-                }
+                Action::Fill { dst, src, wp: false }
             }
         };
         match self.tables.get(t).entries[page % PTRS_PER_PTE].frame() {
-            None => done(
-                fill_or_unprotect(Src::Zero),
-                Commit::NewFrame {
-                    old: None,
-                    copied: false,
-                },
-            ),
+            None => done(fill_or_unprotect(Src::Zero), Commit::NewFrame { old: None, copied: false }),
             Some(f) => {
                 let fr = *self.frames.get(f);
-                let here = fr.home
-                    == Home {
-                        region: view,
-                        page: page as u32,
-                    };
+                let here = fr.home == Home { region: view, page: page as u32 };
                 if here {
                     debug_assert!(present && fr.refs == 1);
                     done(Action::Unprotect { dst }, Commit::MakeWritable)
                 } else if fr.refs == 1 {
                     let src = Src::Addr(self.home_addr(fr.home));
-                    done(
-                        fill_or_unprotect(src),
-                        Commit::Rehome {
-                            frame: f,
-                            copied: !present,
-                        },
-                    )
+                    done(fill_or_unprotect(src), Commit::Rehome { frame: f, copied: !present })
                 } else {
                     let src = Src::Addr(self.home_addr(fr.home));
-                    done(
-                        fill_or_unprotect(src),
-                        Commit::NewFrame {
-                            old: Some(f),
-                            copied: !present,
-                        },
-                    )
+                    done(fill_or_unprotect(src), Commit::NewFrame { old: Some(f), copied: !present })
                 }
             }
         }
@@ -642,10 +588,7 @@ impl<B> Mm<B> {
         let (sp, page) = (r.space, r.page);
         let ei = page % PTRS_PER_PTE;
         let view = self.space(sp).view;
-        let here = Home {
-            region: view,
-            page: page as u32,
-        };
+        let here = Home { region: view, page: page as u32 };
         let kind = match r.commit {
             Commit::None => FaultKind::Spurious,
             Commit::MapReadOnly { frame } => {
@@ -723,10 +666,7 @@ impl<B> Mm<B> {
         let t = self.space(sp).dir[page / PTRS_PER_PTE].expect("entry without table");
         let tab = self.tables.get_mut(t);
         let e = &mut tab.entries[page % PTRS_PER_PTE];
-        debug_assert!(
-            tab.share == 1 || bits == Pte::ACCESSED,
-            "invariant 1: shared table modified"
-        );
+        debug_assert!(tab.share == 1 || bits == Pte::ACCESSED, "invariant 1: shared table modified");
         *e = e.with(bits);
     }
 
@@ -762,10 +702,7 @@ impl<B> Mm<B> {
         for (id, t) in self.tables.iter() {
             let want = share.get(&id).copied().unwrap_or(0);
             if t.share != want {
-                return Err(format!(
-                    "table {id:?}: share {} but {want} directories name it",
-                    t.share
-                ));
+                return Err(format!("table {id:?}: share {} but {want} directories name it", t.share));
             }
             for f in t.entries.iter().filter_map(|e| e.frame()) {
                 *refs.entry(f).or_default() += 1;
@@ -775,44 +712,28 @@ impl<B> Mm<B> {
         for (id, f) in self.frames.iter() {
             let want = refs.get(&id).copied().unwrap_or(0);
             if f.refs != want {
-                return Err(format!(
-                    "frame {id:?}: refs {} but {want} tables name it",
-                    f.refs
-                ));
+                return Err(format!("frame {id:?}: refs {} but {want} tables name it", f.refs));
             }
             *homes.entry(f.home.region).or_default() += 1;
-            let r = self
-                .regions
-                .get(f.home.region.0)
-                .ok_or(format!("frame {id:?} homed in a dead region"))?;
+            let r = self.regions.get(f.home.region.0).ok_or(format!("frame {id:?} homed in a dead region"))?;
             if let RegionKind::View(sp) = r.kind {
                 let s = self.space(sp);
                 let p = f.home.page as usize;
                 if !s.vs.home.get(p) || !s.vs.present.get(p) {
-                    return Err(format!(
-                        "frame {id:?} homed at view page {p} of {sp:?} not marked present+home"
-                    ));
+                    return Err(format!("frame {id:?} homed at view page {p} of {sp:?} not marked present+home"));
                 }
                 if self.lookup(sp, p).frame() != Some(id) {
-                    return Err(format!(
-                        "frame {id:?} homed in {sp:?} page {p} whose entry names another frame"
-                    ));
+                    return Err(format!("frame {id:?} homed in {sp:?} page {p} whose entry names another frame"));
                 }
                 if f.refs != 1 {
-                    return Err(format!(
-                        "frame {id:?} homed in a view but has {} refs",
-                        f.refs
-                    ));
+                    return Err(format!("frame {id:?} homed in a view but has {} refs", f.refs));
                 }
             }
         }
         for (rid, r) in self.regions.iter() {
             let want = homes.get(&RegionId(rid)).copied().unwrap_or(0);
             if r.homes != want {
-                return Err(format!(
-                    "region {rid}: homes {} but {want} frames live there",
-                    r.homes
-                ));
+                return Err(format!("region {rid}: homes {} but {want} frames live there", r.homes));
             }
             if r.kind == RegionKind::Frozen && r.homes == 0 {
                 return Err(format!("frozen region {rid} is empty but not released"));
@@ -823,16 +744,12 @@ impl<B> Mm<B> {
             for p in 0..s.pages {
                 let (pr, w, h) = (s.vs.present.get(p), s.vs.writable.get(p), s.vs.home.get(p));
                 if (w || h) && !pr || w && !h {
-                    return Err(format!(
-                        "{sp:?} page {p}: view bits present={pr} writable={w} home={h}"
-                    ));
+                    return Err(format!("{sp:?} page {p}: view bits present={pr} writable={w} home={h}"));
                 }
                 if w {
                     let t = s.dir[p / PTRS_PER_PTE].ok_or("writable page without table")?;
                     if self.tables.get(t).share != 1 {
-                        return Err(format!(
-                            "{sp:?} page {p}: writable under a shared table (invariant 2)"
-                        ));
+                        return Err(format!("{sp:?} page {p}: writable under a shared table (invariant 2)"));
                     }
                 }
             }

@@ -86,19 +86,12 @@ pub struct TableStore {
 
 impl TableStore {
     pub fn alloc(&mut self, entries: Option<&[Pte; PTRS_PER_PTE]>) -> TableId {
-        let mut boxed = self
-            .spare
-            .pop()
-            .unwrap_or_else(|| Box::new([Pte::NONE; PTRS_PER_PTE]));
+        let mut boxed = self.spare.pop().unwrap_or_else(|| Box::new([Pte::NONE; PTRS_PER_PTE]));
         match entries {
             Some(e) => boxed.copy_from_slice(e),
             None => boxed.fill(Pte::NONE),
         }
-        let t = PteTable {
-            share: 1,
-            cow: false,
-            entries: boxed,
-        };
+        let t = PteTable { share: 1, cow: false, entries: boxed };
         self.in_use += 1;
         match self.free.pop() {
             Some(i) => {
@@ -113,11 +106,9 @@ impl TableStore {
     }
 
     pub fn release(&mut self, id: TableId) {
-        let t = self.slots[id.0 as usize]
-            .take()
-            .expect("release of a free table");
+        let t = self.slots[id.0 as usize].take().expect("release of a free table");
         debug_assert_eq!(t.share, 0);
-        if self.spare.len() < 64 {
+        if self.spare.len() < 256 {
             self.spare.push(t.entries);
         }
         self.free.push(id.0);
@@ -125,25 +116,34 @@ impl TableStore {
     }
 
     pub fn get(&self, id: TableId) -> &PteTable {
-        self.slots[id.0 as usize]
-            .as_ref()
-            .expect("use of a free table")
+        self.slots[id.0 as usize].as_ref().expect("use of a free table")
     }
 
     pub fn get_mut(&mut self, id: TableId) -> &mut PteTable {
-        self.slots[id.0 as usize]
-            .as_mut()
-            .expect("use of a free table")
+        self.slots[id.0 as usize].as_mut().expect("use of a free table")
     }
 
     pub fn in_use(&self) -> usize {
         self.in_use
     }
 
+    /// Can `n` tables be allocated (and released) without touching the allocator?
+    pub fn has_headroom(&self, n: usize) -> bool {
+        self.spare.len() >= n
+            && self.free.len() + (self.slots.capacity() - self.slots.len()) >= n
+            && self.free.capacity() - self.free.len() >= n
+    }
+
+    /// Preallocate `n` spare tables and slots.
+    pub fn reserve(&mut self, n: usize) {
+        while self.spare.len() < n {
+            self.spare.push(Box::new([Pte::NONE; PTRS_PER_PTE]));
+        }
+        self.slots.reserve(n);
+        self.free.reserve(n);
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (TableId, &PteTable)> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, t)| t.as_ref().map(|t| (TableId(i as u32), t)))
+        self.slots.iter().enumerate().filter_map(|(i, t)| t.as_ref().map(|t| (TableId(i as u32), t)))
     }
 }

@@ -27,10 +27,7 @@ impl FakeKernel {
                     Src::Zero => 0,
                     Src::Addr(s) => self.mem.get(&s).expect("fill from an unpopulated home").0,
                 };
-                assert!(
-                    self.mem.insert(dst, (v, wp)).is_none(),
-                    "UFFDIO_COPY onto a present page"
-                );
+                assert!(self.mem.insert(dst, (v, wp)).is_none(), "UFFDIO_COPY onto a present page");
             }
             Action::Unprotect { dst } => {
                 let p = self.mem.get_mut(&dst).expect("unprotect of a missing page");
@@ -61,18 +58,13 @@ struct Sim {
 
 impl Sim {
     fn new() -> Sim {
-        Sim {
-            mm: Mm::new(),
-            k: FakeKernel::default(),
-            spaces: Vec::new(),
-        }
+        Sim { mm: Mm::new(), k: FakeKernel::default(), spaces: Vec::new() }
     }
     fn reclaim(&mut self) {
-        let r = self.mm.take_reclaim();
-        for (a, l) in r.discard {
-            self.k.unmap(a, l / PAGE_SIZE);
-        }
-        for (base, pages) in r.dead {
+        let k = &mut self.k;
+        let mut dead = Vec::new();
+        self.mm.drain_reclaim(|a, l| k.unmap(a, l / PAGE_SIZE), |b| dead.push(b));
+        for (base, pages) in dead {
             self.k.unmap(base, pages);
         }
     }
@@ -198,11 +190,7 @@ fn exclusive_frame_is_reused_not_copied() {
     s.access(0, 5, Some(6));
     assert_eq!(s.mm.counters.faults_write_reuse, 1);
     assert_eq!(s.mm.counters.faults_write_cow, 0);
-    assert_eq!(
-        s.mm.frozen_regions(),
-        0,
-        "the frozen region died with its last home"
-    );
+    assert_eq!(s.mm.frozen_regions(), 0, "the frozen region died with its last home");
     s.check();
 }
 
@@ -220,15 +208,7 @@ fn everything_is_released() {
     s.drop_space(1);
     s.drop_space(0);
     s.drop_space(0);
-    assert_eq!(
-        (
-            s.mm.frames_in_use(),
-            s.mm.tables_in_use(),
-            s.mm.views_in_use(),
-            s.mm.frozen_regions()
-        ),
-        (0, 0, 0, 0)
-    );
+    assert_eq!((s.mm.frames_in_use(), s.mm.tables_in_use(), s.mm.views_in_use(), s.mm.frozen_regions()), (0, 0, 0, 0));
     assert!(s.k.mem.is_empty(), "pages left mapped: {}", s.k.mem.len());
 }
 
@@ -254,19 +234,11 @@ fn model_random_sequences() {
                 }
                 41..=70 => {
                     let want = s.spaces[i].1[page];
-                    assert_eq!(
-                        s.access(i, page, None),
-                        want,
-                        "seed {seed} step {step}: view read"
-                    );
+                    assert_eq!(s.access(i, page, None), want, "seed {seed} step {step}: view read");
                 }
                 _ => {
                     let want = s.spaces[i].1[page];
-                    assert_eq!(
-                        s.api_read(i, page),
-                        want,
-                        "seed {seed} step {step}: api read"
-                    );
+                    assert_eq!(s.api_read(i, page), want, "seed {seed} step {step}: api read");
                 }
             }
             if step % 50 == 0 {
@@ -277,15 +249,7 @@ fn model_random_sequences() {
         while !s.spaces.is_empty() {
             s.drop_space(0);
         }
-        assert_eq!(
-            (
-                s.mm.frames_in_use(),
-                s.mm.tables_in_use(),
-                s.mm.frozen_regions()
-            ),
-            (0, 0, 0),
-            "seed {seed}"
-        );
+        assert_eq!((s.mm.frames_in_use(), s.mm.tables_in_use(), s.mm.frozen_regions()), (0, 0, 0), "seed {seed}");
         assert!(s.k.mem.is_empty(), "seed {seed}: pages left mapped");
     }
 }

@@ -29,9 +29,7 @@ impl Mapping {
     /// child would otherwise read zeros where the view is unregistered) and from
     /// transparent huge pages.
     pub fn anon(len: usize) -> io::Result<Mapping> {
-        let padded = len
-            .checked_add(TABLE_SPAN)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        let padded = len.checked_add(TABLE_SPAN).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
         // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases nothing.
         let raw = unsafe {
             libc::mmap(
@@ -113,10 +111,7 @@ impl Mapping {
             unsafe { libc::munmap(to as *mut libc::c_void, self.len) };
             return Err(e);
         }
-        Ok(Mapping {
-            addr: r as usize,
-            len: self.len,
-        })
+        Ok(Mapping { addr: r as usize, len: self.len })
     }
 }
 

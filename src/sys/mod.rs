@@ -2,5 +2,6 @@
 //! everything above it is safe Rust.
 
 pub mod mem;
+pub mod signal;
 pub mod uffd;
 pub mod wake;

@@ -36,8 +36,12 @@ impl UffdAccess {
     /// One sentence on what this access level implies for users.
     pub fn implications(self) -> &'static str {
         match self {
-            UffdAccess::Device => "opened via /dev/userfaultfd: kernel-mode accesses to views (e.g. write(2) from a view) are served",
-            UffdAccess::Syscall => "opened via userfaultfd(2) with full privileges: kernel-mode accesses to views are served",
+            UffdAccess::Device => {
+                "opened via /dev/userfaultfd: kernel-mode accesses to views (e.g. write(2) from a view) are served"
+            }
+            UffdAccess::Syscall => {
+                "opened via userfaultfd(2) with full privileges: kernel-mode accesses to views are served"
+            }
             UffdAccess::UserModeOnly => {
                 "opened with UFFD_USER_MODE_ONLY: a syscall touching an unpopulated view page fails with EFAULT; \
                  use Space::read/write or Space::populate before passing view memory to the kernel"
@@ -48,20 +52,11 @@ impl UffdAccess {
 
 /// Feature bits cowarena asks for, with their kernel names (for error messages and doctor).
 pub const FEATURE_NAMES: &[(u64, &str)] = &[
-    (
-        g::UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64,
-        "UFFD_FEATURE_PAGEFAULT_FLAG_WP",
-    ),
-    (
-        g::UFFD_FEATURE_EVENT_REMAP as u64,
-        "UFFD_FEATURE_EVENT_REMAP",
-    ),
+    (g::UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64, "UFFD_FEATURE_PAGEFAULT_FLAG_WP"),
+    (g::UFFD_FEATURE_EVENT_REMAP as u64, "UFFD_FEATURE_EVENT_REMAP"),
     (g::UFFD_FEATURE_SIGBUS as u64, "UFFD_FEATURE_SIGBUS"),
     (g::UFFD_FEATURE_THREAD_ID as u64, "UFFD_FEATURE_THREAD_ID"),
-    (
-        g::UFFD_FEATURE_WP_UNPOPULATED as u64,
-        "UFFD_FEATURE_WP_UNPOPULATED",
-    ),
+    (g::UFFD_FEATURE_WP_UNPOPULATED as u64, "UFFD_FEATURE_WP_UNPOPULATED"),
     (g::UFFD_FEATURE_MOVE as u64, "UFFD_FEATURE_MOVE"),
 ];
 
@@ -110,21 +105,12 @@ fn kernel_release() -> String {
 pub fn seccomp_filtered() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Seccomp:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("2"))
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("Seccomp:")).map(|l| l.split_whitespace().nth(1) == Some("2")))
         .unwrap_or(false)
 }
 
 fn raw_open(flags: libc::c_int, user_mode_only: bool) -> io::Result<OwnedFd> {
-    let f = flags
-        | if user_mode_only {
-            g::UFFD_USER_MODE_ONLY as libc::c_int
-        } else {
-            0
-        };
+    let f = flags | if user_mode_only { g::UFFD_USER_MODE_ONLY as libc::c_int } else { 0 };
     // SAFETY: userfaultfd(2) takes one int argument and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, f) };
     if fd < 0 {
@@ -175,9 +161,7 @@ fn open_fd() -> Result<(OwnedFd, UffdAccess), Error> {
         Some(libc::EPERM) if seccomp_filtered() => UffdBlock::Seccomp,
         // Before 5.11 the flag is unknown (EINVAL): the plain syscall's error decides.
         _ if dev_err.raw_os_error() == Some(libc::EACCES) => UffdBlock::DevicePermission,
-        _ if full_err.raw_os_error() == Some(libc::EPERM) && seccomp_filtered() => {
-            UffdBlock::Seccomp
-        }
+        _ if full_err.raw_os_error() == Some(libc::EPERM) && seccomp_filtered() => UffdBlock::Seccomp,
         _ => UffdBlock::Unprivileged,
     };
     Err(Error::UffdUnavailable(cause, umo_err))
@@ -195,23 +179,13 @@ impl Uffd {
     /// taken when offered.
     pub fn open(required: u64, optional: u64) -> Result<Uffd, Error> {
         let (_, offered) = Self::probe()?;
-        if let Some((_, name)) = FEATURE_NAMES
-            .iter()
-            .find(|(b, _)| required & b != 0 && offered & b == 0)
-        {
-            return Err(Error::MissingFeature {
-                feature: name,
-                kernel: kernel_release(),
-            });
+        if let Some((_, name)) = FEATURE_NAMES.iter().find(|(b, _)| required & b != 0 && offered & b == 0) {
+            return Err(Error::MissingFeature { feature: name, kernel: kernel_release() });
         }
         let (fd, access) = open_fd()?;
         let want = required | (optional & offered);
         let got = api(&fd, want).map_err(|e| Error::os("UFFDIO_API", e))?;
-        Ok(Uffd {
-            fd,
-            access,
-            features: want & got.features | want,
-        })
+        Ok(Uffd { fd, access, features: want & got.features | want })
     }
 
     pub fn access(&self) -> UffdAccess {
@@ -233,28 +207,16 @@ impl Uffd {
     /// Register `[start, start+len)` for MISSING and WP faults.
     pub fn register(&self, start: usize, len: usize) -> io::Result<()> {
         let mut r = g::uffdio_register {
-            range: g::uffdio_range {
-                start: start as u64,
-                len: len as u64,
-            },
+            range: g::uffdio_range { start: start as u64, len: len as u64 },
             mode: (g::UFFDIO_REGISTER_MODE_MISSING | g::UFFDIO_REGISTER_MODE_WP) as u64,
             ioctls: 0,
         };
-        self.ioctl(
-            i::UFFDIO_REGISTER as _,
-            &mut r as *mut _ as *mut libc::c_void,
-        )
+        self.ioctl(i::UFFDIO_REGISTER as _, &mut r as *mut _ as *mut libc::c_void)
     }
 
     pub fn unregister(&self, start: usize, len: usize) -> io::Result<()> {
-        let mut r = g::uffdio_range {
-            start: start as u64,
-            len: len as u64,
-        };
-        self.ioctl(
-            i::UFFDIO_UNREGISTER as _,
-            &mut r as *mut _ as *mut libc::c_void,
-        )
+        let mut r = g::uffdio_range { start: start as u64, len: len as u64 };
+        self.ioctl(i::UFFDIO_UNREGISTER as _, &mut r as *mut _ as *mut libc::c_void)
     }
 
     /// UFFDIO_COPY `len` bytes from `src` to `dst`, retried until complete. EAGAIN (a
@@ -295,17 +257,11 @@ impl Uffd {
     /// Set (`wp`) or clear write protection on `[start, start+len)`; clearing wakes waiters.
     pub fn writeprotect(&self, start: usize, len: usize, wp: bool) -> io::Result<()> {
         let mut w = g::uffdio_writeprotect {
-            range: g::uffdio_range {
-                start: start as u64,
-                len: len as u64,
-            },
+            range: g::uffdio_range { start: start as u64, len: len as u64 },
             mode: if wp { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
         };
         loop {
-            match self.ioctl(
-                i::UFFDIO_WRITEPROTECT as _,
-                &mut w as *mut _ as *mut libc::c_void,
-            ) {
+            match self.ioctl(i::UFFDIO_WRITEPROTECT as _, &mut w as *mut _ as *mut libc::c_void) {
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => std::thread::yield_now(),
                 r => return r,
             }
@@ -314,22 +270,13 @@ impl Uffd {
 
     /// Wake threads waiting on faults in `[start, start+len)`.
     pub fn wake(&self, start: usize, len: usize) -> io::Result<()> {
-        let mut r = g::uffdio_range {
-            start: start as u64,
-            len: len as u64,
-        };
+        let mut r = g::uffdio_range { start: start as u64, len: len as u64 };
         self.ioctl(i::UFFDIO_WAKE as _, &mut r as *mut _ as *mut libc::c_void)
     }
 
     /// UFFDIO_MOVE (6.8+): move the pages at `src` to `dst` without copying.
     pub fn move_pages(&self, dst: usize, src: usize, len: usize) -> io::Result<()> {
-        let mut m = g::uffdio_move {
-            dst: dst as u64,
-            src: src as u64,
-            len: len as u64,
-            mode: 0,
-            move_: 0,
-        };
+        let mut m = g::uffdio_move { dst: dst as u64, src: src as u64, len: len as u64, mode: 0, move_: 0 };
         self.ioctl(UFFDIO_MOVE, &mut m as *mut _ as *mut libc::c_void)
     }
 
@@ -338,20 +285,11 @@ impl Uffd {
         const N: usize = 64;
         let mut buf = [std::mem::MaybeUninit::<g::uffd_msg>::uninit(); N];
         // SAFETY: `buf` is writable for N messages; read(2) writes whole messages only.
-        let n = unsafe {
-            libc::read(
-                self.raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                std::mem::size_of_val(&buf),
-            )
-        };
+        let n =
+            unsafe { libc::read(self.raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, std::mem::size_of_val(&buf)) };
         if n < 0 {
             let e = errno();
-            return if e.raw_os_error() == Some(libc::EAGAIN) {
-                Ok(0)
-            } else {
-                Err(e)
-            };
+            return if e.raw_os_error() == Some(libc::EAGAIN) { Ok(0) } else { Err(e) };
         }
         let count = n as usize / std::mem::size_of::<g::uffd_msg>();
         for m in &buf[..count] {
@@ -365,11 +303,9 @@ impl Uffd {
                         flags: m.arg.pagefault.flags,
                         tid: m.arg.pagefault.feat.ptid,
                     },
-                    g::UFFD_EVENT_REMAP => UffdMsg::Remap {
-                        from: m.arg.remap.from,
-                        to: m.arg.remap.to,
-                        len: m.arg.remap.len,
-                    },
+                    g::UFFD_EVENT_REMAP => {
+                        UffdMsg::Remap { from: m.arg.remap.from, to: m.arg.remap.to, len: m.arg.remap.len }
+                    }
                     e => UffdMsg::Other(e as u8),
                 }
             };
@@ -390,19 +326,9 @@ impl Uffd {
 }
 
 fn api(fd: &OwnedFd, features: u64) -> io::Result<g::uffdio_api> {
-    let mut a = g::uffdio_api {
-        api: g::UFFD_API as u64,
-        features,
-        ioctls: 0,
-    };
+    let mut a = g::uffdio_api { api: g::UFFD_API as u64, features, ioctls: 0 };
     // SAFETY: UFFDIO_API takes a live `struct uffdio_api`.
-    let r = unsafe {
-        libc::ioctl(
-            fd.as_raw_fd(),
-            i::UFFDIO_API as _,
-            &mut a as *mut g::uffdio_api,
-        )
-    };
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), i::UFFDIO_API as _, &mut a as *mut g::uffdio_api) };
     if r < 0 {
         Err(errno())
     } else {

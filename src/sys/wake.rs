@@ -20,13 +20,7 @@ impl EventFd {
     pub fn signal(&self) -> io::Result<()> {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-        let r = unsafe {
-            libc::write(
-                self.0.as_raw_fd(),
-                &one as *const u64 as *const libc::c_void,
-                8,
-            )
-        };
+        let r = unsafe { libc::write(self.0.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
         if r < 0 {
             Err(io::Error::last_os_error())
         } else {
@@ -34,34 +28,26 @@ impl EventFd {
         }
     }
 
+    /// Reset the counter (non-blocking; nothing to do if it is already zero).
+    pub fn clear(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd.
+        unsafe { libc::read(self.0.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+    }
+
     pub fn raw_fd(&self) -> RawFd {
         self.0.as_raw_fd()
     }
 }
 
-/// Wait until `a` or `b` is readable; returns (a readable, b readable).
-pub fn poll2(a: RawFd, b: RawFd) -> io::Result<(bool, bool)> {
-    let mut fds = [
-        libc::pollfd {
-            fd: a,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: b,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // SAFETY: `fds` is a live array of two pollfd structs.
-    let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+/// Wait until one of three descriptors is readable; returns which are.
+pub fn poll3(a: RawFd, b: RawFd, c: RawFd) -> io::Result<(bool, bool, bool)> {
+    let mut fds = [a, b, c].map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+    // SAFETY: `fds` is a live array of three pollfd structs.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
     if r < 0 {
         let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::Interrupted {
-            Ok((false, false))
-        } else {
-            Err(e)
-        };
+        return if e.kind() == io::ErrorKind::Interrupted { Ok((false, false, false)) } else { Err(e) };
     }
-    Ok((fds[0].revents != 0, fds[1].revents != 0))
+    Ok((fds[0].revents != 0, fds[1].revents != 0, fds[2].revents != 0))
 }

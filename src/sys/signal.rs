@@ -1,0 +1,139 @@
+//! The SIGBUS handler of the same-thread fault mode (`UFFD_FEATURE_SIGBUS`): the kernel
+//! delivers a view fault to the faulting thread as SIGBUS, and the thread serves it itself.
+//!
+//! Everything reachable from [`on_sigbus`] is async-signal-safe: no allocation, no
+//! blocking lock (the arena lock is only *tried*, spinning with `sched_yield`), no stdio.
+//! A SIGBUS that is not ours goes to the handler installed before us.
+
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+/// What the fault callback did with a SIGBUS.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Outcome {
+    /// Served: return and let the access retry.
+    Handled,
+    /// The address is not in any view: chain to the previous handler.
+    NotOurs,
+    /// Ours but impossible to serve: die loudly (the message is written to stderr).
+    Failed(&'static str),
+}
+
+/// The fault callback: `(address, the CPU reported a write)`.
+pub type Callback = fn(usize, bool) -> Outcome;
+
+struct Installed {
+    prev: libc::sigaction,
+    callback: Callback,
+}
+
+// SAFETY: `libc::sigaction` is plain data (a handler address, a mask, flags); it is only
+// read after `OnceLock` published it.
+unsafe impl Sync for Installed {}
+// SAFETY: as above; no thread affinity.
+unsafe impl Send for Installed {}
+
+static INSTALLED: OnceLock<Installed> = OnceLock::new();
+/// Handlers currently running, so that an arena can wait for them before it is freed.
+pub static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Install the SIGBUS handler once per process, remembering the previous one for chaining.
+pub fn install(callback: Callback) -> io::Result<()> {
+    let mut err = None;
+    INSTALLED.get_or_init(|| {
+        // SAFETY: zeroed sigaction structs are valid "no handler" values; we fill ours
+        // before passing it to sigaction(2), which writes the previous one into `prev`.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_sigbus as *const () as usize;
+            // Not SA_ONSTACK: Rust threads have a small alternate stack for overflow reports, too
+            // small for the fault path; we run on the faulting thread's own stack.
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
+            libc::sigemptyset(&mut sa.sa_mask);
+            let mut prev: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(libc::SIGBUS, &sa, &mut prev) != 0 {
+                err = Some(io::Error::last_os_error());
+            }
+            Installed { prev, callback }
+        }
+    });
+    match err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Did the CPU report the faulting access as a write? (x86-64: bit 1 of the page-fault
+/// error code in the signal context; elsewhere unknown, reported as a read — a write then
+/// faults once more on the write-protected page, which the engine recognises.)
+fn fault_was_write(ctx: *mut libc::c_void) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: for an SA_SIGINFO handler the kernel passes a valid `ucontext_t`.
+        let uc = unsafe { &*(ctx as *const libc::ucontext_t) };
+        uc.uc_mcontext.gregs[libc::REG_ERR as usize] & 2 != 0
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = ctx;
+        false
+    }
+}
+
+/// Write a message to stderr without allocating.
+pub fn write_stderr(parts: &[&str]) {
+    for p in parts {
+        // SAFETY: write(2) from a live byte slice; async-signal-safe.
+        unsafe { libc::write(2, p.as_ptr() as *const libc::c_void, p.len()) };
+    }
+}
+
+/// Yield the CPU while spinning for a lock (async-signal-safe).
+pub fn yield_now() {
+    // SAFETY: sched_yield has no preconditions.
+    unsafe { libc::sched_yield() };
+}
+
+extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    let Some(inst) = INSTALLED.get() else { return };
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    IN_FLIGHT.fetch_add(1, Ordering::AcqRel);
+    let outcome = (inst.callback)(addr, fault_was_write(ctx));
+    IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+    match outcome {
+        Outcome::Handled => {}
+        Outcome::Failed(why) => {
+            write_stderr(&["cowarena: cannot serve a fault on a view: ", why, "; dying of SIGBUS\n"]);
+            reset_default(sig);
+        }
+        Outcome::NotOurs => chain(&inst.prev, sig, info, ctx),
+    }
+}
+
+fn reset_default(sig: libc::c_int) {
+    // SAFETY: installing SIG_DFL is always valid; returning from the handler re-executes
+    // the faulting access, which then kills the process with the signal (loudly).
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = libc::SIG_DFL;
+        libc::sigaction(sig, &sa, std::ptr::null_mut());
+    }
+}
+
+fn chain(prev: &libc::sigaction, sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    let h = prev.sa_sigaction;
+    if h == libc::SIG_DFL || h == libc::SIG_IGN {
+        // A synchronous fault cannot be ignored: fall back to the default action.
+        reset_default(sig);
+    } else if prev.sa_flags & libc::SA_SIGINFO != 0 {
+        // SAFETY: the previous handler was installed with SA_SIGINFO, so it has this type.
+        let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) = unsafe { std::mem::transmute(h) };
+        f(sig, info, ctx);
+    } else {
+        // SAFETY: a plain handler installed without SA_SIGINFO has this type.
+        let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(h) };
+        f(sig);
+    }
+}
