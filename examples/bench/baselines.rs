@@ -49,11 +49,7 @@ impl Rng {
     /// A generator seeded with `seed` (a zero seed, which xorshift cannot leave, is replaced
     /// by a fixed non-zero constant).
     pub fn new(seed: u64) -> Self {
-        Rng(if seed == 0 {
-            0x9E37_79B9_7F4A_7C15
-        } else {
-            seed
-        })
+        Rng(if seed == 0 { 0x9E37_79B9_7F4A_7C15 } else { seed })
     }
 
     /// The next 64 pseudo-random bits.
@@ -166,16 +162,7 @@ impl Mapping {
     fn map(len: usize, flags: libc::c_int, fd: RawFd) -> io::Result<Self> {
         // SAFETY: a new mapping at an address the kernel chooses; no existing memory is
         // touched. The result is checked before use.
-        let p = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                fd,
-                0,
-            )
-        };
+        let p = unsafe { libc::mmap(ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -268,10 +255,7 @@ impl Drop for Mapping {
 /// `bytes` rounded up to whole pages; an error for zero.
 fn region_len(bytes: usize) -> io::Result<usize> {
     if bytes == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "region size must be positive",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "region size must be positive"));
     }
     bytes
         .checked_next_multiple_of(PAGE)
@@ -343,10 +327,7 @@ impl Child {
         if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
             Ok(())
         } else {
-            Err(io::Error::other(format!(
-                "child {} ended with wait status {status:#x}",
-                self.pid
-            )))
+            Err(io::Error::other(format!("child {} ended with wait status {status:#x}", self.pid)))
         }
     }
 }
@@ -420,11 +401,7 @@ fn write_bytes(fd: &OwnedFd, n: usize) -> io::Result<()> {
 fn read_bytes_timeout(fd: &OwnedFd, n: usize) -> io::Result<()> {
     let mut got = 0;
     while got < n {
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: polls one pollfd that lives for the call.
         let r = unsafe { libc::poll(&mut pfd, 1, CHILD_TIMEOUT_MS) };
         if r < 0 {
@@ -435,10 +412,7 @@ fn read_bytes_timeout(fd: &OwnedFd, n: usize) -> io::Result<()> {
             return Err(e);
         }
         if r == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "children did not report in time",
-            ));
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "children did not report in time"));
         }
         match read_byte(fd.as_raw_fd()) {
             1 => got += 1,
@@ -466,10 +440,7 @@ fn proc_kb(text: &str, key: &str) -> io::Result<u64> {
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{key}: {e}")));
         }
     }
-    Err(io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("no {key} line"),
-    ))
+    Err(io::Error::new(io::ErrorKind::NotFound, format!("no {key} line")))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -484,10 +455,7 @@ struct Gate {
 
 impl Gate {
     fn new() -> Self {
-        Gate {
-            state: Mutex::new(0),
-            cv: Condvar::new(),
-        }
+        Gate { state: Mutex::new(0), cv: Condvar::new() }
     }
 
     fn set(&self, v: u8) {
@@ -517,17 +485,15 @@ fn touch_all_threaded(m: &Mapping, threads: usize) -> io::Result<Duration> {
         for t in 0..threads {
             let (lo, hi) = (pages * t / threads, pages * (t + 1) / threads);
             let gate = &gate;
-            let spawned = thread::Builder::new()
-                .name(format!("baseline-touch-{t}"))
-                .spawn_scoped(s, move || {
-                    if gate.wait() {
-                        for i in lo..hi {
-                            // SAFETY: page `i` < `pages` lies inside `m`, which the scope
-                            // keeps mapped; threads write disjoint page ranges.
-                            unsafe { ptr::write_volatile((base + i * PAGE) as *mut u64, 7) };
-                        }
+            let spawned = thread::Builder::new().name(format!("baseline-touch-{t}")).spawn_scoped(s, move || {
+                if gate.wait() {
+                    for i in lo..hi {
+                        // SAFETY: page `i` < `pages` lies inside `m`, which the scope
+                        // keeps mapped; threads write disjoint page ranges.
+                        unsafe { ptr::write_volatile((base + i * PAGE) as *mut u64, 7) };
                     }
-                });
+                }
+            });
             match spawned {
                 Ok(h) => handles.push(h),
                 Err(e) => {
@@ -579,6 +545,10 @@ pub fn kernel_fork_latency(bytes: usize, reps: usize) -> io::Result<Duration> {
 /// and kept alive (blocked on a pipe) so every page is shared, then the parent writes one
 /// word to each page with `threads` threads on disjoint page ranges (one COW fault each).
 /// Returns faults per second (wall clock, all threads together).
+///
+/// With more than one thread every COW fault replaces a present PTE of an mm that is live
+/// on several CPUs, so each costs a TLB-shootdown IPI: expect the rate to drop, not scale
+/// (measured: ~2.5 us/fault with 1 thread, ~6 us/fault with 2, one IPI per fault).
 pub fn kernel_cow_fault_rate(bytes: usize, threads: usize) -> io::Result<f64> {
     let region = Mapping::populated(region_len(bytes)?)?;
     let (release_r, release_w) = pipe()?;
@@ -625,11 +595,7 @@ fn open_userfaultfd() -> io::Result<OwnedFd> {
     if sys_err.raw_os_error() != Some(libc::EPERM) {
         return Err(sys_err);
     }
-    let dev_err = match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/userfaultfd")
-    {
+    let dev_err = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/userfaultfd") {
         Ok(dev) => {
             // SAFETY: USERFAULTFD_IOC_NEW takes the new descriptor's flags as its integer
             // argument and returns a new descriptor or -1.
@@ -659,11 +625,7 @@ fn open_userfaultfd() -> io::Result<OwnedFd> {
 
 /// `UFFDIO_API` handshake asking for `features`; returns the features granted.
 fn uffd_api(fd: &OwnedFd, features: u64) -> io::Result<u64> {
-    let mut api = uapi::uffdio_api {
-        api: uapi::UFFD_API.into(),
-        features,
-        ioctls: 0,
-    };
+    let mut api = uapi::uffdio_api { api: uapi::UFFD_API.into(), features, ioctls: 0 };
     // SAFETY: UFFDIO_API reads and writes one `uffdio_api`, which outlives the call.
     if unsafe { libc::ioctl(fd.as_raw_fd(), uioctl::UFFDIO_API as libc::Ioctl, &mut api) } != 0 {
         return Err(io::Error::last_os_error());
@@ -672,24 +634,11 @@ fn uffd_api(fd: &OwnedFd, features: u64) -> io::Result<u64> {
 }
 
 fn uffd_register(fd: &OwnedFd, m: &Mapping, mode: u64) -> io::Result<()> {
-    let mut reg = uapi::uffdio_register {
-        range: uapi::uffdio_range {
-            start: m.ptr as u64,
-            len: m.len as u64,
-        },
-        mode,
-        ioctls: 0,
-    };
+    let mut reg =
+        uapi::uffdio_register { range: uapi::uffdio_range { start: m.ptr as u64, len: m.len as u64 }, mode, ioctls: 0 };
     // SAFETY: UFFDIO_REGISTER reads and writes one `uffdio_register`; the range is a mapping
     // we own.
-    if unsafe {
-        libc::ioctl(
-            fd.as_raw_fd(),
-            uioctl::UFFDIO_REGISTER as libc::Ioctl,
-            &mut reg,
-        )
-    } != 0
-    {
+    if unsafe { libc::ioctl(fd.as_raw_fd(), uioctl::UFFDIO_REGISTER as libc::Ioctl, &mut reg) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -698,15 +647,8 @@ fn uffd_register(fd: &OwnedFd, m: &Mapping, mode: u64) -> io::Result<()> {
 /// Write-protects (`protect`) or un-protects and wakes (`!protect`) `[start, start+len)`.
 fn uffd_writeprotect(fd: RawFd, start: usize, len: usize, protect: bool) -> io::Result<()> {
     let mut wp = uapi::uffdio_writeprotect {
-        range: uapi::uffdio_range {
-            start: start as u64,
-            len: len as u64,
-        },
-        mode: if protect {
-            UFFDIO_WRITEPROTECT_MODE_WP
-        } else {
-            0
-        },
+        range: uapi::uffdio_range { start: start as u64, len: len as u64 },
+        mode: if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
     };
     // SAFETY: UFFDIO_WRITEPROTECT reads one `uffdio_writeprotect` that outlives the call;
     // it changes page protection only, which cannot invalidate Rust references.
@@ -719,24 +661,14 @@ fn uffd_writeprotect(fd: RawFd, start: usize, len: usize, protect: bool) -> io::
 /// The handler thread of the uffd-wp snapshot: for each write-protect fault, copy the
 /// page's old contents to the snapshot, then un-protect it (which wakes the writer).
 /// Returns the number of faults served.
-fn wp_handler(
-    fd: RawFd,
-    base: usize,
-    len: usize,
-    snap: usize,
-    stop: &AtomicBool,
-) -> io::Result<usize> {
+fn wp_handler(fd: RawFd, base: usize, len: usize, snap: usize, stop: &AtomicBool) -> io::Result<usize> {
     let msg_size = std::mem::size_of::<uapi::uffd_msg>();
     // SAFETY: `uffd_msg` is plain old data (integers and unions of integers), so the
     // all-zero bit pattern is a valid value.
     let mut msgs: [uapi::uffd_msg; 32] = unsafe { std::mem::zeroed() };
     let mut served = 0;
     loop {
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
         // SAFETY: polls one pollfd that lives for the call.
         let r = unsafe { libc::poll(&mut pfd, 1, 5) };
         if r < 0 {
@@ -770,19 +702,14 @@ fn wp_handler(
             // SAFETY: the kernel fills the `pagefault` member for PAGEFAULT events.
             let pf = unsafe { arg.pagefault };
             let (flags, address) = (pf.flags, pf.address as usize);
-            if flags & u64::from(uapi::UFFD_PAGEFAULT_FLAG_WP) == 0
-                || address < base
-                || address >= base + len
-            {
+            if flags & u64::from(uapi::UFFD_PAGEFAULT_FLAG_WP) == 0 || address < base || address >= base + len {
                 continue;
             }
             let page = address & !(PAGE - 1);
             // SAFETY: `page` is a whole page inside the registered region and the same
             // offset is inside the snapshot buffer (same length); the writer that faulted
             // on it is blocked until the un-protect below, so nothing writes it meanwhile.
-            unsafe {
-                ptr::copy_nonoverlapping(page as *const u8, (snap + (page - base)) as *mut u8, PAGE)
-            };
+            unsafe { ptr::copy_nonoverlapping(page as *const u8, (snap + (page - base)) as *mut u8, PAGE) };
             uffd_writeprotect(fd, page, PAGE, false)?;
             served += 1;
         }
@@ -800,19 +727,12 @@ pub fn uffd_wp_snapshot(bytes: usize, write_fraction: f64) -> io::Result<UffdWpR
     let region = Mapping::populated(len)?;
     let snapshot = Mapping::populated(len)?;
     let pages = region.pages();
-    let targets = distinct_pages(
-        &mut Rng::new(0x5eed_0004),
-        pages,
-        fraction_of(pages, write_fraction),
-    );
+    let targets = distinct_pages(&mut Rng::new(0x5eed_0004), pages, fraction_of(pages, write_fraction));
 
     let uffd = open_userfaultfd()?;
     let wp = u64::from(uapi::UFFD_FEATURE_PAGEFAULT_FLAG_WP);
     if uffd_api(&uffd, wp)? & wp == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "userfaultfd write-protect is not supported",
-        ));
+        return Err(io::Error::new(io::ErrorKind::Unsupported, "userfaultfd write-protect is not supported"));
     }
     let t = Instant::now();
     uffd_register(&uffd, &region, uapi::UFFDIO_REGISTER_MODE_WP.into())?;
@@ -826,25 +746,21 @@ pub fn uffd_wp_snapshot(bytes: usize, write_fraction: f64) -> io::Result<UffdWpR
     let stop = AtomicBool::new(false);
     let (write_time, handled) = thread::scope(|s| -> io::Result<(Duration, usize)> {
         let stop = &stop;
-        let handler = thread::Builder::new()
-            .name("baseline-uffd-wp".into())
-            .spawn_scoped(s, move || {
-                let r = wp_handler(fd, base, len, snap, stop);
-                if r.is_err() {
-                    // Best effort: release any writer still blocked on a fault.
-                    let _ = uffd_writeprotect(fd, base, len, false);
-                }
-                r
-            })?;
+        let handler = thread::Builder::new().name("baseline-uffd-wp".into()).spawn_scoped(s, move || {
+            let r = wp_handler(fd, base, len, snap, stop);
+            if r.is_err() {
+                // Best effort: release any writer still blocked on a fault.
+                let _ = uffd_writeprotect(fd, base, len, false);
+            }
+            r
+        })?;
         let t = Instant::now();
         for (k, &p) in targets.iter().enumerate() {
             region.write_page(p, k as u64);
         }
         let write_time = t.elapsed();
         stop.store(true, Ordering::Release);
-        let handled = handler
-            .join()
-            .map_err(|_| io::Error::other("uffd handler thread panicked"))??;
+        let handled = handler.join().map_err(|_| io::Error::other("uffd handler thread panicked"))??;
         Ok((write_time, handled))
     })?;
     drop(uffd);
@@ -905,12 +821,7 @@ const FUZZ_SEED: u64 = 0xf022_5eed;
 /// The kernel fork server: a populated snapshot of `bytes`; each of `iters` iterations
 /// forks, the child writes `writes` random pages, reads `reads` random pages and
 /// `_exit(0)`s, and the parent waits for it. Returns iterations per second.
-pub fn fork_server_iters_per_sec(
-    bytes: usize,
-    writes: usize,
-    reads: usize,
-    iters: usize,
-) -> io::Result<f64> {
+pub fn fork_server_iters_per_sec(bytes: usize, writes: usize, reads: usize, iters: usize) -> io::Result<f64> {
     let snapshot = Mapping::populated(region_len(bytes)?)?;
     let iters = iters.max(1);
     let t = Instant::now();
@@ -931,12 +842,7 @@ pub fn fork_server_iters_per_sec(
 /// random pages, then resets with `MADV_DONTNEED` over the whole mapping (so later reads
 /// fault the image back in from the page cache). One untimed warm-up iteration runs
 /// first. Returns iterations per second.
-pub fn memfd_reset_iters_per_sec(
-    bytes: usize,
-    writes: usize,
-    reads: usize,
-    iters: usize,
-) -> io::Result<f64> {
+pub fn memfd_reset_iters_per_sec(bytes: usize, writes: usize, reads: usize, iters: usize) -> io::Result<f64> {
     let len = region_len(bytes)?;
     // SAFETY: memfd_create reads a NUL-terminated name and returns a new descriptor or -1.
     let raw = unsafe { libc::memfd_create(c"cowarena-baseline".as_ptr(), libc::MFD_CLOEXEC) };
@@ -971,12 +877,7 @@ pub fn memfd_reset_iters_per_sec(
 /// page in a software list, deduplicated by a bitmap), reads `reads` random pages, then
 /// restores every dirty page by `memcpy` from the pristine copy. Returns iterations per
 /// second.
-pub fn dirty_memcpy_reset_iters_per_sec(
-    bytes: usize,
-    writes: usize,
-    reads: usize,
-    iters: usize,
-) -> io::Result<f64> {
+pub fn dirty_memcpy_reset_iters_per_sec(bytes: usize, writes: usize, reads: usize, iters: usize) -> io::Result<f64> {
     let len = region_len(bytes)?;
     let pristine = Mapping::populated(len)?;
     let work = Mapping::anon(len)?;
@@ -1049,10 +950,7 @@ impl MemPeak {
 /// writes before the fork, and the peak memory of the two processes (`Pss` and `Rss` from
 /// `/proc/<pid>/smaps_rollup`, sampled every 10 ms by a thread started after the fork, and
 /// once more after the owner's last write).
-pub fn kernel_fork_live_snapshot(
-    bytes: usize,
-    write_fraction: f64,
-) -> io::Result<LiveSnapshotReport> {
+pub fn kernel_fork_live_snapshot(bytes: usize, write_fraction: f64) -> io::Result<LiveSnapshotReport> {
     let len = region_len(bytes)?;
     let heap = Mapping::populated(len)?;
     let pages = heap.pages();
@@ -1101,14 +999,12 @@ pub fn kernel_fork_live_snapshot(
     let stop = AtomicBool::new(false);
     let (during_pages, during_time, outlived) = thread::scope(|s| -> io::Result<_> {
         let (peak, stop) = (&peak, &stop);
-        let sampler = thread::Builder::new()
-            .name("baseline-memsample".into())
-            .spawn_scoped(s, move || {
-                while !stop.load(Ordering::Acquire) {
-                    peak.sample(owner, child_pid);
-                    thread::sleep(Duration::from_millis(10));
-                }
-            })?;
+        let sampler = thread::Builder::new().name("baseline-memsample".into()).spawn_scoped(s, move || {
+            while !stop.load(Ordering::Acquire) {
+                peak.sample(owner, child_pid);
+                thread::sleep(Duration::from_millis(10));
+            }
+        })?;
         const CHUNK: usize = 64;
         let t = Instant::now();
         let (mut during_pages, mut during_time) = (0, Duration::ZERO);
@@ -1135,20 +1031,14 @@ pub fn kernel_fork_live_snapshot(
         }
         let waited = child.wait();
         stop.store(true, Ordering::Release);
-        sampler
-            .join()
-            .map_err(|_| io::Error::other("memory sampler thread panicked"))?;
+        sampler.join().map_err(|_| io::Error::other("memory sampler thread panicked"))?;
         waited?;
         Ok((during_pages, during_time, outlived))
     })?;
 
     std::hint::black_box(report.sum.load(Ordering::Relaxed));
     let write_rate_before = per_second(n, before_time);
-    let write_rate_during = if during_pages == 0 {
-        f64::NAN
-    } else {
-        per_second(during_pages, during_time)
-    };
+    let write_rate_during = if during_pages == 0 { f64::NAN } else { per_second(during_pages, during_time) };
     Ok(LiveSnapshotReport {
         pages,
         fork_pause,
