@@ -23,6 +23,10 @@ pub struct Home {
 pub struct Frame {
     pub refs: u32,
     pub home: Home,
+    /// Page index of this frame in every space that maps it (forks keep indices).
+    pub index: u32,
+    /// Fork family of the spaces that map it (the rmap walk visits them).
+    pub family: u32,
 }
 
 #[derive(Default)]
@@ -33,8 +37,8 @@ pub struct FrameStore {
 }
 
 impl FrameStore {
-    pub fn alloc(&mut self, home: Home) -> FrameId {
-        let f = Frame { refs: 1, home };
+    pub fn alloc(&mut self, home: Home, index: u32, family: u32) -> FrameId {
+        let f = Frame { refs: 1, home, index, family };
         self.in_use += 1;
         match self.free.pop() {
             Some(i) => {

@@ -10,7 +10,10 @@
 
 mod bits;
 mod frame;
+mod rmap;
 mod table;
+
+pub use rmap::KernelOp;
 
 pub use bits::Bits;
 pub use frame::{Frame, FrameId, FrameStore, Home};
@@ -150,9 +153,35 @@ pub struct MmCounters {
     pub faults_spurious: u64,
     pub tables_shared: u64,
     pub tables_broken: u64,
+    /// Breaks by cause (the sum is `tables_broken`).
+    pub broken_by: BrokenBy,
+    /// Table references dropped without a break (discard of a wholly covered shared table).
+    pub tables_dropped: u64,
+    /// rmap walks (`page_vma_mapped_walk`).
+    pub walks: u64,
+    /// Frames moved to a new home by migration or compaction.
+    pub frames_migrated: u64,
     pub tables_reused: u64,
     pub bytes_copied: u64,
     pub bytes_reclaimed: u64,
+}
+
+/// Shared tables broken, by the operation that needed an exclusive table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BrokenBy {
+    pub write: u64,
+    pub migrate: u64,
+    pub discard: u64,
+    pub mkclean: u64,
+}
+
+/// Why a table is being made exclusive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BreakCause {
+    Write,
+    Migrate,
+    Discard,
+    Mkclean,
 }
 
 /// Work the engine must do in the kernel after a state change: give frozen pages back and
@@ -218,6 +247,8 @@ pub struct Mm<B> {
     regions: Slab<Region<B>>,
     spaces: Slab<SpaceMm>,
     next_family: u32,
+    /// Members of each fork family (the rmap walk's `anon_vma` chain).
+    families: std::collections::HashMap<u32, Vec<SpaceId>>,
     /// View base address -> space, for the fault path's address lookup.
     views: std::collections::BTreeMap<usize, SpaceId>,
     reclaim: Reclaim<B>,
@@ -239,6 +270,7 @@ impl<B> Mm<B> {
             spaces: Slab::new(),
             next_family: 0,
             views: std::collections::BTreeMap::new(),
+            families: std::collections::HashMap::new(),
             reclaim: Reclaim::default(),
             counters: MmCounters::default(),
         }
@@ -326,6 +358,7 @@ impl<B> Mm<B> {
         let sp = SpaceId(self.spaces.insert(SpaceMm { pages, dir, view: region, family, vs: ViewState::new(pages) }));
         self.region_mut(region).kind = RegionKind::View(sp);
         self.views.insert(base, sp);
+        self.families.entry(family).or_default().push(sp);
         sp
     }
 
@@ -393,6 +426,12 @@ impl<B> Mm<B> {
             self.put_table(*t);
         }
         let s = self.spaces.remove(sp.0);
+        if let Some(members) = self.families.get_mut(&s.family) {
+            members.retain(|m| *m != sp);
+            if members.is_empty() {
+                self.families.remove(&s.family);
+            }
+        }
         let view = self.regions.remove(s.view.0);
         self.views.remove(&view.base);
         debug_assert_eq!(view.homes, 0, "a dropped view still holds homes");
@@ -498,7 +537,7 @@ impl<B> Mm<B> {
     /// Make the table covering `page` exclusive to `sp` before a change to it: allocate it
     /// if absent, reuse it when no one else shares it any more, otherwise duplicate it and
     /// take a frame reference for every entry (the COW-PTE break).
-    pub fn break_cow_pte(&mut self, sp: SpaceId, page: usize) -> TableId {
+    pub fn break_cow_pte(&mut self, sp: SpaceId, page: usize, cause: BreakCause) -> TableId {
         let ti = page / PTRS_PER_PTE;
         match self.space(sp).dir[ti] {
             None => {
@@ -525,6 +564,13 @@ impl<B> Mm<B> {
                 self.tables.get_mut(t).share -= 1;
                 self.space_mut(sp).dir[ti] = Some(new);
                 self.counters.tables_broken += 1;
+                let b = &mut self.counters.broken_by;
+                match cause {
+                    BreakCause::Write => b.write += 1,
+                    BreakCause::Migrate => b.migrate += 1,
+                    BreakCause::Discard => b.discard += 1,
+                    BreakCause::Mkclean => b.mkclean += 1,
+                }
                 new
             }
         }
@@ -556,7 +602,7 @@ impl<B> Mm<B> {
                 }
             };
         }
-        let t = self.break_cow_pte(sp, page);
+        let t = self.break_cow_pte(sp, page, BreakCause::Write);
         let fill_or_unprotect = |src| {
             if present {
                 Action::Unprotect { dst }
@@ -605,7 +651,8 @@ impl<B> Mm<B> {
                 }
             }
             Commit::NewFrame { old, copied } => {
-                let g = self.frames.alloc(here);
+                let family = self.space(sp).family;
+                let g = self.frames.alloc(here, page as u32, family);
                 self.region_mut(view).homes += 1;
                 let t = self.space(sp).dir[page / PTRS_PER_PTE].expect("break_cow_pte ran");
                 debug_assert_eq!(self.tables.get(t).share, 1);

@@ -43,6 +43,24 @@ impl FakeKernel {
             }
         }
     }
+    fn ops(&mut self, ops: Vec<KernelOp>) {
+        for op in ops {
+            match op {
+                KernelOp::Zap { addr, len } => self.unmap(addr, len / PAGE_SIZE),
+                KernelOp::Protect { addr, len } => {
+                    for p in 0..len / PAGE_SIZE {
+                        if let Some(pg) = self.mem.get_mut(&(addr + p * PAGE_SIZE)) {
+                            pg.1 = true;
+                        }
+                    }
+                }
+                KernelOp::CopyPage { dst, src } => {
+                    let v = self.mem.get(&src).expect("migration from an unpopulated home").0;
+                    self.mem.insert(dst, (v, false));
+                }
+            }
+        }
+    }
     fn unmap(&mut self, base: usize, pages: usize) {
         for p in 0..pages {
             self.mem.remove(&(base + p * PAGE_SIZE));
@@ -111,6 +129,46 @@ impl Sim {
             self.spaces[i].1[page] = v;
         }
         p.0
+    }
+    fn discard(&mut self, i: usize, first: usize, end: usize) {
+        let mut ops = Vec::new();
+        self.mm.discard(self.spaces[i].0, first, end, &mut ops);
+        self.k.ops(ops);
+        self.reclaim();
+        self.spaces[i].1[first..end].fill(0);
+    }
+    fn migrate(&mut self, i: usize, first: usize, end: usize) {
+        let frames = self.mm.frames_in(self.spaces[i].0, first, end);
+        self.migrate_frames(frames);
+    }
+    fn compact(&mut self) {
+        let frames = self.mm.sparse_frozen_frames();
+        self.migrate_frames(frames);
+    }
+    fn migrate_frames(&mut self, frames: Vec<FrameId>) {
+        if frames.is_empty() {
+            return;
+        }
+        let base = self.k.map();
+        let r = self.mm.add_pool_region(base, frames.len(), (base, frames.len()));
+        let mut ops = Vec::new();
+        for (slot, f) in frames.into_iter().enumerate() {
+            self.mm.migrate_frame(f, r, slot, &mut ops);
+        }
+        self.k.ops(ops);
+        self.reclaim();
+    }
+    fn clear_referenced(&mut self, i: usize, first: usize, end: usize) {
+        let mut ops = Vec::new();
+        self.mm.clear_referenced(self.spaces[i].0, first, end, &mut ops);
+        self.k.ops(ops);
+        assert!(self.mm.referenced(self.spaces[i].0, first, end).is_empty());
+    }
+    fn mkclean(&mut self, i: usize, first: usize, end: usize) {
+        let mut ops = Vec::new();
+        self.mm.mkclean(self.spaces[i].0, first, end, &mut ops);
+        self.k.ops(ops);
+        assert!(self.mm.dirty_pages(self.spaces[i].0, first, end).is_empty());
     }
     fn api_read(&mut self, i: usize, page: usize) -> u64 {
         match self.mm.read_source(self.spaces[i].0, page) {
@@ -228,13 +286,35 @@ fn model_random_sequences() {
             match rng.below(100) {
                 0..=4 if s.spaces.len() < 12 => s.fork(i),
                 5..=7 => s.drop_space(i),
-                8..=40 => {
+                8..=10 => {
+                    let end = (page + 1 + rng.below(700)).min(pages);
+                    s.discard(i, page, end);
+                }
+                11 => {
+                    let end = (page + 1 + rng.below(700)).min(pages);
+                    s.migrate(i, page, end);
+                }
+                12 => s.compact(),
+                13 => {
+                    let end = (page + 1 + rng.below(700)).min(pages);
+                    s.clear_referenced(i, page, end);
+                }
+                14 => {
+                    let end = (page + 1 + rng.below(700)).min(pages);
+                    s.mkclean(i, page, end);
+                }
+                15..=40 => {
                     let v = rng.next();
                     s.access(i, page, Some(v));
+                    let sp = s.spaces[i].0;
+                    assert!(s.mm.lookup(sp, page).has(Pte::DIRTY), "seed {seed}: a write must mark the page dirty");
+                    assert!(s.mm.lookup(sp, page).has(Pte::ACCESSED));
                 }
                 41..=70 => {
                     let want = s.spaces[i].1[page];
                     assert_eq!(s.access(i, page, None), want, "seed {seed} step {step}: view read");
+                    let e = s.mm.lookup(s.spaces[i].0, page);
+                    assert!(!e.present() || e.has(Pte::ACCESSED) || s.mm.space(s.spaces[i].0).vs.home.get(page), "seed {seed} step {step}: read not seen");
                 }
                 _ => {
                     let want = s.spaces[i].1[page];

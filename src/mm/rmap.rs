@@ -1,0 +1,247 @@
+//! The seed's rule set on top of the core: the rmap walk (`page_vma_mapped_walk`) and the
+//! operations that go through it — migration and compaction (break, as
+//! `PVMW_BREAK_COW_PTE`), discard (drop a wholly covered table, break a partly covered
+//! one), aging (clear ACCESSED without breaking), and mkclean for dirty tracking (break).
+
+use super::*;
+
+/// Kernel work on views or frame homes that an operation needs, performed by the engine in
+/// order, under the arena lock, after the state change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelOp {
+    /// `MADV_DONTNEED` view pages: they fault again on the next access (re-armed).
+    Zap { addr: usize, len: usize },
+    /// Write-protect view pages so that the next write faults.
+    Protect { addr: usize, len: usize },
+    /// Copy one page of plain memory (a migration).
+    CopyPage { dst: usize, src: usize },
+}
+
+/// Append `page` of the view at `base` to the last op of the same kind when adjacent.
+fn push_page(ops: &mut Vec<KernelOp>, zap: bool, base: usize, page: usize) {
+    let addr = base + page * PAGE_SIZE;
+    match ops.last_mut() {
+        Some(KernelOp::Zap { addr: a, len }) if zap && *a + *len == addr => *len += PAGE_SIZE,
+        Some(KernelOp::Protect { addr: a, len }) if !zap && *a + *len == addr => *len += PAGE_SIZE,
+        _ if zap => ops.push(KernelOp::Zap { addr, len: PAGE_SIZE }),
+        _ => ops.push(KernelOp::Protect { addr, len: PAGE_SIZE }),
+    }
+}
+
+impl<B> Mm<B> {
+    /// Visit every space of `f`'s fork family that maps `f` (at its page index), with the
+    /// table that maps it. With `break_cow`, each table is first made exclusive to the
+    /// visited space (`PVMW_BREAK_COW_PTE`), so the visitor may modify the entry.
+    pub fn page_vma_mapped_walk(
+        &mut self,
+        f: FrameId,
+        break_cow: Option<BreakCause>,
+        mut visit: impl FnMut(&mut Self, SpaceId, TableId),
+    ) {
+        self.counters.walks += 1;
+        let fr = *self.frames.get(f);
+        let idx = fr.index as usize;
+        let members = self.families.get(&fr.family).cloned().unwrap_or_default();
+        for sp in members {
+            if idx >= self.space(sp).pages {
+                continue;
+            }
+            let Some(t) = self.space(sp).dir[idx / PTRS_PER_PTE] else { continue };
+            if self.tables.get(t).entries[idx % PTRS_PER_PTE].frame() != Some(f) {
+                continue;
+            }
+            let t = match break_cow {
+                Some(cause) => self.break_cow_pte(sp, idx, cause),
+                None => t,
+            };
+            visit(self, sp, t);
+        }
+    }
+
+    /// Add a region of `pages` fresh slots (a migration target) mapped at `base`.
+    pub fn add_pool_region(&mut self, base: usize, pages: usize, backing: B) -> RegionId {
+        RegionId(self.regions.insert(Region { base, pages, kind: RegionKind::Frozen, homes: 0, backing }))
+    }
+
+    /// Release a pool region that received no frame (e.g. nothing needed migrating).
+    pub fn release_if_empty(&mut self, r: RegionId) {
+        if self.region(r).homes == 0 {
+            let reg = self.regions.remove(r.0);
+            self.reclaim.dead.push(reg.backing);
+        }
+    }
+
+    /// Distinct frames mapped by `sp` in pages `[first, end)`.
+    pub fn frames_in(&self, sp: SpaceId, first: usize, end: usize) -> Vec<FrameId> {
+        let mut v: Vec<FrameId> = (first..end).filter_map(|p| self.lookup(sp, p).frame()).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Frames homed in frozen regions that are at most half full (compaction candidates).
+    pub fn sparse_frozen_frames(&self) -> Vec<FrameId> {
+        let sparse: std::collections::HashSet<u32> = self
+            .regions
+            .iter()
+            .filter(|(_, r)| r.kind == RegionKind::Frozen && r.homes * 2 <= r.pages)
+            .map(|(i, _)| i)
+            .collect();
+        self.frames.iter().filter(|(_, f)| sparse.contains(&f.home.region.0)).map(|(id, _)| id).collect()
+    }
+
+    /// Migrate frame `f` to slot `slot` of region `to` (`try_to_migrate_one` +
+    /// `remove_migration_pte`): a new frame takes its place in every entry that named it,
+    /// through an rmap walk that breaks shared tables on the way.
+    pub fn migrate_frame(&mut self, f: FrameId, to: RegionId, slot: usize, ops: &mut Vec<KernelOp>) {
+        let fr = *self.frames.get(f);
+        let src = self.home_addr(fr.home);
+        if let RegionKind::View(sp) = self.region(fr.home.region).kind {
+            // Its home is a writable view page: protect it before copying, so that no
+            // concurrent store is lost; the view keeps a read-only copy.
+            ops.push(KernelOp::Protect { addr: src, len: PAGE_SIZE });
+            self.space_mut(sp).vs.writable.clear(fr.home.page as usize);
+        }
+        ops.push(KernelOp::CopyPage { dst: self.region(to).base + slot * PAGE_SIZE, src });
+        let g = self.frames.alloc(Home { region: to, page: slot as u32 }, fr.index, fr.family);
+        self.frames.get_mut(g).refs = 0;
+        self.region_mut(to).homes += 1;
+        let ei = fr.index as usize % PTRS_PER_PTE;
+        self.page_vma_mapped_walk(f, Some(BreakCause::Migrate), |mm, _, t| {
+            let e = &mut mm.tables.get_mut(t).entries[ei];
+            let flags = [Pte::ACCESSED, Pte::DIRTY].iter().fold(0, |a, b| if e.has(*b) { a | b } else { a });
+            *e = Pte::new(g, flags);
+            mm.frames.get_mut(g).refs += 1;
+            mm.put_frame(f);
+        });
+        debug_assert!(self.frames.get(g).refs > 0);
+        self.counters.frames_migrated += 1;
+    }
+
+    /// Discard pages `[first, end)` of `sp` (`MADV_DONTNEED`): they read as zero in this
+    /// space only. A wholly covered table just loses this space's reference (no break); a
+    /// partly covered one is broken and its entries cleared.
+    pub fn discard(&mut self, sp: SpaceId, first: usize, end: usize, ops: &mut Vec<KernelOp>) {
+        let pages = self.space(sp).pages;
+        let mut ti = first / PTRS_PER_PTE;
+        while ti * PTRS_PER_PTE < end {
+            let (t_lo, t_hi) = (ti * PTRS_PER_PTE, ((ti + 1) * PTRS_PER_PTE).min(pages));
+            let (lo, hi) = (first.max(t_lo), end.min(t_hi));
+            if let Some(t) = self.space(sp).dir[ti] {
+                if lo == t_lo && hi == t_hi {
+                    if self.tables.get(t).share > 1 {
+                        self.counters.tables_dropped += 1;
+                    }
+                    self.space_mut(sp).dir[ti] = None;
+                    self.put_table(t);
+                } else {
+                    let t = self.break_cow_pte(sp, lo, BreakCause::Discard);
+                    for p in lo..hi {
+                        let e = std::mem::take(&mut self.tables.get_mut(t).entries[p % PTRS_PER_PTE]);
+                        if let Some(f) = e.frame() {
+                            self.put_frame(f);
+                        }
+                    }
+                }
+            }
+            ti += 1;
+        }
+        let base = self.view_base(sp);
+        let vs = &mut self.space_mut(sp).vs;
+        let mut zap = Vec::new();
+        for p in first..end {
+            if vs.present.get(p) {
+                vs.present.clear(p);
+                vs.writable.clear(p);
+                vs.home.clear(p);
+                push_page(&mut zap, true, base, p);
+            }
+        }
+        ops.extend(zap);
+    }
+
+    /// Pages of `sp` in `[first, end)` whose ACCESSED bit is set.
+    pub fn referenced(&self, sp: SpaceId, first: usize, end: usize) -> Vec<usize> {
+        (first..end).filter(|&p| self.lookup(sp, p).has(Pte::ACCESSED)).collect()
+    }
+
+    /// Clear ACCESSED on pages `[first, end)` of `sp` without breaking any table (the bit of a
+    /// shared entry belongs to all its sharers), and re-arm detection in every sharer's view:
+    /// read-only copies are zapped (the next access faults and sets the bit again); pages
+    /// whose bytes live in the view are write-protected (their next *write* is seen).
+    /// Returns how many pages were referenced.
+    pub fn clear_referenced(&mut self, sp: SpaceId, first: usize, end: usize, ops: &mut Vec<KernelOp>) -> usize {
+        let mut count = 0;
+        let family = self.space(sp).family;
+        let members = self.families.get(&family).cloned().unwrap_or_default();
+        let mut ti = first / PTRS_PER_PTE;
+        while ti * PTRS_PER_PTE < end {
+            let (lo, hi) = (first.max(ti * PTRS_PER_PTE), end.min((ti + 1) * PTRS_PER_PTE));
+            if let Some(t) = self.space(sp).dir[ti] {
+                for p in lo..hi {
+                    let e = &mut self.tables.get_mut(t).entries[p % PTRS_PER_PTE];
+                    if e.has(Pte::ACCESSED) {
+                        count += 1;
+                        *e = e.without(Pte::ACCESSED);
+                    }
+                }
+                // Re-arm in every space that sees these entries through this table.
+                for &m in &members {
+                    if self.space(m).dir.get(ti).copied().flatten() != Some(t) {
+                        continue;
+                    }
+                    let base = self.view_base(m);
+                    let vs = &mut self.space_mut(m).vs;
+                    for p in lo..hi {
+                        if !vs.present.get(p) {
+                            continue;
+                        }
+                        if vs.home.get(p) {
+                            if vs.writable.get(p) {
+                                vs.writable.clear(p);
+                                push_page(ops, false, base, p);
+                            }
+                        } else {
+                            vs.present.clear(p);
+                            push_page(ops, true, base, p);
+                        }
+                    }
+                }
+            }
+            ti += 1;
+        }
+        count
+    }
+
+    /// Pages of `sp` in `[first, end)` written since the last [`Mm::mkclean`].
+    pub fn dirty_pages(&self, sp: SpaceId, first: usize, end: usize) -> Vec<usize> {
+        (first..end).filter(|&p| self.lookup(sp, p).has(Pte::DIRTY)).collect()
+    }
+
+    /// mkclean pages `[first, end)` of `sp`: every table holding a dirty entry there is made
+    /// exclusive first (clearing DIRTY modifies the table, so a shared one is broken), the
+    /// bits are cleared, and writable view pages are write-protected so the next write
+    /// marks them dirty again. Returns the pages that were dirty.
+    pub fn mkclean(&mut self, sp: SpaceId, first: usize, end: usize, ops: &mut Vec<KernelOp>) -> Vec<usize> {
+        let dirty = self.dirty_pages(sp, first, end);
+        let mut last_table = usize::MAX;
+        for &p in &dirty {
+            if p / PTRS_PER_PTE != last_table {
+                last_table = p / PTRS_PER_PTE;
+                self.break_cow_pte(sp, p, BreakCause::Mkclean);
+            }
+            let t = self.space(sp).dir[p / PTRS_PER_PTE].expect("dirty entry without table");
+            let e = &mut self.tables.get_mut(t).entries[p % PTRS_PER_PTE];
+            *e = e.without(Pte::DIRTY);
+        }
+        let base = self.view_base(sp);
+        let vs = &mut self.space_mut(sp).vs;
+        for p in first..end {
+            if vs.writable.get(p) {
+                vs.writable.clear(p);
+                push_page(ops, false, base, p);
+            }
+        }
+        dirty
+    }
+}
