@@ -1,0 +1,209 @@
+//! Lifecycle (issue 6): dropping a space while another thread is inside long read/write
+//! loops on a different space of the same family; `fork(2)` of the whole process while an
+//! arena is live (the child must die touching a view, never read zeros from it; the parent
+//! keeps working).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{assert_nothing_left, assert_same, env_u64, Rng, Watchdog, PAGE, TABLE};
+use cowarena::{Arena, FaultMode, Space};
+
+/// `fork(2)` must not run while another test of this file holds locks mid-operation in
+/// its own threads more than necessary; serialise the tests of this file.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[test]
+fn drop_relatives_while_another_thread_reads_and_writes() {
+    let _g = serial();
+    let secs = env_u64("COWARENA_STRESS_SECS", 2);
+    let _wd = Watchdog::new("drop_relatives_while_another_thread_reads_and_writes", Duration::from_secs(secs + 120));
+    for mode in [FaultMode::Signal, FaultMode::Thread] {
+        let arena = Arena::builder().fault_mode(mode).build().unwrap();
+        let len = 2 * TABLE + 3 * PAGE + 7;
+        let mut root = arena.space(len).unwrap();
+        let mut model = vec![0u8; len];
+        Rng::new(1).fill(&mut model);
+        root.as_mut_slice().copy_from_slice(&model);
+        let busy = root.fork().unwrap();
+        let stop = AtomicBool::new(false);
+        let loops = AtomicU64::new(0);
+        let (mut forks, mut drops) = (0u64, 0u64);
+        std::thread::scope(|s| {
+            // The busy thread: long API and view loops over the whole of `busy`.
+            let h = s.spawn(|| {
+                let mut busy = busy;
+                let mut model = model.clone();
+                let mut rng = Rng::new(2);
+                let mut buf = vec![0u8; len];
+                while !stop.load(Ordering::Relaxed) {
+                    busy.read(0, &mut buf).unwrap();
+                    assert_same(&buf, &model, 0, &format_args!("{mode:?} busy space (api read loop)"));
+                    rng.fill(&mut buf);
+                    busy.write(0, &buf).unwrap();
+                    model.copy_from_slice(&buf);
+                    assert_same(busy.as_slice(), &model, 0, &format_args!("{mode:?} busy space (view)"));
+                    let (off, n) = rng.span(len);
+                    rng.fill(&mut buf[..n]);
+                    busy.as_mut_slice()[off..off + n].copy_from_slice(&buf[..n]);
+                    model[off..off + n].copy_from_slice(&buf[..n]);
+                    loops.fetch_add(1, Ordering::Relaxed);
+                }
+                assert_same(busy.as_slice(), &model, 0, &format_args!("{mode:?} busy space at the end"));
+            });
+            // Meanwhile: fork the root and its forks, write them, and drop them (parents
+            // before children and the reverse) — each drop releases tables and frames the
+            // busy space was sharing.
+            let t0 = Instant::now();
+            let mut rng = Rng::new(3);
+            while t0.elapsed() < Duration::from_secs(secs) || loops.load(Ordering::Relaxed) < 3 {
+                let mut fam: Vec<Space> = vec![root.fork().unwrap()];
+                for _ in 0..4 {
+                    let i = rng.below(fam.len());
+                    let mut c = fam[i].fork().unwrap();
+                    let off = rng.offset(len);
+                    c.as_mut_slice()[off] ^= 0x55;
+                    fam.push(c);
+                    forks += 1;
+                }
+                while !fam.is_empty() {
+                    drop(fam.swap_remove(rng.below(fam.len())));
+                    drops += 1;
+                }
+                // Sometimes the root itself is replaced by its own fork, dropping the old one.
+                if rng.chance(1, 3) {
+                    let next = root.fork().unwrap();
+                    drop(std::mem::replace(&mut root, next));
+                    drops += 1;
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            h.join().unwrap();
+        });
+        assert_same(root.as_slice(), &model, 0, &format_args!("{mode:?} root"));
+        println!(
+            "{mode:?}: {} busy loops over {len} bytes while {forks} forks and {drops} drops",
+            loops.load(Ordering::Relaxed)
+        );
+        drop(root);
+        assert_nothing_left(&arena, "drop_relatives");
+    }
+}
+
+/// What a forked child did, encoded in its exit status.
+const CHILD_READ_ZERO: i32 = 10;
+const CHILD_READ_DATA: i32 = 11;
+
+/// In a `fork(2)` child: restore the default SIGSEGV/SIGBUS actions (async-signal-safe),
+/// touch `addr`, and report what was read if the touch did not kill us.
+fn child_touch(addr: *const u8) -> ! {
+    // SAFETY: only async-signal-safe calls (signal, _exit) and a volatile load.
+    unsafe {
+        libc::signal(libc::SIGSEGV, libc::SIG_DFL);
+        libc::signal(libc::SIGBUS, libc::SIG_DFL);
+        let v = addr.read_volatile();
+        libc::_exit(if v == 0 { CHILD_READ_ZERO } else { CHILD_READ_DATA });
+    }
+}
+
+/// Fork the process; the child touches `addr`. Returns the child's wait status.
+fn fork_and_touch(addr: *const u8) -> i32 {
+    // SAFETY: the child runs only `child_touch` (async-signal-safe) and exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        child_touch(addr);
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(r, pid, "waitpid: {}", std::io::Error::last_os_error());
+    status
+}
+
+fn describe(status: i32) -> String {
+    if libc::WIFSIGNALED(status) {
+        format!("killed by signal {}", libc::WTERMSIG(status))
+    } else if libc::WIFEXITED(status) {
+        match libc::WEXITSTATUS(status) {
+            CHILD_READ_ZERO => "exited after reading ZERO from the view (silent wrong data)".into(),
+            CHILD_READ_DATA => "exited after reading data from the view".into(),
+            c => format!("exited with {c}"),
+        }
+    } else {
+        format!("status {status:#x}")
+    }
+}
+
+#[test]
+fn process_fork_child_cannot_read_views() {
+    let _g = serial();
+    let _wd = Watchdog::new("process_fork_child_cannot_read_views", Duration::from_secs(120));
+    for mode in [FaultMode::Signal, FaultMode::Thread] {
+        let arena = Arena::builder().fault_mode(mode).build().unwrap();
+        let len = TABLE + 8 * PAGE;
+        let mut a = arena.space(len).unwrap();
+        a.as_mut_slice()[..PAGE].fill(0xAB); // populated, writable
+        a.write(PAGE, &[0xCD; PAGE]).unwrap(); // populated through the API
+        let b = a.fork().unwrap(); // `a` frozen: its view emptied, pages in a frozen region
+        let _ = b.as_slice()[0]; // b: read-only copy present
+        a.as_mut_slice()[2 * PAGE] = 0xEF; // a: fresh page after the fork
+        let probes: [(&str, *const u8); 6] = [
+            ("populated page of a (written after the fork)", unsafe_at(&a, 2 * PAGE)),
+            ("page of a re-faulted from its frozen region", {
+                let _ = a.as_slice()[PAGE];
+                unsafe_at(&a, PAGE)
+            }),
+            ("unpopulated page of a holding data", unsafe_at(&a, 0)),
+            ("read-only populated page of b", unsafe_at(&b, 0)),
+            ("never-written page of b", unsafe_at(&b, TABLE + PAGE)),
+            ("last byte of b", unsafe_at(&b, len - 1)),
+        ];
+        for (what, addr) in probes {
+            let status = fork_and_touch(addr);
+            assert!(
+                libc::WIFSIGNALED(status) && matches!(libc::WTERMSIG(status), libc::SIGSEGV | libc::SIGBUS),
+                "{mode:?}: a fork(2) child touching the {what} must die of SIGSEGV/SIGBUS, but it {}",
+                describe(status)
+            );
+        }
+        // The parent keeps working: faults are served, forks work, data is intact.
+        assert!(a.as_slice()[..PAGE].iter().all(|&x| x == 0xAB));
+        assert!(a.as_slice()[PAGE..2 * PAGE].iter().all(|&x| x == 0xCD));
+        assert_eq!(a.as_slice()[2 * PAGE], 0xEF);
+        assert_eq!(b.as_slice()[2 * PAGE], 0);
+        let mut c = b.fork().unwrap();
+        c.as_mut_slice()[len - 1] = 1;
+        assert_eq!(b.as_slice()[len - 1], 0);
+        assert!(c.as_slice()[PAGE..2 * PAGE].iter().all(|&x| x == 0xCD));
+        arena.check_invariants().unwrap();
+        drop((a, b, c));
+        assert_nothing_left(&arena, "process fork");
+    }
+}
+
+/// A pointer into a space's view (taken without creating a reference).
+fn unsafe_at(s: &Space, off: usize) -> *const u8 {
+    assert!(off < s.len());
+    s.as_ptr().wrapping_add(off)
+}
+
+/// The probe must be able to fail: on plain (non-DONTFORK) memory a forked child reads
+/// the data, and `fork_and_touch` reports that as an exit, not a signal.
+#[test]
+fn process_fork_probe_sees_plain_memory() {
+    let _g = serial();
+    let v = [7u8; 16];
+    let status = fork_and_touch(v.as_ptr());
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == CHILD_READ_DATA, "{}", describe(status));
+    let z = [0u8; 16];
+    let status = fork_and_touch(z.as_ptr());
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == CHILD_READ_ZERO, "{}", describe(status));
+}
