@@ -178,6 +178,15 @@ impl Arena {
             },
             tables_shared: c.tables_shared,
             tables_broken: c.tables_broken,
+            broken_by: BrokenBy {
+                write: c.broken_by.write,
+                migrate: c.broken_by.migrate,
+                discard: c.broken_by.discard,
+                mkclean: c.broken_by.mkclean,
+            },
+            tables_dropped: c.tables_dropped,
+            walks: c.walks,
+            frames_migrated: c.frames_migrated,
             tables_reused: c.tables_reused,
             tables_in_use: mm.tables_in_use() as u64,
             tables_shared_now: mm.tables_shared_now() as u64,
@@ -194,6 +203,31 @@ impl Arena {
     /// can expect; see [`UffdAccess::implications`].
     pub fn uffd_access(&self) -> UffdAccess {
         self.inner.core.uffd.access()
+    }
+
+    /// Compact frozen memory: move the surviving frames of frozen regions that are at most
+    /// half full into one new region (a migration under the seed's rules: shared tables on
+    /// the way are broken), so the sparse regions are unmapped. Returns frames moved.
+    pub fn compact(&self) -> Result<usize> {
+        let core = &self.inner.core;
+        let mut mm = core.lock();
+        let frames = mm.sparse_frozen_frames();
+        crate::space::migrate_frames(core, &mut mm, frames)
+    }
+
+    /// Clear the referenced bits of every space (aging), breaking no table. Returns how many
+    /// (space, page) entries were referenced.
+    pub fn clear_referenced(&self) -> Result<usize> {
+        let core = &self.inner.core;
+        let mut mm = core.lock();
+        let mut n = 0;
+        for sp in mm.space_ids() {
+            let mut ops = Vec::new();
+            let pages = mm.pages(sp);
+            n += mm.clear_referenced(sp, 0, pages, &mut ops);
+            core.run_ops(&mut mm, &ops)?;
+        }
+        Ok(n)
     }
 
     /// The fault mode in use.
@@ -234,6 +268,19 @@ pub struct FaultStats {
     pub failed: u64,
 }
 
+/// Shared tables broken (`break_cow_pte`), by the operation that needed them exclusive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BrokenBy {
+    /// A write through a view or [`Space::write`].
+    pub write: u64,
+    /// Migration or compaction (`PVMW_BREAK_COW_PTE`).
+    pub migrate: u64,
+    /// Discard of a partly covered table.
+    pub discard: u64,
+    /// mkclean ([`Space::clean`]).
+    pub mkclean: u64,
+}
+
 /// Counters and gauges of an arena; see [`Arena::stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -247,6 +294,14 @@ pub struct Stats {
     pub tables_shared: u64,
     /// Shared tables duplicated by a write (`break_cow_pte`).
     pub tables_broken: u64,
+    /// Shared tables broken, by cause.
+    pub broken_by: BrokenBy,
+    /// Table references dropped without a break (discard of a wholly covered table).
+    pub tables_dropped: u64,
+    /// rmap walks performed.
+    pub walks: u64,
+    /// Frames moved by migration or compaction.
+    pub frames_migrated: u64,
     /// Formerly shared tables reused in place because no one else shared them any more.
     pub tables_reused: u64,
     /// Tables allocated now.

@@ -74,6 +74,13 @@ pub enum Error {
         limit: u64,
     },
 
+    /// An offset that must be page-aligned is not.
+    #[error("offset {offset:#x} is not a multiple of the 4096-byte page size; discard whole pages")]
+    Unaligned {
+        /// The rejected offset.
+        offset: usize,
+    },
+
     /// A kernel call failed; `op` names it.
     #[error("{op} failed: {source}")]
     Os {

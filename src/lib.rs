@@ -9,6 +9,6 @@ pub mod mm;
 pub mod space;
 pub(crate) mod sys;
 
-pub use arena::{Arena, ArenaBuilder, FaultMode, FaultStats, Stats, UffdAccess};
+pub use arena::{Arena, ArenaBuilder, BrokenBy, FaultMode, FaultStats, Stats, UffdAccess};
 pub use error::{Error, Result, UffdBlock};
 pub use space::Space;

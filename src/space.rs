@@ -200,6 +200,115 @@ impl Space {
     }
 }
 
+/// The seed's rule set: operations that walk or modify entries (see DESIGN.md, "What
+/// breaks a shared table").
+impl Space {
+    /// Pages `[first, end)` covering the byte range, after a bounds check.
+    fn page_range(&self, offset: usize, len: usize) -> Result<(usize, usize)> {
+        self.check_range(offset, len)?;
+        Ok((offset / PAGE_SIZE, (offset + len).div_ceil(PAGE_SIZE)))
+    }
+
+    /// Discard `len` bytes at page-aligned `offset` (`MADV_DONTNEED`; `len` is rounded up to
+    /// whole pages): they read as zero in this space only. A wholly covered 2 MiB table is
+    /// dropped from this space without copying it; a partly covered shared one is broken.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), cowarena::Error> {
+    /// let arena = cowarena::Arena::new()?;
+    /// let a = arena.space(4 << 20)?;
+    /// a.write(0, &[7; 8192])?;
+    /// let b = a.fork()?;
+    /// b.discard(0, 4096)?;
+    /// assert_eq!(b.as_slice()[0], 0);
+    /// assert_eq!(a.as_slice()[0], 7);
+    /// # Ok(()) }
+    /// ```
+    pub fn discard(&self, offset: usize, len: usize) -> Result<()> {
+        if offset % PAGE_SIZE != 0 {
+            return Err(Error::Unaligned { offset });
+        }
+        let (first, end) = self.page_range(offset, len)?;
+        let core = &self.inner.core;
+        let mut mm = core.lock();
+        let mut ops = Vec::new();
+        mm.discard(self.id, first, end, &mut ops);
+        core.run_ops(&mut mm, &ops)
+    }
+
+    /// Migrate the frames under the byte range to new memory (as page migration does):
+    /// every entry naming them, in every space of the family, is updated through an rmap
+    /// walk that breaks shared tables on the way. Contents are unchanged. Returns the number
+    /// of frames moved.
+    pub fn migrate(&self, offset: usize, len: usize) -> Result<usize> {
+        let (first, end) = self.page_range(offset, len)?;
+        let core = &self.inner.core;
+        let mut mm = core.lock();
+        let frames = mm.frames_in(self.id, first, end);
+        migrate_frames(core, &mut mm, frames)
+    }
+
+    /// Pages (indices) in the byte range referenced since the last clear.
+    pub fn referenced(&self, offset: usize, len: usize) -> Result<Vec<usize>> {
+        let (first, end) = self.page_range(offset, len)?;
+        Ok(self.inner.core.lock().referenced(self.id, first, end))
+    }
+
+    /// Clear the referenced bits of the byte range and re-arm detection, without breaking
+    /// any shared table (one bit serves every sharer). Returns how many pages were
+    /// referenced. Reads of pages whose bytes live in this view (written since this space's
+    /// last fork) are not observed after a clear; their next write is.
+    pub fn clear_referenced(&self, offset: usize, len: usize) -> Result<usize> {
+        let (first, end) = self.page_range(offset, len)?;
+        let core = &self.inner.core;
+        let mut mm = core.lock();
+        let mut ops = Vec::new();
+        let n = mm.clear_referenced(self.id, first, end, &mut ops);
+        core.run_ops(&mut mm, &ops)?;
+        Ok(n)
+    }
+
+    /// Pages (indices) in the byte range written since the last [`Space::clean`] (or
+    /// inherited dirty from the parent at fork).
+    pub fn dirty_pages(&self, offset: usize, len: usize) -> Result<Vec<usize>> {
+        let (first, end) = self.page_range(offset, len)?;
+        Ok(self.inner.core.lock().dirty_pages(self.id, first, end))
+    }
+
+    /// Return the pages written since the last clean and mark them clean (mkclean: breaks
+    /// the shared tables that hold dirty entries), so that an incremental snapshot saves only
+    /// what changed. Later writes mark pages dirty again.
+    pub fn clean(&self, offset: usize, len: usize) -> Result<Vec<usize>> {
+        let (first, end) = self.page_range(offset, len)?;
+        let core = &self.inner.core;
+        let mut mm = core.lock();
+        let mut ops = Vec::new();
+        let dirty = mm.mkclean(self.id, first, end, &mut ops);
+        core.run_ops(&mut mm, &ops)?;
+        Ok(dirty)
+    }
+}
+
+/// Move `frames` into one new pool region.
+pub(crate) fn migrate_frames(
+    core: &crate::fault::Core,
+    mm: &mut crate::mm::Mm<crate::sys::mem::Mapping>,
+    frames: Vec<crate::mm::FrameId>,
+) -> Result<usize> {
+    if frames.is_empty() {
+        return Ok(0);
+    }
+    let pool = crate::sys::mem::Mapping::anon(frames.len() * PAGE_SIZE).map_err(|e| Error::os("mmap pool", e))?;
+    let region = mm.add_pool_region(pool.addr(), frames.len(), pool);
+    let mut ops = Vec::new();
+    for (slot, f) in frames.iter().enumerate() {
+        mm.migrate_frame(*f, region, slot, &mut ops);
+    }
+    core.run_ops(mm, &ops)?;
+    tracing::debug!(frames = frames.len(), "migrated");
+    Ok(frames.len())
+}
+
 impl Drop for Space {
     fn drop(&mut self) {
         let core = &self.inner.core;

@@ -110,6 +110,27 @@ impl Core {
         Ok(kind)
     }
 
+    /// Perform kernel work queued by an rmap operation, in order, under the lock.
+    pub fn run_ops(&self, mm: &mut Mm<Mapping>, ops: &[crate::mm::KernelOp]) -> Result<()> {
+        use crate::mm::KernelOp;
+        for op in ops {
+            match *op {
+                KernelOp::Zap { addr, len } => {
+                    crate::sys::mem::discard_range(addr, len).map_err(|e| Error::os("MADV_DONTNEED view pages", e))?
+                }
+                KernelOp::Protect { addr, len } => {
+                    self.uffd.writeprotect(addr, len, true).map_err(|e| Error::os("UFFDIO_WRITEPROTECT", e))?
+                }
+                // SAFETY: `src` is a frame's home (populated, and write-protected first if it
+                // was a view page) and `dst` a slot of a fresh pool region, both mapped
+                // while we hold the lock.
+                KernelOp::CopyPage { dst, src } => unsafe { crate::sys::mem::copy_page(dst, src) },
+            }
+        }
+        self.reclaim(mm);
+        Ok(())
+    }
+
     /// Perform the kernel side of released memory. Runs under the lock: a discarded address
     /// must not be reused by a new mapping before we madvise it.
     pub fn reclaim(&self, mm: &mut Mm<Mapping>) {

@@ -313,6 +313,11 @@ impl<B> Mm<B> {
         self.regions.get_mut(r.0).expect("use of a dead region")
     }
 
+    /// Every live space.
+    pub fn space_ids(&self) -> Vec<SpaceId> {
+        self.spaces.iter().map(|(i, _)| SpaceId(i)).collect()
+    }
+
     /// Is `page` of `sp` mapped in its view (read-only or writable)?
     pub fn is_present(&self, sp: SpaceId, page: usize) -> bool {
         self.space(sp).vs.present.get(page)

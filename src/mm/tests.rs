@@ -314,7 +314,10 @@ fn model_random_sequences() {
                     let want = s.spaces[i].1[page];
                     assert_eq!(s.access(i, page, None), want, "seed {seed} step {step}: view read");
                     let e = s.mm.lookup(s.spaces[i].0, page);
-                    assert!(!e.present() || e.has(Pte::ACCESSED) || s.mm.space(s.spaces[i].0).vs.home.get(page), "seed {seed} step {step}: read not seen");
+                    assert!(
+                        !e.present() || e.has(Pte::ACCESSED) || s.mm.space(s.spaces[i].0).vs.home.get(page),
+                        "seed {seed} step {step}: read not seen"
+                    );
                 }
                 _ => {
                     let want = s.spaces[i].1[page];

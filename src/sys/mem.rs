@@ -162,3 +162,13 @@ pub fn poison_page(addr: usize) -> io::Result<()> {
     // created from it by the library.
     check(unsafe { libc::mprotect(addr as *mut libc::c_void, PAGE, libc::PROT_NONE) })
 }
+
+/// Copy one page from `src` to `dst`.
+///
+/// # Safety
+/// Both pages must be mapped and populated-or-anonymous plain memory (not a view page that
+/// could fault into the engine), not overlapping, and not concurrently written.
+pub unsafe fn copy_page(dst: usize, src: usize) {
+    // SAFETY: forwarded to the caller.
+    unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, PAGE) };
+}
