@@ -81,6 +81,10 @@ pub enum Error {
         offset: usize,
     },
 
+    /// Two spaces that must belong to the same fork family (and size) do not.
+    #[error("the spaces are not related: reset_to needs a space of the same fork family, size and arena")]
+    NotRelated,
+
     /// A kernel call failed; `op` names it.
     #[error("{op} failed: {source}")]
     Os {

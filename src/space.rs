@@ -248,6 +248,45 @@ impl Space {
         migrate_frames(core, &mut mm, frames)
     }
 
+    /// Reset this space to the current contents of `snapshot` (a space of the same family
+    /// and size — typically the parent it was forked from), in place: only the 2 MiB tables
+    /// this space changed are replaced, and view pages it did not change stay mapped, so the
+    /// next iteration of a fuzz loop does not fault on its clean working set again.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), cowarena::Error> {
+    /// let arena = cowarena::Arena::new()?;
+    /// let snap = arena.space(1 << 20)?;
+    /// snap.write(0, b"pristine")?;
+    /// let mut work = snap.fork()?;
+    /// work.as_mut_slice()[..5].copy_from_slice(b"dirty");
+    /// work.reset_to(&snap)?;
+    /// assert_eq!(&work.as_slice()[..8], b"pristine");
+    /// # Ok(()) }
+    /// ```
+    pub fn reset_to(&self, snapshot: &Space) -> Result<()> {
+        if !Arc::ptr_eq(&self.inner, &snapshot.inner) {
+            return Err(Error::NotRelated);
+        }
+        let core = &self.inner.core;
+        let mut mm = core.lock();
+        if !mm.resettable(self.id, snapshot.id) {
+            return Err(Error::NotRelated);
+        }
+        if mm.needs_freeze(snapshot.id) {
+            let frozen = mm
+                .view_backing(snapshot.id)
+                .freeze()
+                .map_err(|e| Error::os("mremap(MREMAP_DONTUNMAP) freezing the view", e))?;
+            let fbase = frozen.addr();
+            mm.freeze_view(snapshot.id, fbase, frozen);
+            core.reclaim(&mut mm);
+        }
+        let mut ops = Vec::new();
+        mm.reset_to(self.id, snapshot.id, &mut ops);
+        core.run_ops(&mut mm, &ops)
+    }
+
     /// Pages (indices) in the byte range referenced since the last clear.
     pub fn referenced(&self, offset: usize, len: usize) -> Result<Vec<usize>> {
         let (first, end) = self.page_range(offset, len)?;

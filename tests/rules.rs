@@ -165,3 +165,37 @@ fn dropping_a_family_and_compacting_returns_memory() {
     let s = arena.stats();
     assert_eq!((s.frames_in_use, s.frozen_regions, s.views_in_use), (0, 0, 0));
 }
+
+#[test]
+fn reset_to_restores_the_snapshot_and_keeps_clean_pages_mapped() {
+    let arena = Arena::new().unwrap();
+    let size = 4 * TABLE;
+    let snap = arena.space(size).unwrap();
+    for p in 0..size / PAGE {
+        snap.write(p * PAGE, &[(p % 251) as u8 + 1]).unwrap();
+    }
+    let mut work = snap.fork().unwrap();
+    for iter in 0..20u8 {
+        // Read 100 pages, write 10, then reset.
+        for p in (0..size / PAGE).step_by(size / PAGE / 100) {
+            assert_eq!(work.as_slice()[p * PAGE], (p % 251) as u8 + 1, "iteration {iter} page {p}");
+        }
+        for k in 0..10 {
+            let p = (k * 97 + iter as usize * 13) % (size / PAGE);
+            work.as_mut_slice()[p * PAGE] = 0;
+        }
+        let faults_before = arena.stats().faults;
+        work.reset_to(&snap).unwrap();
+        assert_eq!(arena.stats().faults, faults_before, "reset itself faults nothing");
+    }
+    // After the first iteration, re-reading the clean pages does not fault again.
+    let reads_before = arena.stats().faults.read_copy;
+    for p in (0..size / PAGE).step_by(size / PAGE / 100) {
+        assert_eq!(work.as_slice()[p * PAGE], (p % 251) as u8 + 1);
+    }
+    let refaults = arena.stats().faults.read_copy - reads_before;
+    assert!(refaults <= 10, "clean pages were re-faulted after reset: {refaults}");
+    let other = arena.space(size).unwrap();
+    assert!(matches!(work.reset_to(&other), Err(cowarena::Error::NotRelated)));
+    arena.check_invariants().unwrap();
+}

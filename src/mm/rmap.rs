@@ -213,6 +213,52 @@ impl<B> Mm<B> {
         count
     }
 
+    /// Can `sp` be reset to `snap` (same family and size)?
+    pub fn resettable(&self, sp: SpaceId, snap: SpaceId) -> bool {
+        let (a, b) = (self.space(sp), self.space(snap));
+        sp != snap && a.family == b.family && a.pages == b.pages
+    }
+
+    /// Make `sp` a copy of `snap` again in place: every table of `sp` that differs from
+    /// `snap`'s is dropped and `snap`'s is shared instead (O(differing tables)). View pages
+    /// whose entry is unchanged stay mapped, so a reset fork's clean working set does not
+    /// fault again; the others are zapped. `snap`'s view must hold no homes
+    /// ([`Mm::needs_freeze`] false), as for a fork.
+    pub fn reset_to(&mut self, sp: SpaceId, snap: SpaceId, ops: &mut Vec<KernelOp>) -> usize {
+        debug_assert!(self.resettable(sp, snap) && !self.needs_freeze(snap));
+        let base = self.view_base(sp);
+        let pages = self.space(sp).pages;
+        let mut changed = 0;
+        for ti in 0..self.space(sp).dir.len() {
+            let (mine, theirs) = (self.space(sp).dir[ti], self.space(snap).dir[ti]);
+            if mine == theirs {
+                continue;
+            }
+            changed += 1;
+            for p in ti * PTRS_PER_PTE..((ti + 1) * PTRS_PER_PTE).min(pages) {
+                let a = mine.and_then(|t| self.tables.get(t).entries[p % PTRS_PER_PTE].frame());
+                let b = theirs.and_then(|t| self.tables.get(t).entries[p % PTRS_PER_PTE].frame());
+                let vs = &mut self.space_mut(sp).vs;
+                if a != b && vs.present.get(p) {
+                    vs.present.clear(p);
+                    vs.writable.clear(p);
+                    push_page(ops, true, base, p);
+                }
+            }
+            if let Some(t) = theirs {
+                let tab = self.tables.get_mut(t);
+                tab.share += 1;
+                tab.cow = true;
+                self.counters.tables_shared += 1;
+            }
+            self.space_mut(sp).dir[ti] = theirs;
+            if let Some(m) = mine {
+                self.put_table(m);
+            }
+        }
+        changed
+    }
+
     /// Pages of `sp` in `[first, end)` written since the last [`Mm::mkclean`].
     pub fn dirty_pages(&self, sp: SpaceId, first: usize, end: usize) -> Vec<usize> {
         (first..end).filter(|&p| self.lookup(sp, p).has(Pte::DIRTY)).collect()

@@ -170,6 +170,25 @@ impl Sim {
         self.k.ops(ops);
         assert!(self.mm.dirty_pages(self.spaces[i].0, first, end).is_empty());
     }
+    fn reset(&mut self, i: usize, j: usize) {
+        let (a, b) = (self.spaces[i].0, self.spaces[j].0);
+        if !self.mm.resettable(a, b) {
+            return;
+        }
+        if self.mm.needs_freeze(b) {
+            let pages = self.mm.pages(b);
+            let base = self.mm.view_base(b);
+            let to = self.k.map();
+            self.k.moverange(base, to, pages);
+            self.mm.freeze_view(b, to, (to, pages));
+            self.reclaim();
+        }
+        let mut ops = Vec::new();
+        self.mm.reset_to(a, b, &mut ops);
+        self.k.ops(ops);
+        self.reclaim();
+        self.spaces[i].1 = self.spaces[j].1.clone();
+    }
     fn api_read(&mut self, i: usize, page: usize) -> u64 {
         match self.mm.read_source(self.spaces[i].0, page) {
             Src::Zero => 0,
@@ -294,7 +313,11 @@ fn model_random_sequences() {
                     let end = (page + 1 + rng.below(700)).min(pages);
                     s.migrate(i, page, end);
                 }
-                12 => s.compact(),
+                12 => {
+                    s.compact();
+                    let j = rng.below(s.spaces.len());
+                    s.reset(i, j);
+                }
                 13 => {
                     let end = (page + 1 + rng.below(700)).min(pages);
                     s.clear_referenced(i, page, end);
