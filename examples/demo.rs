@@ -7,7 +7,6 @@
 //! cargo run --release --example demo -- --quick # 64 MiB
 //! ```
 
-#[allow(dead_code)]
 #[path = "bench/baselines.rs"]
 mod baselines;
 

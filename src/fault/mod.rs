@@ -246,7 +246,8 @@ fn reader_loop(core: &Core, stop: &EventFd, tx: mpsc::Sender<(u64, u64)>) {
         }
         for m in &msgs {
             match *m {
-                UffdMsg::PageFault { address, flags, .. } => {
+                UffdMsg::PageFault { address, flags, tid } => {
+                    tracing::trace!(address, flags, tid, "fault message");
                     if tx.send((address, flags)).is_err() {
                         return;
                     }

@@ -795,7 +795,10 @@ impl<B> Mm<B> {
             let sp = SpaceId(sid);
             for p in 0..s.pages {
                 let (pr, w, h) = (s.vs.present.get(p), s.vs.writable.get(p), s.vs.home.get(p));
-                if (w || h) && !pr || w && !h {
+                let writable_ok = !w || h;
+                let present_ok = pr || !h;
+                let consistent = writable_ok && present_ok;
+                if !consistent {
                     return Err(format!("{sp:?} page {p}: view bits present={pr} writable={w} home={h}"));
                 }
                 if w {

@@ -80,12 +80,6 @@ impl Mapping {
         check(unsafe { libc::madvise((self.addr + off) as *mut libc::c_void, len, advice) })
     }
 
-    /// Give the pages of a sub-range back to the OS (they read as zero afterwards, or fault
-    /// into userfaultfd when the range is registered).
-    pub fn discard(&self, off: usize, len: usize) -> io::Result<()> {
-        self.advise(off, len, libc::MADV_DONTNEED)
-    }
-
     /// Move every page of this mapping to a new 2 MiB-aligned mapping, leaving this one in
     /// place but empty (`MREMAP_DONTUNMAP`). The kernel moves whole page tables: O(tables).
     /// With UFFD_FEATURE_EVENT_REMAP the call blocks until the REMAP event is read.
@@ -140,13 +134,6 @@ pub unsafe fn read_raw(src: usize, dst: &mut [u8]) {
 pub unsafe fn write_raw(dst: usize, src: &[u8]) {
     // SAFETY: forwarded to the caller.
     unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
-}
-
-/// `uname -r`.
-pub fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// MADV_DONTNEED a range that the caller owns (pages of a frozen region whose frames died).

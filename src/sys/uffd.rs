@@ -12,8 +12,6 @@ use crate::error::{Error, UffdBlock};
 
 /// `_IO(0xAA, 0)`: open a userfaultfd through `/dev/userfaultfd` (Linux 6.1+).
 const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
-/// `_IOWR(0xAA, 5, struct uffdio_move)` (Linux 6.8+); not exported by linux-raw-sys 0.12.
-const UFFDIO_MOVE: libc::c_ulong = 0xC028_AA05;
 /// `UFFDIO_WRITEPROTECT_MODE_WP` (bit 0); not exported by linux-raw-sys 0.12.
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
 
@@ -64,11 +62,7 @@ pub const FEATURE_WP: u64 = g::UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64;
 pub const FEATURE_EVENT_REMAP: u64 = g::UFFD_FEATURE_EVENT_REMAP as u64;
 pub const FEATURE_SIGBUS: u64 = g::UFFD_FEATURE_SIGBUS as u64;
 pub const FEATURE_THREAD_ID: u64 = g::UFFD_FEATURE_THREAD_ID as u64;
-pub const FEATURE_WP_UNPOPULATED: u64 = g::UFFD_FEATURE_WP_UNPOPULATED as u64;
-pub const FEATURE_MOVE: u64 = g::UFFD_FEATURE_MOVE as u64;
 
-pub const EVENT_PAGEFAULT: u8 = g::UFFD_EVENT_PAGEFAULT as u8;
-pub const EVENT_REMAP: u8 = g::UFFD_EVENT_REMAP as u8;
 pub const PAGEFAULT_FLAG_WRITE: u64 = g::UFFD_PAGEFAULT_FLAG_WRITE as u64;
 pub const PAGEFAULT_FLAG_WP: u64 = g::UFFD_PAGEFAULT_FLAG_WP as u64;
 
@@ -196,10 +190,6 @@ impl Uffd {
         self.features
     }
 
-    pub fn has(&self, feature: u64) -> bool {
-        self.features & feature == feature
-    }
-
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
@@ -212,11 +202,6 @@ impl Uffd {
             ioctls: 0,
         };
         self.ioctl(i::UFFDIO_REGISTER as _, &mut r as *mut _ as *mut libc::c_void)
-    }
-
-    pub fn unregister(&self, start: usize, len: usize) -> io::Result<()> {
-        let mut r = g::uffdio_range { start: start as u64, len: len as u64 };
-        self.ioctl(i::UFFDIO_UNREGISTER as _, &mut r as *mut _ as *mut libc::c_void)
     }
 
     /// UFFDIO_COPY `len` bytes from `src` to `dst`, retried until complete. EAGAIN (a
@@ -272,12 +257,6 @@ impl Uffd {
     pub fn wake(&self, start: usize, len: usize) -> io::Result<()> {
         let mut r = g::uffdio_range { start: start as u64, len: len as u64 };
         self.ioctl(i::UFFDIO_WAKE as _, &mut r as *mut _ as *mut libc::c_void)
-    }
-
-    /// UFFDIO_MOVE (6.8+): move the pages at `src` to `dst` without copying.
-    pub fn move_pages(&self, dst: usize, src: usize, len: usize) -> io::Result<()> {
-        let mut m = g::uffdio_move { dst: dst as u64, src: src as u64, len: len as u64, mode: 0, move_: 0 };
-        self.ioctl(UFFDIO_MOVE, &mut m as *mut _ as *mut libc::c_void)
     }
 
     /// Read pending messages without blocking; returns how many were decoded into `out`.
