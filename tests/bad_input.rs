@@ -317,7 +317,6 @@ fn capacity_exhausted_is_a_typed_error() {
 /// must succeed (through the API and through the view), as must a write that can reuse a
 /// frame that has become exclusive again.
 #[test]
-#[ignore = "bug: Core::fault_in refuses every write fault when frames_in_use == max_memory/4096, even when no new frame is needed (rewrite of an owned page, write_reuse); a view write in that state kills the process"]
 fn capacity_full_rewrite_of_owned_page() {
     let _g = serial();
     const FRAMES: usize = 4;

@@ -100,10 +100,12 @@ impl Core {
     /// Serve (or pre-serve) page `page` of `sp` under the lock. Does not wake anyone
     /// beyond what the ioctl does; the caller decides.
     pub fn fault_in(&self, mm: &mut Mm<Mapping>, sp: SpaceId, page: usize, write: bool) -> Result<FaultKind> {
-        if write && (mm.frames_in_use() as u64 + 1) * PAGE_SIZE as u64 > self.max_memory {
+        let r = mm.resolve_fault(sp, page, write);
+        // Only a new frame counts against the limit: rewriting or taking over a frame the
+        // space already owns needs none.
+        if r.allocates_frame() && (mm.frames_in_use() as u64 + 1) * PAGE_SIZE as u64 > self.max_memory {
             return Err(Error::CapacityExhausted { what: "a new frame", limit: self.max_memory });
         }
-        let r = mm.resolve_fault(sp, page, write);
         self.exec(r.action).map_err(|e| Error::os(op_name(r.action), e))?;
         let kind = mm.commit(r);
         self.reclaim(mm);

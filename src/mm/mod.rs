@@ -129,6 +129,13 @@ pub struct Resolution {
     commit: Commit,
 }
 
+impl Resolution {
+    /// Will committing this resolution allocate a new frame?
+    pub fn allocates_frame(&self) -> bool {
+        matches!(self.commit, Commit::NewFrame { .. })
+    }
+}
+
 /// Kinds of fault, for the counters.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum FaultKind {
