@@ -85,6 +85,11 @@ pub enum Error {
     #[error("the spaces are not related: reset_to needs a space of the same fork family, size and arena")]
     NotRelated,
 
+    /// An internal error (a bug, or an injected failure) in the fault path; the operation
+    /// did not happen. Other spaces are unaffected.
+    #[error("internal error in cowarena's fault path: {0}; please report it")]
+    Internal(String),
+
     /// A kernel call failed; `op` names it.
     #[error("{op} failed: {source}")]
     Os {

@@ -9,6 +9,13 @@ pub mod mm;
 pub mod space;
 pub(crate) mod sys;
 
+/// Fault injection for tests (cargo feature `fault-injection`).
+#[cfg(feature = "fault-injection")]
+#[doc(hidden)]
+pub mod inject {
+    pub use crate::sys::inject::{arm, disarm, Point};
+}
+
 pub use arena::{Arena, ArenaBuilder, BrokenBy, FaultMode, FaultStats, Stats, UffdAccess};
 pub use error::{Error, Result, UffdBlock};
 pub use space::Space;

@@ -173,7 +173,7 @@ impl Space {
             let n = (PAGE_SIZE - off).min(data.len() - done);
             bounce[..n].copy_from_slice(&data[done..done + n]);
             let mut mm = core.lock();
-            core.fault_in(&mut mm, self.id, page, true)?;
+            core.fault_in_api(&mut mm, self.id, page, true)?;
             // SAFETY: after a write fault-in the view page is populated and writable, and
             // stays so while we hold the lock.
             unsafe { crate::sys::mem::write_raw(self.base + at, &bounce[..n]) };
@@ -194,7 +194,7 @@ impl Space {
         let core = &self.inner.core;
         let mut mm = core.lock();
         for page in offset / PAGE_SIZE..=(offset + len - 1) / PAGE_SIZE {
-            core.fault_in(&mut mm, self.id, page, write)?;
+            core.fault_in_api(&mut mm, self.id, page, write)?;
         }
         Ok(())
     }

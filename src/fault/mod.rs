@@ -100,6 +100,9 @@ impl Core {
     /// Serve (or pre-serve) page `page` of `sp` under the lock. Does not wake anyone
     /// beyond what the ioctl does; the caller decides.
     pub fn fault_in(&self, mm: &mut Mm<Mapping>, sp: SpaceId, page: usize, write: bool) -> Result<FaultKind> {
+        if crate::sys::inject::hit(crate::sys::inject::Point::FaultPath).is_some() {
+            panic!("injected panic in the fault path");
+        }
         let r = mm.resolve_fault(sp, page, write);
         // Only a new frame counts against the limit: rewriting or taking over a frame the
         // space already owns needs none.
@@ -110,6 +113,14 @@ impl Core {
         let kind = mm.commit(r);
         self.reclaim(mm);
         Ok(kind)
+    }
+
+    /// [`Core::fault_in`] for API calls: a panic inside the fault path becomes
+    /// [`Error::Internal`] for the caller instead of unwinding through user code with the
+    /// arena lock poisoned.
+    pub fn fault_in_api(&self, mm: &mut Mm<Mapping>, sp: SpaceId, page: usize, write: bool) -> Result<FaultKind> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.fault_in(mm, sp, page, write)))
+            .unwrap_or_else(|p| Err(Error::Internal(panic_message(&p))))
     }
 
     /// Perform kernel work queued by an rmap operation, in order, under the lock.
@@ -183,6 +194,13 @@ impl Core {
     }
 }
 
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
 fn op_name(a: Action) -> &'static str {
     match a {
         Action::Fill { .. } => "UFFDIO_COPY",
@@ -213,7 +231,11 @@ impl Engine {
             .name("cowarena-fault".into())
             .spawn(move || {
                 for (address, flags) in rx {
-                    core.serve(address, flags);
+                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.serve(address, flags)));
+                    if let Err(p) = served {
+                        let addr = address as usize & !(PAGE_SIZE - 1);
+                        core.fail_loudly(addr, &Error::Internal(panic_message(&p)));
+                    }
                 }
             })
             .map_err(|e| Error::os("spawn fault thread", e))?;

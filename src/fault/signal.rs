@@ -52,7 +52,15 @@ pub fn on_fault(addr: usize, cpu_says_write: bool) -> Outcome {
             }
             // A fault on a page we already mapped (read-only) can only be a write.
             let write = cpu_says_write || mm.is_present(sp, page);
-            let r = core.fault_in(&mut mm, sp, page, write);
+            let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                core.fault_in(&mut mm, sp, page, write)
+            })) {
+                Ok(r) => r,
+                Err(_) => {
+                    core.faults_failed.fetch_add(1, Ordering::Relaxed);
+                    return Outcome::Failed("a panic in the fault path");
+                }
+            };
             if !mm.has_headroom() {
                 let _ = core.refill.signal();
             }

@@ -220,7 +220,11 @@ impl Uffd {
                 mode: if wp { g::UFFDIO_COPY_MODE_WP as u64 } else { 0 },
                 copy: 0,
             };
-            match self.ioctl(i::UFFDIO_COPY as _, &mut c as *mut _ as *mut libc::c_void) {
+            let r = match super::inject::hit(super::inject::Point::UffdCopy) {
+                Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+                None => self.ioctl(i::UFFDIO_COPY as _, &mut c as *mut _ as *mut libc::c_void),
+            };
+            match r {
                 Ok(()) => done = len,
                 Err(e) => {
                     // `copy` holds the bytes copied, or a negative errno.
@@ -246,7 +250,11 @@ impl Uffd {
             mode: if wp { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
         };
         loop {
-            match self.ioctl(i::UFFDIO_WRITEPROTECT as _, &mut w as *mut _ as *mut libc::c_void) {
+            let r = match super::inject::hit(super::inject::Point::UffdWriteprotect) {
+                Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+                None => self.ioctl(i::UFFDIO_WRITEPROTECT as _, &mut w as *mut _ as *mut libc::c_void),
+            };
+            match r {
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => std::thread::yield_now(),
                 r => return r,
             }

@@ -1,0 +1,51 @@
+//! Fault injection for tests (cargo feature `fault-injection`): make the next N calls at an
+//! injection point fail with an errno (or, for [`Point::FaultPath`], panic). Lock-free and
+//! allocation-free, so it is safe on the signal-handler fault path. Without the feature,
+//! [`hit`] is a constant `None` and compiles away.
+
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+
+/// Where a failure can be injected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Point {
+    /// `UFFDIO_COPY` (fills of view pages).
+    UffdCopy = 0,
+    /// `UFFDIO_WRITEPROTECT` (un-protect on write faults, protect for mkclean/aging).
+    UffdWriteprotect = 1,
+    /// The start of every fault served (the armed errno is ignored: it panics).
+    FaultPath = 2,
+}
+
+const N: usize = 3;
+static ERRNO: [AtomicI32; N] = [const { AtomicI32::new(0) }; N];
+static LEFT: [AtomicU32; N] = [const { AtomicU32::new(0) }; N];
+
+/// Make the next `times` calls at `point` fail with `errno` (process-wide).
+pub fn arm(point: Point, errno: i32, times: u32) {
+    ERRNO[point as usize].store(errno, Ordering::SeqCst);
+    LEFT[point as usize].store(times, Ordering::SeqCst);
+}
+
+/// Disarm every point.
+pub fn disarm() {
+    for l in &LEFT {
+        l.store(0, Ordering::SeqCst);
+    }
+}
+
+/// Consume one armed failure at `point`, if any: the errno to fail with.
+#[inline]
+pub fn hit(point: Point) -> Option<i32> {
+    if !cfg!(feature = "fault-injection") {
+        return None;
+    }
+    let left = &LEFT[point as usize];
+    let mut n = left.load(Ordering::SeqCst);
+    while n > 0 {
+        match left.compare_exchange(n, n - 1, Ordering::SeqCst, Ordering::SeqCst) {
+            Ok(_) => return Some(ERRNO[point as usize].load(Ordering::SeqCst)),
+            Err(cur) => n = cur,
+        }
+    }
+    None
+}
