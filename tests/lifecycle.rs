@@ -207,3 +207,69 @@ fn process_fork_probe_sees_plain_memory() {
     let status = fork_and_touch(z.as_ptr());
     assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == CHILD_READ_ZERO, "{}", describe(status));
 }
+
+/// Syscalls touching view memory (invariant 6): the kernel copying from or into a view
+/// page that is not populated either gets the real bytes (thread mode, or after
+/// `populate`) or fails with EFAULT (signal mode's documented contract) — never zeros in
+/// place of data, never a hang.
+#[test]
+fn syscalls_on_views_never_see_silent_zeros() {
+    let _g = serial();
+    let _wd = Watchdog::new("syscalls_on_views_never_see_silent_zeros", Duration::from_secs(120));
+    for mode in [FaultMode::Signal, FaultMode::Thread] {
+        let arena = Arena::builder().fault_mode(mode).build().unwrap();
+        let a = arena.space(4 * PAGE).unwrap();
+        a.write(0, &[0x5A; 4 * PAGE]).unwrap();
+        let b = a.fork().unwrap(); // both views now empty of a's data (a frozen, b fresh)
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two fds into the array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) }, 0);
+        // Kernel reads from an unpopulated view page holding data.
+        // SAFETY: the source is the space's view, valid for PAGE bytes.
+        let n = unsafe { libc::write(fds[1], b.as_ptr().add(PAGE) as *const libc::c_void, PAGE) };
+        let err = std::io::Error::last_os_error();
+        if n >= 0 {
+            let mut got = vec![0u8; n as usize];
+            // SAFETY: reading into our own buffer.
+            let r = unsafe { libc::read(fds[0], got.as_mut_ptr() as *mut libc::c_void, got.len()) };
+            assert_eq!(r, n);
+            assert!(got.iter().all(|&x| x == 0x5A), "{mode:?}: write(2) from a view sent zeros in place of data");
+            println!("{mode:?}: write(2) from an unpopulated view page served the data");
+        } else {
+            assert_eq!(mode, FaultMode::Signal, "{mode:?}: write(2) from a view failed: {err}");
+            assert_eq!(err.raw_os_error(), Some(libc::EFAULT), "{mode:?}: {err}");
+            println!("{mode:?}: write(2) from an unpopulated view page: EFAULT (documented)");
+        }
+        // After populate, the syscall works in every mode.
+        b.populate(2 * PAGE, PAGE, false).unwrap();
+        // SAFETY: as above.
+        let n = unsafe { libc::write(fds[1], b.as_ptr().add(2 * PAGE) as *const libc::c_void, PAGE) };
+        assert_eq!(
+            n,
+            PAGE as isize,
+            "{mode:?}: write(2) from a populated view page: {}",
+            std::io::Error::last_os_error()
+        );
+        // Kernel writes into the view: a write-protected/unpopulated page of b.
+        b.populate(3 * PAGE, PAGE, true).unwrap();
+        // SAFETY: the destination is b's view, populated writable for PAGE bytes; no
+        // reference into it is alive.
+        let r = unsafe { libc::read(fds[0], b.as_ptr().add(3 * PAGE) as *mut libc::c_void, PAGE) };
+        assert_eq!(
+            r,
+            PAGE as isize,
+            "{mode:?}: read(2) into a populated view page: {}",
+            std::io::Error::last_os_error()
+        );
+        assert!(b.as_slice()[3 * PAGE..].iter().all(|&x| x == 0x5A));
+        // a is unchanged by anything done to b.
+        assert!(a.as_slice().iter().all(|&x| x == 0x5A));
+        // SAFETY: closing our own fds.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+        drop((a, b));
+        assert_nothing_left(&arena, "syscalls");
+    }
+}

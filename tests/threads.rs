@@ -36,11 +36,33 @@ fn decode(v: u64, t: usize, p: usize, w: usize) -> Result<u64, String> {
 struct Writers {
     threads: usize,
     pages: usize,
+    /// false: thread t owns pages p ≡ t (mod threads); true: thread t owns words
+    /// w ≡ t (mod threads) of every page, so that threads fault the same pages at once.
+    interleave: bool,
     /// Generation each writer has finished (every one of its pages fully written).
     done: Vec<AtomicU64>,
     /// Generation each writer has started.
     started: Vec<AtomicU64>,
     stop: AtomicBool,
+}
+
+impl Writers {
+    /// Thread `t`'s words, in the order it writes them.
+    fn seq(&self, t: usize) -> Box<dyn Iterator<Item = (usize, usize)> + '_> {
+        if self.interleave {
+            Box::new((0..self.pages).flat_map(move |p| (t..WORDS).step_by(self.threads).map(move |w| (p, w))))
+        } else {
+            Box::new((t..self.pages).step_by(self.threads).flat_map(|p| (0..WORDS).map(move |w| (p, w))))
+        }
+    }
+
+    fn owner(&self, p: usize, w: usize) -> usize {
+        if self.interleave {
+            w % self.threads
+        } else {
+            p % self.threads
+        }
+    }
 }
 
 fn writer(space: &Space, sh: &Writers, t: usize) -> u64 {
@@ -51,12 +73,10 @@ fn writer(space: &Space, sh: &Writers, t: usize) -> u64 {
         sh.started[t].store(g, Ordering::SeqCst);
         // Pages in increasing order, words in increasing order: program order gives the
         // snapshot checks below their structure.
-        for p in (t..sh.pages).step_by(sh.threads) {
-            for w in 0..WORDS {
-                // SAFETY: page p is owned by this thread alone (p ≡ t mod threads); the
-                // word is in bounds and aligned; the space outlives the writers (scoped).
-                unsafe { base.add(p * WORDS + w).write_volatile(encode(t, g, p, w)) };
-            }
+        for (p, w) in sh.seq(t) {
+            // SAFETY: the word is owned by this thread alone; it is in bounds and aligned;
+            // the space outlives the writers (scoped threads).
+            unsafe { base.add(p * WORDS + w).write_volatile(encode(t, g, p, w)) };
         }
         sh.done[t].store(g, Ordering::SeqCst);
     }
@@ -69,8 +89,8 @@ fn check_child(child: &Space, sh: &Writers, lo: &[u64], hi: &[u64], prev: Option
     let mut gens = vec![0u64; words];
     let view = child.as_ptr() as *const u64;
     for p in 0..sh.pages {
-        let t = p % sh.threads;
         for w in 0..WORDS {
+            let t = sh.owner(p, w);
             let i = p * WORDS + w;
             // SAFETY: in bounds of the child's view; nobody writes the child.
             let v = unsafe { view.add(i).read_volatile() };
@@ -94,33 +114,30 @@ fn check_child(child: &Space, sh: &Writers, lo: &[u64], hi: &[u64], prev: Option
     // words of each page in order) generations never increase — a consistent cut.
     for t in 0..sh.threads {
         let mut last = u64::MAX;
-        for p in (t..sh.pages).step_by(sh.threads) {
-            for w in 0..WORDS {
-                let g = gens[p * WORDS + w];
-                assert!(
-                    g <= last,
-                    "fork {k}: thread {t}: page {p} word {w} has generation {g} after a word of generation {last}: the fork is not a consistent cut of the writer's program order"
-                );
-                last = g;
-            }
+        for (p, w) in sh.seq(t) {
+            let g = gens[p * WORDS + w];
+            assert!(
+                g <= last,
+                "fork {k}: thread {t}: page {p} word {w} has generation {g} after a word of generation {last}: the fork is not a consistent cut of the writer's program order"
+            );
+            last = g;
         }
         // ...and at most two generations are visible per thread (g and g-1).
-        let (mx, mn) = (t..sh.pages)
-            .step_by(sh.threads)
-            .flat_map(|p| gens[p * WORDS..(p + 1) * WORDS].iter().copied())
-            .fold((0, u64::MAX), |(a, b), g| (a.max(g), b.min(g)));
+        let (mx, mn) =
+            sh.seq(t).map(|(p, w)| gens[p * WORDS + w]).fold((0, u64::MAX), |(a, b), g| (a.max(g), b.min(g)));
         assert!(mx - mn <= 1, "fork {k}: thread {t} shows generations {mn}..={mx} in one snapshot");
     }
     gens
 }
 
-fn forks_of_a_written_space(mode: FaultMode, pages: usize, threads: usize, dur: Duration) {
+fn forks_of_a_written_space(mode: FaultMode, pages: usize, threads: usize, interleave: bool, dur: Duration) {
     let _wd = Watchdog::new("forks_of_a_written_space", dur + Duration::from_secs(120));
     let arena = Arena::builder().fault_mode(mode).build().unwrap();
     let space = arena.space(pages * PAGE).unwrap();
     let sh = Writers {
         threads,
         pages,
+        interleave,
         done: (0..threads).map(|_| AtomicU64::new(0)).collect(),
         started: (0..threads).map(|_| AtomicU64::new(0)).collect(),
         stop: AtomicBool::new(false),
@@ -171,8 +188,8 @@ fn forks_of_a_written_space(mode: FaultMode, pages: usize, threads: usize, dur: 
     // The parent itself holds every writer's last generation everywhere.
     let view = space.as_ptr() as *const u64;
     for p in 0..pages {
-        let t = p % threads;
         for w in 0..WORDS {
+            let t = sh.owner(p, w);
             // SAFETY: in bounds; the writers have stopped.
             let v = unsafe { view.add(p * WORDS + w).read_volatile() };
             assert_eq!(v, encode(t, gens_written[t], p, w), "parent page {p} word {w} after the writers stopped");
@@ -180,25 +197,37 @@ fn forks_of_a_written_space(mode: FaultMode, pages: usize, threads: usize, dur: 
     }
     arena.check_invariants().unwrap();
     println!(
-        "{mode:?}: {forks} forks of a {pages}-page space under {threads} writers (generations {gens_written:?}), {kept_checks} kept-child re-checks"
+        "{mode:?}: {forks} forks of a {pages}-page space under {threads} writers (interleaved words: {interleave}) (generations {gens_written:?}), {kept_checks} kept-child re-checks"
     );
     drop(space);
     assert_nothing_left(&arena, "forks_of_a_written_space");
 }
 
 fn secs() -> Duration {
-    Duration::from_millis(env_u64("COWARENA_STRESS_SECS", 3) * 1000)
+    Duration::from_millis(env_u64("COWARENA_STRESS_SECS", 2) * 1000)
 }
 
 #[test]
 fn forks_of_a_written_space_signal_mode() {
     // 600 pages: two tables, the second partly used.
-    forks_of_a_written_space(FaultMode::Signal, 600, 3, secs());
+    forks_of_a_written_space(FaultMode::Signal, 600, 3, false, secs());
 }
 
 #[test]
 fn forks_of_a_written_space_thread_mode() {
-    forks_of_a_written_space(FaultMode::Thread, 300, 2, secs());
+    forks_of_a_written_space(FaultMode::Thread, 300, 2, false, secs());
+}
+
+/// Every page written by every thread at once: racing faults (read and write, COW and
+/// reuse) on the same page while forks freeze it.
+#[test]
+fn forks_of_a_space_written_word_interleaved_signal_mode() {
+    forks_of_a_written_space(FaultMode::Signal, 520, 3, true, secs());
+}
+
+#[test]
+fn forks_of_a_space_written_word_interleaved_thread_mode() {
+    forks_of_a_written_space(FaultMode::Thread, 200, 3, true, secs());
 }
 
 /// Threads write different children of one parent at once (views and API), each verifying
