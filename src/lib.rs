@@ -6,7 +6,9 @@ pub mod error;
 mod fault;
 #[doc(hidden)]
 pub mod mm;
+pub mod probe;
 pub mod space;
+mod sync;
 pub(crate) mod sys;
 
 /// Fault injection for tests (cargo feature `fault-injection`).

@@ -17,6 +17,7 @@ use crate::sys::mem::Mapping;
 use crate::sys::uffd::{self, Uffd, UffdMsg};
 use crate::sys::wake::EventFd;
 
+mod registry;
 pub(crate) mod signal;
 
 /// How view faults reach the engine.

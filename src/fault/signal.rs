@@ -5,78 +5,74 @@
 //! [`Mm::has_headroom`](crate::mm::Mm::has_headroom) holds, and when it does not, the
 //! handler asks the engine thread to refill (an eventfd write) and waits for it.
 
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::Ordering;
 
+use super::registry::Registry;
 use super::Core;
-use crate::mm::{FaultKind, PAGE_SIZE};
+use crate::mm::PAGE_SIZE;
 use crate::sys::signal::{self, Outcome};
 
 /// Arenas in signal mode (a process rarely has more than a few).
 pub const MAX_ARENAS: usize = 64;
 
-static ARENAS: [AtomicPtr<Core>; MAX_ARENAS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_ARENAS];
+#[cfg(not(loom))]
+static ARENAS: Registry<Core, MAX_ARENAS> = Registry::new();
+
+#[cfg(not(loom))]
+fn arenas() -> &'static Registry<Core, MAX_ARENAS> {
+    &ARENAS
+}
+
+#[cfg(loom)]
+fn arenas() -> &'static Registry<Core, MAX_ARENAS> {
+    unreachable!("the signal fault mode is not modelled under loom; the registry is, in registry.rs")
+}
 
 /// Register an arena's core; returns its slot, or `None` when all slots are taken.
 pub fn register(core: &Core) -> Option<usize> {
-    let p = core as *const Core as *mut Core;
-    ARENAS.iter().position(|s| s.compare_exchange(std::ptr::null_mut(), p, Ordering::AcqRel, Ordering::Acquire).is_ok())
+    arenas().register(core)
 }
 
 /// Unregister, then wait until no handler can still be looking at `core`.
 pub fn unregister(slot: usize) {
-    ARENAS[slot].store(std::ptr::null_mut(), Ordering::Release);
-    while signal::IN_FLIGHT.load(Ordering::Acquire) != 0 {
-        signal::yield_now();
-    }
+    arenas().unregister(slot)
 }
 
 /// The SIGBUS callback.
 pub fn on_fault(addr: usize, cpu_says_write: bool) -> Outcome {
     let page_addr = addr & !(PAGE_SIZE - 1);
-    for slot in &ARENAS {
-        let p = slot.load(Ordering::Acquire);
-        if p.is_null() {
+    arenas().find(|core| serve_in(core, page_addr, cpu_says_write)).unwrap_or(Outcome::NotOurs)
+}
+
+/// Serve the fault if `addr` is in one of `core`'s views; `None` when it is not.
+fn serve_in(core: &Core, page_addr: usize, cpu_says_write: bool) -> Option<Outcome> {
+    loop {
+        let mut mm = core.lock_spin();
+        let (sp, page) = mm.space_at(page_addr)?;
+        if !mm.has_headroom() {
+            drop(mm);
+            let _ = core.refill.signal();
+            signal::yield_now();
             continue;
         }
-        // SAFETY: a registered core stays alive until `unregister` has waited for every
-        // running handler (`IN_FLIGHT`), and this handler is counted.
-        let core = unsafe { &*p };
-        loop {
-            let mut mm = core.lock_spin();
-            let Some((sp, page)) = mm.space_at(page_addr) else { break };
-            if !mm.has_headroom() {
-                drop(mm);
-                let _ = core.refill.signal();
-                signal::yield_now();
-                continue;
-            }
-            // A fault on a page we already mapped (read-only) can only be a write.
-            let write = cpu_says_write || mm.is_present(sp, page);
-            let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                core.fault_in(&mut mm, sp, page, write)
-            })) {
-                Ok(r) => r,
-                Err(_) => {
-                    core.faults_failed.fetch_add(1, Ordering::Relaxed);
-                    return Outcome::Failed("a panic in the fault path");
-                }
-            };
-            if !mm.has_headroom() {
-                let _ = core.refill.signal();
-            }
-            drop(mm);
-            return match r {
-                Ok(FaultKind::Spurious) | Ok(_) => Outcome::Handled,
-                Err(crate::Error::CapacityExhausted { .. }) => {
-                    core.faults_failed.fetch_add(1, Ordering::Relaxed);
-                    Outcome::Failed("arena capacity exhausted (Arena::builder().max_memory)")
-                }
-                Err(_) => {
-                    core.faults_failed.fetch_add(1, Ordering::Relaxed);
-                    Outcome::Failed("a userfaultfd ioctl failed")
-                }
-            };
+        // A fault on a page we already mapped (read-only) can only be a write.
+        let write = cpu_says_write || mm.is_present(sp, page);
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.fault_in(&mut mm, sp, page, write)));
+        if !mm.has_headroom() {
+            let _ = core.refill.signal();
         }
+        drop(mm);
+        let failed = |why| {
+            core.faults_failed.fetch_add(1, Ordering::Relaxed);
+            Some(Outcome::Failed(why))
+        };
+        return match served {
+            Ok(Ok(_)) => Some(Outcome::Handled),
+            Ok(Err(crate::Error::CapacityExhausted { .. })) => {
+                failed("arena capacity exhausted (Arena::builder().max_memory)")
+            }
+            Ok(Err(_)) => failed("a userfaultfd ioctl failed"),
+            Err(_) => failed("a panic in the fault path"),
+        };
     }
-    Outcome::NotOurs
 }

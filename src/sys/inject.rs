@@ -21,12 +21,14 @@ static ERRNO: [AtomicI32; N] = [const { AtomicI32::new(0) }; N];
 static LEFT: [AtomicU32; N] = [const { AtomicU32::new(0) }; N];
 
 /// Make the next `times` calls at `point` fail with `errno` (process-wide).
+#[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
 pub fn arm(point: Point, errno: i32, times: u32) {
     ERRNO[point as usize].store(errno, Ordering::SeqCst);
     LEFT[point as usize].store(times, Ordering::SeqCst);
 }
 
 /// Disarm every point.
+#[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
 pub fn disarm() {
     for l in &LEFT {
         l.store(0, Ordering::SeqCst);

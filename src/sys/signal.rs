@@ -6,7 +6,6 @@
 //! A SIGBUS that is not ours goes to the handler installed before us.
 
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 /// What the fault callback did with a SIGBUS.
@@ -35,8 +34,6 @@ unsafe impl Sync for Installed {}
 unsafe impl Send for Installed {}
 
 static INSTALLED: OnceLock<Installed> = OnceLock::new();
-/// Handlers currently running, so that an arena can wait for them before it is freed.
-pub static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
 /// Install the SIGBUS handler once per process, remembering the previous one for chaining.
 pub fn install(callback: Callback) -> io::Result<()> {
@@ -99,9 +96,7 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
     let Some(inst) = INSTALLED.get() else { return };
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let addr = unsafe { (*info).si_addr() } as usize;
-    IN_FLIGHT.fetch_add(1, Ordering::AcqRel);
     let outcome = (inst.callback)(addr, fault_was_write(ctx));
-    IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
     match outcome {
         Outcome::Handled => {}
         Outcome::Failed(why) => {
