@@ -357,6 +357,7 @@ fn capacity_exhausted_view_write_dies_loudly() {
         println!("CHILD: third page written beyond the limit: BUG");
         std::process::exit(0);
     }
+    let _g = serial(); // `many_arenas` counts file descriptors; our pipes must not overlap it
     for mode in ["signal", "thread"] {
         let out = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "capacity_exhausted_view_write_dies_loudly", "--nocapture", "--test-threads=1"])

@@ -273,3 +273,67 @@ fn syscalls_on_views_never_see_silent_zeros() {
         assert_nothing_left(&arena, "syscalls");
     }
 }
+
+const CHAINED_EXIT: i32 = 42;
+
+extern "C" fn app_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: async-signal-safe calls only; `info` is valid for an SA_SIGINFO handler.
+    unsafe {
+        let addr = (*info).si_addr() as usize;
+        let msg = b"app SIGBUS handler reached\n";
+        libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len());
+        libc::_exit(if addr != 0 { CHAINED_EXIT } else { CHAINED_EXIT + 1 });
+    }
+}
+
+/// A SIGBUS handler installed by the application *before* cowarena keeps receiving the
+/// SIGBUS that are not cowarena's, while view faults are still served (runs in a child
+/// process of this test binary, so that the application's handler comes first).
+#[test]
+fn pre_existing_sigbus_handler_is_chained() {
+    if std::env::var_os("COWARENA_CHAIN_CHILD").is_some() {
+        // SAFETY: installing a valid SA_SIGINFO handler.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = app_sigbus as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO;
+            libc::sigemptyset(&mut sa.sa_mask);
+            assert_eq!(libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()), 0);
+        }
+        let arena = Arena::builder().fault_mode(FaultMode::Signal).build().unwrap();
+        let mut s = arena.space(4 * PAGE).unwrap();
+        s.as_mut_slice()[PAGE] = 9; // served by cowarena's handler, not the app's
+        let c = s.fork().unwrap();
+        assert_eq!(c.as_slice()[PAGE], 9);
+        println!("CHILD: view faults served");
+        // A genuine SIGBUS outside any view: a page of an empty memfd.
+        // SAFETY: memfd_create/mmap with valid arguments; the mapping is ours.
+        let p = unsafe {
+            let fd = libc::memfd_create(c"chain".as_ptr(), 0);
+            assert!(fd >= 0);
+            let p = libc::mmap(std::ptr::null_mut(), PAGE, libc::PROT_READ, libc::MAP_SHARED, fd, 0);
+            assert_ne!(p, libc::MAP_FAILED);
+            p as *const u8
+        };
+        // SAFETY: the load raises SIGBUS (beyond EOF), which the app's handler ends with _exit.
+        let v = unsafe { p.read_volatile() };
+        println!("CHILD: read {v} beyond EOF without SIGBUS: BUG");
+        std::process::exit(0);
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "pre_existing_sigbus_handler_is_chained", "--nocapture", "--test-threads=1"])
+        .env("COWARENA_CHAIN_CHILD", "1")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("CHILD: view faults served"),
+        "view faults not served with a prior handler:\n{stdout}\n{stderr}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(CHAINED_EXIT),
+        "the application's SIGBUS handler was not chained (status {:?})\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+}
