@@ -54,7 +54,8 @@ pub struct ArenaBuilder {
 impl ArenaBuilder {
     /// Limit the memory the arena's frames may use, in bytes. A write that needs a new
     /// frame beyond it fails: [`Error::CapacityExhausted`] from the API, a loud fault
-    /// (SIGSEGV, with the reason logged) from a view access. Default: no limit.
+    /// (SIGBUS in signal fault mode, SIGSEGV in thread mode, with the reason logged) from a
+    /// view access. Default: no limit.
     pub fn max_memory(mut self, bytes: u64) -> Self {
         self.max_memory = Some(bytes);
         self

@@ -111,16 +111,7 @@ impl Space {
         let base = view.addr();
         let t0 = Instant::now();
         let mut mm = core.lock();
-        let froze = mm.needs_freeze(self.id);
-        if froze {
-            let frozen = mm
-                .view_backing(self.id)
-                .freeze()
-                .map_err(|e| Error::os("mremap(MREMAP_DONTUNMAP) freezing the view", e))?;
-            let fbase = frozen.addr();
-            mm.freeze_view(self.id, fbase, frozen);
-            core.reclaim(&mut mm);
-        }
+        let froze = core.prepare_share(&mut mm, self.id)?;
         let child = mm.fork(self.id, base, view);
         drop(mm);
         tracing::debug!(
@@ -231,6 +222,8 @@ impl Space {
         let (first, end) = self.page_range(offset, len)?;
         let core = &self.inner.core;
         let mut mm = core.lock();
+        let need = mm.shared_homes(self.id, first, end).len();
+        core.ensure_pool(&mut mm, need)?;
         let mut ops = Vec::new();
         mm.discard(self.id, first, end, &mut ops);
         core.run_ops(&mut mm, &ops)
@@ -273,15 +266,10 @@ impl Space {
         if !mm.resettable(self.id, snapshot.id) {
             return Err(Error::NotRelated);
         }
-        if mm.needs_freeze(snapshot.id) {
-            let frozen = mm
-                .view_backing(snapshot.id)
-                .freeze()
-                .map_err(|e| Error::os("mremap(MREMAP_DONTUNMAP) freezing the view", e))?;
-            let fbase = frozen.addr();
-            mm.freeze_view(snapshot.id, fbase, frozen);
-            core.reclaim(&mut mm);
-        }
+        core.prepare_share(&mut mm, snapshot.id)?;
+        let pages = mm.pages(self.id);
+        let need = mm.shared_homes(self.id, 0, pages).len();
+        core.ensure_pool(&mut mm, need)?;
         let mut ops = Vec::new();
         mm.reset_to(self.id, snapshot.id, &mut ops);
         core.run_ops(&mut mm, &ops)
@@ -352,11 +340,14 @@ impl Drop for Space {
     fn drop(&mut self) {
         let core = &self.inner.core;
         let mut mm = core.lock();
-        let view = mm.drop_space(self.id);
-        core.reclaim(&mut mm);
-        // Unmap under the lock, so the address cannot be handed to a new view while a stale
+        // Unmaps under the lock, so the address cannot be handed to a new view while a stale
         // fault on it is being looked up.
-        drop(view);
+        if let Err(e) = core.drop_space(&mut mm, self.id) {
+            // Only a view holding homes of shared frames is frozen on drop; if that mremap
+            // fails we cannot move the bytes out, so the view stays mapped (memory is kept,
+            // data is never lost).
+            tracing::error!(space = self.id.0, error = %e, "cowarena: could not freeze a dropped view; keeping it mapped");
+        }
         tracing::debug!(space = self.id.0, "space dropped");
     }
 }

@@ -62,7 +62,69 @@ impl Core {
         // the state as it is and report the poisoning through `faults_failed`.
         let mut mm = self.mm.lock().unwrap_or_else(|p| p.into_inner());
         mm.reserve_headroom();
+        // A failed refill only shrinks headroom: faults then wait for the next refill.
+        let _ = self.ensure_pool(&mut mm, 0);
         mm
+    }
+
+    /// Keep the pool (homes for frames evacuated from views) stocked with at least
+    /// `extra` free slots plus a margin for the fault path.
+    pub fn ensure_pool(&self, mm: &mut Mm<Mapping>, extra: usize) -> Result<()> {
+        const MARGIN: usize = 64;
+        if mm.pool_free() >= MARGIN + extra {
+            return Ok(());
+        }
+        let pages = (MARGIN + extra).max(512).next_multiple_of(512);
+        let pool = Mapping::anon(pages * PAGE_SIZE).map_err(|e| Error::os("mmap pool", e))?;
+        mm.add_pool(pool.addr(), pages, pool);
+        self.reclaim(mm);
+        Ok(())
+    }
+
+    /// Make `sp`'s tables shareable (before a fork of it, or a reset to it): write-protect
+    /// its few writable pages, or freeze its view. Returns whether it froze.
+    pub fn prepare_share(&self, mm: &mut Mm<Mapping>, sp: SpaceId) -> Result<bool> {
+        match mm.share_plan(sp) {
+            crate::mm::SharePlan::Ready => Ok(false),
+            crate::mm::SharePlan::Protect => {
+                let mut ops = Vec::new();
+                mm.protect_writable(sp, &mut ops);
+                self.run_ops(mm, &ops)?;
+                Ok(false)
+            }
+            crate::mm::SharePlan::Freeze => {
+                self.freeze_into_mm(mm, sp)?;
+                Ok(true)
+            }
+        }
+    }
+
+    fn freeze(&self, mm: &mut Mm<Mapping>, sp: SpaceId) -> Result<Mapping> {
+        mm.view_backing(sp).freeze().map_err(|e| Error::os("mremap(MREMAP_DONTUNMAP) freezing the view", e))
+    }
+
+    /// Freeze `sp`'s view into a new frozen region (see `Mm::freeze_view`).
+    fn freeze_into_mm(&self, mm: &mut Mm<Mapping>, sp: SpaceId) -> Result<()> {
+        let frozen = self.freeze(mm, sp)?;
+        let base = frozen.addr();
+        mm.freeze_view(sp, base, frozen);
+        self.reclaim(mm);
+        Ok(())
+    }
+
+    /// Drop a space; a view that still holds homes of shared frames is frozen, not unmapped.
+    pub fn drop_space(&self, mm: &mut Mm<Mapping>, sp: SpaceId) -> Result<()> {
+        let view = match mm.drop_space(sp) {
+            crate::mm::Dropped::Unmap(view) => view,
+            crate::mm::Dropped::Freeze => {
+                let frozen = self.freeze(mm, sp)?;
+                let base = frozen.addr();
+                mm.drop_frozen(sp, base, frozen)
+            }
+        };
+        self.reclaim(mm);
+        drop(view);
+        Ok(())
     }
 
     /// Take the lock without blocking in the kernel (signal context): spin on `try_lock`.
@@ -95,6 +157,12 @@ impl Core {
                 }
             }
             Action::Unprotect { dst } => self.uffd.writeprotect(dst, PAGE_SIZE, false),
+            Action::Evacuate { dst, to } => {
+                // SAFETY: `dst` is a populated, write-protected view page (a home) and `to` a
+                // fresh slot of the pool mapping; both stay mapped while we hold the lock.
+                unsafe { crate::sys::mem::copy_page(to, dst) };
+                self.uffd.writeprotect(dst, PAGE_SIZE, false)
+            }
         }
     }
 
@@ -205,7 +273,7 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
 fn op_name(a: Action) -> &'static str {
     match a {
         Action::Fill { .. } => "UFFDIO_COPY",
-        Action::Unprotect { .. } => "UFFDIO_WRITEPROTECT",
+        Action::Unprotect { .. } | Action::Evacuate { .. } => "UFFDIO_WRITEPROTECT",
         Action::Wake => "UFFDIO_WAKE",
     }
 }

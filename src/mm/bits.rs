@@ -18,12 +18,33 @@ impl Bits {
     pub fn clear(&mut self, i: usize) {
         self.words[i / 64] &= !(1 << (i % 64));
     }
+    pub fn bit_len(&self) -> usize {
+        self.words.len() * 64
+    }
     pub fn clear_all(&mut self) {
         self.words.fill(0);
     }
     pub fn count(&self) -> usize {
         self.words.iter().map(|w| w.count_ones() as usize).sum()
     }
+    /// Indices in `[start, end)` that are set, by scanning words.
+    pub fn ones(&self, start: usize, end: usize) -> impl Iterator<Item = usize> + '_ {
+        let (w0, w1) = (start / 64, end.div_ceil(64).min(self.words.len()));
+        (w0..w1)
+            .flat_map(move |wi| {
+                let mut w = self.words[wi];
+                std::iter::from_fn(move || {
+                    if w == 0 {
+                        return None;
+                    }
+                    let b = w.trailing_zeros() as usize;
+                    w &= w - 1;
+                    Some(wi * 64 + b)
+                })
+            })
+            .filter(move |&i| i >= start && i < end)
+    }
+
     /// Maximal runs `[start, end)` of indices set in `self` and clear in `other`.
     pub fn runs_and_not(&self, other: &Bits) -> Vec<(usize, usize)> {
         let mut runs = Vec::new();

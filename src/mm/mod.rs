@@ -89,6 +89,25 @@ pub struct SpaceMm {
     pub vs: ViewState,
 }
 
+/// What must happen before a space's tables can be shared; see [`Mm::share_plan`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum SharePlan {
+    /// Nothing: no page of the view is writable.
+    Ready,
+    /// Write-protect the few writable pages ([`Mm::protect_writable`]).
+    Protect,
+    /// Freeze the view (`mremap`), then [`Mm::freeze_view`].
+    Freeze,
+}
+
+/// The outcome of [`Mm::drop_space`].
+pub enum Dropped<B> {
+    /// Unmap this view.
+    Unmap(B),
+    /// The view holds homes of shared frames: freeze it, then [`Mm::drop_frozen`].
+    Freeze,
+}
+
 /// Where to fill a view page from.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Src {
@@ -107,6 +126,10 @@ pub enum Action {
     Fill { dst: usize, src: Src, wp: bool },
     /// UFFDIO_WRITEPROTECT(clear) the page at `dst` (its bytes are already right).
     Unprotect { dst: usize },
+    /// Copy the page at `dst` (a view page holding a shared frame's home) to the pool slot
+    /// `to`, then clear write protection on `dst`: the old frame moves out, a new one takes
+    /// the view page.
+    Evacuate { dst: usize, to: usize },
 }
 
 /// The state change that follows a successful [`Action`].
@@ -116,6 +139,7 @@ enum Commit {
     MapReadOnly { frame: Option<FrameId> },
     NewFrame { old: Option<FrameId>, copied: bool },
     Rehome { frame: FrameId, copied: bool },
+    Evacuate { old: FrameId, slot: Home },
     MakeWritable,
 }
 
@@ -254,6 +278,11 @@ pub struct Mm<B> {
     regions: Slab<Region<B>>,
     spaces: Slab<SpaceMm>,
     next_family: u32,
+    /// The active pool region (homes of frames evacuated from views) and its next free slot.
+    pool: Option<RegionId>,
+    pool_next: usize,
+    /// Override of the protect-or-freeze threshold of [`Mm::share_plan`] (tests, tuning).
+    protect_limit: Option<usize>,
     /// Members of each fork family (the rmap walk's `anon_vma` chain).
     families: std::collections::HashMap<u32, Vec<SpaceId>>,
     /// View base address -> space, for the fault path's address lookup.
@@ -278,6 +307,9 @@ impl<B> Mm<B> {
             next_family: 0,
             views: std::collections::BTreeMap::new(),
             families: std::collections::HashMap::new(),
+            pool: None,
+            pool_next: 0,
+            protect_limit: None,
             reclaim: Reclaim::default(),
             counters: MmCounters::default(),
         }
@@ -298,7 +330,8 @@ impl<B> Mm<B> {
         self.views.len()
     }
     pub fn frozen_regions(&self) -> usize {
-        self.regions.len - self.views.len()
+        // The active pool is reserved address space, not a frozen region left behind.
+        self.regions.len - self.views.len() - usize::from(self.pool.is_some())
     }
     /// Tables currently shared by more than one space.
     pub fn tables_shared_now(&self) -> usize {
@@ -374,11 +407,93 @@ impl<B> Mm<B> {
         sp
     }
 
-    /// Does forking `sp` need its view frozen first? True when the view holds frame homes
-    /// (pages written since the last fork): those must leave the view before they become
-    /// shared, so that the view may later be written in place.
-    pub fn needs_freeze(&self, sp: SpaceId) -> bool {
-        self.region(self.space(sp).view).homes > 0
+    /// What sharing `sp`'s tables (fork, or reset to it) needs first. Pages mapped
+    /// writable (written since the last share) must stop being writable before their frames
+    /// become shared: either write-protect just those pages, keeping the whole view warm
+    /// (cheap when few were written: ~1 µs per run), or freeze the view (one `mremap`,
+    /// O(tables), but the view re-faults what it touches afterwards).
+    pub fn share_plan(&self, sp: SpaceId) -> SharePlan {
+        let s = self.space(sp);
+        let rw = s.vs.writable.count();
+        if rw == 0 {
+            SharePlan::Ready
+        } else if rw <= self.protect_limit.unwrap_or((s.pages / 256).max(256)) {
+            SharePlan::Protect
+        } else {
+            SharePlan::Freeze
+        }
+    }
+
+    /// Share by write-protecting when at most `pages` are writable, else freeze (`None`:
+    /// the default, `max(256, pages/256)`).
+    pub fn set_protect_limit(&mut self, pages: Option<usize>) {
+        self.protect_limit = pages;
+    }
+
+    /// Write-protect every writable page of `sp`'s view (ops to perform), so that its tables
+    /// can be shared; the pages stay mapped and stay the homes of their frames.
+    pub fn protect_writable(&mut self, sp: SpaceId, ops: &mut Vec<KernelOp>) {
+        let base = self.view_base(sp);
+        let vs = &mut self.space_mut(sp).vs;
+        for (a, b) in vs.writable.runs_and_not(&Bits::new(vs.writable.bit_len())) {
+            ops.push(KernelOp::Protect { addr: base + a * PAGE_SIZE, len: (b - a) * PAGE_SIZE });
+        }
+        vs.writable.clear_all();
+    }
+
+    // ---- the pool: homes for frames evacuated from a view --------------------------------
+
+    /// Free slots in the active pool region.
+    pub fn pool_free(&self) -> usize {
+        self.pool.map_or(0, |r| self.region(r).pages - self.pool_next)
+    }
+
+    /// Install a fresh pool region of `pages` slots at `base`. Slots are bump-allocated and
+    /// never reused (a dead slot is discarded; the region is unmapped when its last home dies).
+    pub fn add_pool(&mut self, base: usize, pages: usize, backing: B) {
+        if let Some(old) = self.pool.take() {
+            if self.region(old).homes == 0 {
+                let r = self.regions.remove(old.0);
+                self.reclaim.dead.push(r.backing);
+            }
+        }
+        self.pool =
+            Some(RegionId(self.regions.insert(Region { base, pages, kind: RegionKind::Frozen, homes: 0, backing })));
+        self.pool_next = 0;
+    }
+
+    fn alloc_pool_slot(&mut self) -> Home {
+        let r = self.pool.expect("pool headroom is guaranteed by the engine");
+        assert!(self.pool_next < self.region(r).pages, "pool headroom is guaranteed by the engine");
+        self.pool_next += 1;
+        Home { region: r, page: self.pool_next as u32 - 1 }
+    }
+
+    /// Move the home of frame `f` (homed at view page `page` of `sp`) to a pool slot; the
+    /// view keeps a read-only copy. Returns the copy to perform.
+    fn evacuate(&mut self, sp: SpaceId, page: usize, f: FrameId) -> KernelOp {
+        let slot = self.alloc_pool_slot();
+        let src = self.view_base(sp) + page * PAGE_SIZE;
+        let view = self.space(sp).view;
+        self.region_mut(view).homes -= 1;
+        self.space_mut(sp).vs.home.clear(page);
+        self.region_mut(slot.region).homes += 1;
+        self.frames.get_mut(f).home = slot;
+        KernelOp::CopyPage { dst: self.home_addr(slot), src }
+    }
+
+    /// Homes in pages `[first, end)` of `sp` whose frames other tables also name: a zap of
+    /// those pages must evacuate them first (one pool slot each).
+    pub fn shared_homes(&self, sp: SpaceId, first: usize, end: usize) -> Vec<(usize, FrameId)> {
+        let s = self.space(sp);
+        s.vs.home
+            .ones(first, end)
+            .filter_map(|p| {
+                let t = s.dir[p / PTRS_PER_PTE]?;
+                let f = self.tables.get(t).entries[p % PTRS_PER_PTE].frame()?;
+                (self.tables.get(t).share > 1 || self.frames.get(f).refs > 1).then_some((p, f))
+            })
+            .collect()
     }
 
     /// The view of `sp` was moved to `frozen_base` (`mremap(MREMAP_DONTUNMAP)`), and its
@@ -411,9 +526,10 @@ impl<B> Mm<B> {
     }
 
     /// Fork `parent`: the child shares every table of the parent (O(tables)); no frame is
-    /// touched. The parent's view must hold no homes ([`Mm::needs_freeze`] is false).
+    /// touched. The parent's view must have no writable page ([`Mm::share_plan`] is
+    /// `Ready`).
     pub fn fork(&mut self, parent: SpaceId, view_base: usize, view: B) -> SpaceId {
-        debug_assert!(!self.needs_freeze(parent), "fork of a view that still holds homes");
+        debug_assert_eq!(self.share_plan(parent), SharePlan::Ready, "fork of a view with writable pages");
         let (pages, family, dir) = {
             let p = self.space(parent);
             (p.pages, p.family, p.dir.clone())
@@ -431,11 +547,17 @@ impl<B> Mm<B> {
     }
 
     /// Drop a space: release its tables (and the frames only they held). Returns the view's
-    /// backing, to be unmapped by the caller.
-    pub fn drop_space(&mut self, sp: SpaceId) -> B {
-        let dir = std::mem::take(&mut self.space_mut(sp).dir);
+    /// backing to unmap — or [`Dropped::Freeze`] when the view still holds homes of frames
+    /// that other spaces share: then the caller freezes the view and calls
+    /// [`Mm::drop_frozen`].
+    pub fn drop_space(&mut self, sp: SpaceId) -> Dropped<B> {
+        let dir = std::mem::replace(&mut self.space_mut(sp).dir, vec![None; 0]);
         for t in dir.iter().flatten() {
             self.put_table(*t);
+        }
+        self.space_mut(sp).dir = vec![None; dir.len()];
+        if self.region(self.space(sp).view).homes > 0 {
+            return Dropped::Freeze;
         }
         let s = self.spaces.remove(sp.0);
         if let Some(members) = self.families.get_mut(&s.family) {
@@ -446,8 +568,17 @@ impl<B> Mm<B> {
         }
         let view = self.regions.remove(s.view.0);
         self.views.remove(&view.base);
-        debug_assert_eq!(view.homes, 0, "a dropped view still holds homes");
-        view.backing
+        Dropped::Unmap(view.backing)
+    }
+
+    /// Finish dropping `sp` after [`Dropped::Freeze`]: its view was moved to `frozen_base`.
+    /// Returns the (now empty) view's backing to unmap.
+    pub fn drop_frozen(&mut self, sp: SpaceId, frozen_base: usize, frozen: B) -> B {
+        self.freeze_view(sp, frozen_base, frozen);
+        match self.drop_space(sp) {
+            Dropped::Unmap(b) => b,
+            Dropped::Freeze => unreachable!("a frozen view holds no homes"),
+        }
     }
 
     /// Drain the kernel work queued by state changes: `discard(addr, len)` for each dead
@@ -471,6 +602,7 @@ impl<B> Mm<B> {
             && self.reclaim.discard.capacity() - self.reclaim.discard.len() >= 2
             && self.reclaim.dead.capacity() - self.reclaim.dead.len() >= 2
             && self.regions.free.capacity() - self.regions.free.len() >= 2
+            && self.pool_free() >= 2
     }
 
     /// Preallocate what the next faults need (called outside signal context).
@@ -517,7 +649,7 @@ impl<B> Mm<B> {
             }
             RegionKind::Frozen => {
                 let addr = r.base + home.page as usize * PAGE_SIZE;
-                let dead = r.homes == 0;
+                let dead = r.homes == 0 && self.pool != Some(home.region);
                 match self.reclaim.discard.last_mut() {
                     Some((a, l)) if *a + *l == addr => *l += PAGE_SIZE,
                     _ => self.reclaim.discard.push((addr, PAGE_SIZE)),
@@ -627,9 +759,15 @@ impl<B> Mm<B> {
             Some(f) => {
                 let fr = *self.frames.get(f);
                 let here = fr.home == Home { region: view, page: page as u32 };
-                if here {
-                    debug_assert!(present && fr.refs == 1);
+                if here && fr.refs == 1 {
+                    debug_assert!(present);
                     done(Action::Unprotect { dst }, Commit::MakeWritable)
+                } else if here {
+                    // The view holds the home of a frame others share (kept warm by a
+                    // protecting fork): move the old bytes out to the pool, then write here.
+                    let slot = self.alloc_pool_slot();
+                    let to = self.home_addr(slot);
+                    done(Action::Evacuate { dst, to }, Commit::Evacuate { old: f, slot })
                 } else if fr.refs == 1 {
                     let src = Src::Addr(self.home_addr(fr.home));
                     done(fill_or_unprotect(src), Commit::Rehome { frame: f, copied: !present })
@@ -695,6 +833,22 @@ impl<B> Mm<B> {
                 }
                 self.map_writable(sp, page);
                 FaultKind::WriteReuse
+            }
+            Commit::Evacuate { old, slot } => {
+                self.frames.get_mut(old).home = slot;
+                self.region_mut(slot.region).homes += 1;
+                self.region_mut(view).homes -= 1;
+                let family = self.space(sp).family;
+                let g = self.frames.alloc(here, page as u32, family);
+                self.region_mut(view).homes += 1;
+                let t = self.space(sp).dir[page / PTRS_PER_PTE].expect("break_cow_pte ran");
+                self.tables.get_mut(t).entries[ei] = Pte::new(g, Pte::ACCESSED | Pte::DIRTY);
+                let o = self.frames.get_mut(old);
+                debug_assert!(o.refs > 1);
+                o.refs -= 1;
+                self.counters.bytes_copied += PAGE_SIZE as u64;
+                self.map_writable(sp, page);
+                FaultKind::WriteCow
             }
             Commit::MakeWritable => {
                 self.set_entry_bits(sp, page, Pte::ACCESSED | Pte::DIRTY);
@@ -784,8 +938,8 @@ impl<B> Mm<B> {
                 if self.lookup(sp, p).frame() != Some(id) {
                     return Err(format!("frame {id:?} homed in {sp:?} page {p} whose entry names another frame"));
                 }
-                if f.refs != 1 {
-                    return Err(format!("frame {id:?} homed in a view but has {} refs", f.refs));
+                if s.vs.writable.get(p) && f.refs != 1 {
+                    return Err(format!("frame {id:?} writable in a view but has {} refs", f.refs));
                 }
             }
         }
@@ -794,7 +948,7 @@ impl<B> Mm<B> {
             if r.homes != want {
                 return Err(format!("region {rid}: homes {} but {want} frames live there", r.homes));
             }
-            if r.kind == RegionKind::Frozen && r.homes == 0 {
+            if r.kind == RegionKind::Frozen && r.homes == 0 && self.pool != Some(RegionId(rid)) {
                 return Err(format!("frozen region {rid} is empty but not released"));
             }
         }

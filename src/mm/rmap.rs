@@ -122,6 +122,11 @@ impl<B> Mm<B> {
     /// space only. A wholly covered table just loses this space's reference (no break); a
     /// partly covered one is broken and its entries cleared.
     pub fn discard(&mut self, sp: SpaceId, first: usize, end: usize, ops: &mut Vec<KernelOp>) {
+        // Homes of frames others still need must leave the view before it is zapped.
+        for (p, f) in self.shared_homes(sp, first, end) {
+            let op = self.evacuate(sp, p, f);
+            ops.push(op);
+        }
         let pages = self.space(sp).pages;
         let mut ti = first / PTRS_PER_PTE;
         while ti * PTRS_PER_PTE < end {
@@ -222,10 +227,11 @@ impl<B> Mm<B> {
     /// Make `sp` a copy of `snap` again in place: every table of `sp` that differs from
     /// `snap`'s is dropped and `snap`'s is shared instead (O(differing tables)). View pages
     /// whose entry is unchanged stay mapped, so a reset fork's clean working set does not
-    /// fault again; the others are zapped. `snap`'s view must hold no homes
-    /// ([`Mm::needs_freeze`] false), as for a fork.
+    /// fault again; the others are zapped. `snap`'s view must have no writable page
+    /// ([`Mm::share_plan`] is `Ready`), as for a fork. The pool must have a free slot for
+    /// each of `sp`'s shared homes ([`Mm::shared_homes`]).
     pub fn reset_to(&mut self, sp: SpaceId, snap: SpaceId, ops: &mut Vec<KernelOp>) -> usize {
-        debug_assert!(self.resettable(sp, snap) && !self.needs_freeze(snap));
+        debug_assert!(self.resettable(sp, snap) && self.share_plan(snap) == SharePlan::Ready);
         let base = self.view_base(sp);
         let pages = self.space(sp).pages;
         let mut changed = 0;
@@ -238,6 +244,13 @@ impl<B> Mm<B> {
             for p in ti * PTRS_PER_PTE..((ti + 1) * PTRS_PER_PTE).min(pages) {
                 let a = mine.and_then(|t| self.tables.get(t).entries[p % PTRS_PER_PTE].frame());
                 let b = theirs.and_then(|t| self.tables.get(t).entries[p % PTRS_PER_PTE].frame());
+                if a != b && self.space(sp).vs.home.get(p) {
+                    let (t, f) = (mine.expect("a home has an entry"), a.expect("a home has an entry"));
+                    if self.tables.get(t).share > 1 || self.frames.get(f).refs > 1 {
+                        let op = self.evacuate(sp, p, f);
+                        ops.push(op);
+                    }
+                }
                 let vs = &mut self.space_mut(sp).vs;
                 if a != b && vs.present.get(p) {
                     vs.present.clear(p);

@@ -29,6 +29,13 @@ impl FakeKernel {
                 };
                 assert!(self.mem.insert(dst, (v, wp)).is_none(), "UFFDIO_COPY onto a present page");
             }
+            Action::Evacuate { dst, to } => {
+                let v = self.mem.get(&dst).expect("evacuation of a missing page").0;
+                assert!(self.mem.insert(to, (v, false)).is_none(), "pool slot reused");
+                let p = self.mem.get_mut(&dst).unwrap();
+                assert!(p.1, "evacuation of a writable page");
+                p.1 = false;
+            }
             Action::Unprotect { dst } => {
                 let p = self.mem.get_mut(&dst).expect("unprotect of a missing page");
                 assert!(p.1, "unprotect of a writable page");
@@ -86,6 +93,34 @@ impl Sim {
             self.k.unmap(base, pages);
         }
     }
+    /// What the engine's `lock()` does: keep pool slots available (`extra` more).
+    fn top_up(&mut self, extra: usize) {
+        if self.mm.pool_free() < 8 + extra {
+            let n = 16 + extra;
+            let base = self.k.map();
+            self.mm.add_pool(base, n, (base, n));
+            self.reclaim();
+        }
+    }
+    /// Make `i`'s tables shareable: protect its few writable pages or freeze its view.
+    fn prepare_share(&mut self, sp: SpaceId) {
+        match self.mm.share_plan(sp) {
+            SharePlan::Ready => {}
+            SharePlan::Protect => {
+                let mut ops = Vec::new();
+                self.mm.protect_writable(sp, &mut ops);
+                self.k.ops(ops);
+            }
+            SharePlan::Freeze => {
+                let pages = self.mm.pages(sp);
+                let base = self.mm.view_base(sp);
+                let to = self.k.map();
+                self.k.moverange(base, to, pages);
+                self.mm.freeze_view(sp, to, (to, pages));
+                self.reclaim();
+            }
+        }
+    }
     fn create(&mut self, pages: usize) {
         let base = self.k.map();
         let sp = self.mm.new_space(pages, base, (base, pages));
@@ -94,13 +129,7 @@ impl Sim {
     fn fork(&mut self, i: usize) {
         let (p, model) = (self.spaces[i].0, self.spaces[i].1.clone());
         let pages = model.len();
-        if self.mm.needs_freeze(p) {
-            let base = self.mm.view_base(p);
-            let to = self.k.map();
-            self.k.moverange(base, to, pages);
-            self.mm.freeze_view(p, to, (to, pages));
-            self.reclaim();
-        }
+        self.prepare_share(p);
         let base = self.k.map();
         let c = self.mm.fork(p, base, (base, pages));
         self.spaces.push((c, model));
@@ -117,6 +146,7 @@ impl Sim {
             if !need {
                 break;
             }
+            self.top_up(0);
             let r = self.mm.resolve_fault(sp, page, write.is_some());
             assert_ne!(r.action, Action::Wake, "fault resolved to nothing");
             self.k.run(r.action);
@@ -131,6 +161,8 @@ impl Sim {
         p.0
     }
     fn discard(&mut self, i: usize, first: usize, end: usize) {
+        let need = self.mm.shared_homes(self.spaces[i].0, first, end).len();
+        self.top_up(need);
         let mut ops = Vec::new();
         self.mm.discard(self.spaces[i].0, first, end, &mut ops);
         self.k.ops(ops);
@@ -175,14 +207,9 @@ impl Sim {
         if !self.mm.resettable(a, b) {
             return;
         }
-        if self.mm.needs_freeze(b) {
-            let pages = self.mm.pages(b);
-            let base = self.mm.view_base(b);
-            let to = self.k.map();
-            self.k.moverange(base, to, pages);
-            self.mm.freeze_view(b, to, (to, pages));
-            self.reclaim();
-        }
+        self.prepare_share(b);
+        let need = self.mm.shared_homes(a, 0, self.mm.pages(a)).len();
+        self.top_up(need);
         let mut ops = Vec::new();
         self.mm.reset_to(a, b, &mut ops);
         self.k.ops(ops);
@@ -197,7 +224,16 @@ impl Sim {
     }
     fn drop_space(&mut self, i: usize) {
         let (sp, _) = self.spaces.swap_remove(i);
-        let (base, pages) = self.mm.drop_space(sp);
+        let (base, pages) = match self.mm.drop_space(sp) {
+            Dropped::Unmap(b) => b,
+            Dropped::Freeze => {
+                let pages = self.mm.pages(sp);
+                let base = self.mm.view_base(sp);
+                let to = self.k.map();
+                self.k.moverange(base, to, pages);
+                self.mm.drop_frozen(sp, to, (to, pages))
+            }
+        };
         self.k.unmap(base, pages);
         self.reclaim();
     }
@@ -294,6 +330,8 @@ fn model_random_sequences() {
     for seed in 1..=60u64 {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut s = Sim::new();
+        // Alternate the fork strategy: always freeze, always protect, or the default.
+        s.mm.set_protect_limit([Some(0), Some(usize::MAX), None][seed as usize % 3]);
         let pages = 512 * (1 + rng.below(3)) + rng.below(3) * 7;
         s.create(pages);
         for step in 0..1500 {
