@@ -20,4 +20,4 @@ pub mod inject {
 
 pub use arena::{Arena, ArenaBuilder, BrokenBy, FaultMode, FaultStats, Stats, UffdAccess};
 pub use error::{Error, Result, UffdBlock};
-pub use space::Space;
+pub use space::{ForkStrategy, Space};

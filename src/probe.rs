@@ -279,11 +279,16 @@ pub fn probe() -> Report {
     }
     if let DeviceState::Denied(e) = &device {
         if !matches!(round_trip, RoundTrip::Passed { access: UffdAccess::Device, .. }) {
+            let profile = if seccomp_blocks_userfaultfd {
+                ", or allow userfaultfd(2) with `--security-opt seccomp=cowarena-seccomp.json` (then \
+                 UFFD_USER_MODE_ONLY works for any user)"
+            } else {
+                ""
+            };
             advice.push(format!(
-                "{DEVICE} is present but uid {uid} cannot open it ({e}): its mode comes from the host \
-                 (usually 0600 root); run as root, or give this user read-write access on the host \
-                 (e.g. `chmod 0666 {DEVICE}` or a group), or use the seccomp profile so that \
-                 UFFD_USER_MODE_ONLY works"
+                "{DEVICE} is present but uid {uid} cannot open it ({e}): its mode and owner come from the \
+                 host (usually 0600 root); run as root, or give this user read-write access on the host \
+                 (a group, or `chmod 0666 {DEVICE}`){profile}"
             ));
         }
     }

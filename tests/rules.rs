@@ -199,3 +199,32 @@ fn reset_to_restores_the_snapshot_and_keeps_clean_pages_mapped() {
     assert!(matches!(work.reset_to(&other), Err(cowarena::Error::NotRelated)));
     arena.check_invariants().unwrap();
 }
+
+#[test]
+fn fork_strategies_keep_or_freeze_the_parent_view() {
+    let arena = Arena::new().unwrap();
+    for strategy in [cowarena::ForkStrategy::KeepWarm, cowarena::ForkStrategy::Freeze, cowarena::ForkStrategy::Auto] {
+        let mut a = arena.space(2 * TABLE).unwrap();
+        for p in (0..2 * TABLE).step_by(PAGE) {
+            a.as_mut_slice()[p] = 1;
+        }
+        let freezes = arena.stats().freezes;
+        let b = a.fork_with(strategy).unwrap();
+        let froze = arena.stats().freezes > freezes;
+        assert_eq!(froze, strategy != cowarena::ForkStrategy::KeepWarm, "{strategy:?}");
+        // Reading the parent after a warm fork faults nothing; after a freeze it re-faults.
+        let reads = arena.stats().faults.read_copy;
+        assert!(a.as_slice().iter().step_by(PAGE).all(|&v| v == 1));
+        assert_eq!(arena.stats().faults.read_copy > reads, froze, "{strategy:?}");
+        // Writes on either side keep both right (evacuation of warm homes to the pool).
+        for p in (0..2 * TABLE).step_by(3 * PAGE) {
+            a.as_mut_slice()[p] = 2;
+        }
+        drop(a);
+        assert!(b.as_slice().iter().step_by(PAGE).all(|&v| v == 1), "{strategy:?}");
+        arena.check_invariants().unwrap();
+        drop(b);
+        let s = arena.stats();
+        assert_eq!((s.frames_in_use, s.views_in_use, s.frozen_regions), (0, 0, 0), "{strategy:?}: {s:?}");
+    }
+}

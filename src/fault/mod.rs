@@ -83,8 +83,15 @@ impl Core {
 
     /// Make `sp`'s tables shareable (before a fork of it, or a reset to it): write-protect
     /// its few writable pages, or freeze its view. Returns whether it froze.
-    pub fn prepare_share(&self, mm: &mut Mm<Mapping>, sp: SpaceId) -> Result<bool> {
-        match mm.share_plan(sp) {
+    pub fn prepare_share(&self, mm: &mut Mm<Mapping>, sp: SpaceId, strategy: crate::ForkStrategy) -> Result<bool> {
+        use crate::mm::SharePlan;
+        let plan = match (mm.share_plan(sp), strategy) {
+            (SharePlan::Ready, _) => SharePlan::Ready,
+            (plan, crate::ForkStrategy::Auto) => plan,
+            (_, crate::ForkStrategy::KeepWarm) => SharePlan::Protect,
+            (_, crate::ForkStrategy::Freeze) => SharePlan::Freeze,
+        };
+        match plan {
             crate::mm::SharePlan::Ready => Ok(false),
             crate::mm::SharePlan::Protect => {
                 let mut ops = Vec::new();
