@@ -1,0 +1,1358 @@
+//! The cowarena benchmark (issue 4): workloads W1–W5, each run for cowarena and for its
+//! baselines (`baselines.rs`: the kernel's `fork(2)` and faults, a naive uffd-wp snapshot, a
+//! memcpy snapshot, a fork server, a memfd reset, a dirty-page memcpy reset) in the same
+//! process run, then a table of absolute figures and ratios and a PASS/MISS line per target.
+//!
+//! ```text
+//! cargo run --release --example bench                      # full run (≈ 5 minutes)
+//! cargo run --release --example bench -- --quick           # under 2 minutes
+//! cargo run --release --example bench -- --json out.json --svg out.svg
+//! cargo run --release --example bench -- --only W1,W4      # a subset (for development)
+//! ```
+//!
+//! Ratios are oriented so that **> 1 means cowarena wins**: cowarena ÷ baseline for rates,
+//! baseline ÷ cowarena for latencies and memory.
+//!
+//! Nothing of a cowarena arena is alive while a kernel baseline runs: a baseline's `fork(2)`
+//! would otherwise copy the arena's page tables too and look slower than it is.
+
+mod baselines;
+
+use std::fmt::Write as _;
+use std::ops::Range;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Barrier;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use baselines::Rng;
+use cowarena::{Arena, FaultMode, Space};
+
+const PAGE: usize = 4096;
+const MIB: usize = 1 << 20;
+const GIB: usize = 1 << 30;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+// ---------------------------------------------------------------------------------------
+// The one line to change when `Space::reset` lands (W2).
+// ---------------------------------------------------------------------------------------
+
+/// W2's in-place reset of `work` (a fork of `snap`) to `snap`'s contents, keeping clean view
+/// pages mapped; `None` while the API is not built yet (the row then reads "n/a").
+fn reset_in_place(work: &Space, snap: &Space) -> Option<cowarena::Result<()>> {
+    Some(work.reset_to(snap))
+}
+
+// ---------------------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------------------
+
+struct Config {
+    quick: bool,
+    json: Option<String>,
+    svg: Option<String>,
+    only: Option<Vec<String>>,
+}
+
+impl Config {
+    fn parse() -> Res<Config> {
+        let mut c = Config { quick: false, json: None, svg: None, only: None };
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
+            match a.as_str() {
+                "--quick" => c.quick = true,
+                "--json" => c.json = Some(args.next().ok_or("--json needs a path")?),
+                "--svg" => c.svg = Some(args.next().ok_or("--svg needs a path")?),
+                "--only" => {
+                    let list = args.next().ok_or("--only needs a list such as W1,W3")?;
+                    c.only = Some(list.split(',').map(|s| s.trim().to_uppercase()).collect());
+                }
+                "--bench" => {} // passed by `cargo bench --examples`
+                "-h" | "--help" => {
+                    println!("usage: bench [--quick] [--json PATH] [--svg PATH] [--only W1,W2,...]");
+                    std::process::exit(0);
+                }
+                other => return Err(format!("unknown argument {other:?} (try --help)").into()),
+            }
+        }
+        Ok(c)
+    }
+
+    fn runs(&self, w: &str) -> bool {
+        self.only.as_ref().map_or(true, |o| o.iter().any(|x| x == w))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Results
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq)]
+enum Unit {
+    /// A duration in seconds (lower is better).
+    Secs,
+    /// Events per second (higher is better).
+    PerSec,
+    /// Bytes (lower is better).
+    Bytes,
+    /// A plain factor (higher is better).
+    Factor,
+    /// A plain factor where lower is better (a slowdown).
+    Slowdown,
+}
+
+impl Unit {
+    fn higher_is_better(self) -> bool {
+        matches!(self, Unit::PerSec | Unit::Factor)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Unit::Secs => "s",
+            Unit::PerSec => "1/s",
+            Unit::Bytes => "B",
+            Unit::Factor | Unit::Slowdown => "x",
+        }
+    }
+
+    fn fmt(self, v: Option<f64>) -> String {
+        let Some(v) = v else { return "n/a (not built yet)".into() };
+        if !v.is_finite() {
+            return "n/a".into();
+        }
+        match self {
+            Unit::Secs if v >= 1.0 => format!("{v:.2} s"),
+            Unit::Secs if v >= 1e-3 => format!("{:.2} ms", v * 1e3),
+            Unit::Secs => format!("{:.1} µs", v * 1e6),
+            Unit::PerSec if v >= 1e6 => format!("{:.2} M/s", v / 1e6),
+            Unit::PerSec if v >= 1e3 => format!("{:.1} k/s", v / 1e3),
+            Unit::PerSec => format!("{v:.0} /s"),
+            Unit::Bytes if v >= GIB as f64 => format!("{:.2} GiB", v / GIB as f64),
+            Unit::Bytes => format!("{:.1} MiB", v / MIB as f64),
+            Unit::Factor | Unit::Slowdown => format!("{v:.2}x"),
+        }
+    }
+}
+
+/// One line of the table: a cowarena figure against one baseline.
+struct Row {
+    workload: &'static str,
+    metric: String,
+    unit: Unit,
+    cowarena: Option<f64>,
+    baseline_name: String,
+    baseline: Option<f64>,
+}
+
+impl Row {
+    /// > 1 means cowarena wins.
+    fn ratio(&self) -> Option<f64> {
+        let (c, b) = (self.cowarena?, self.baseline?);
+        let r = if self.unit.higher_is_better() { c / b } else { b / c };
+        r.is_finite().then_some(r)
+    }
+}
+
+/// A target from the issue, judged on one figure.
+struct Target {
+    id: &'static str,
+    text: String,
+    value: Option<f64>,
+    threshold: f64,
+    /// true: `value >= threshold` passes; false: `value <= threshold` passes.
+    at_least: bool,
+    unit: Unit,
+}
+
+impl Target {
+    fn pass(&self) -> Option<bool> {
+        let v = self.value.filter(|v| v.is_finite())?;
+        Some(if self.at_least { v >= self.threshold } else { v <= self.threshold })
+    }
+}
+
+/// Fork latency of one size, for the chart (seconds).
+#[derive(Clone, Copy, Default)]
+struct W1Point {
+    size: usize,
+    cowarena: f64,
+    kernel: f64,
+    uffd_wp: f64,
+    memcpy: f64,
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+    targets: Vec<Target>,
+    w1: Vec<W1Point>,
+    notes: Vec<String>,
+}
+
+impl Report {
+    fn row(
+        &mut self,
+        workload: &'static str,
+        metric: impl Into<String>,
+        unit: Unit,
+        cow: Option<f64>,
+        name: &str,
+        base: Option<f64>,
+    ) {
+        let row =
+            Row { workload, metric: metric.into(), unit, cowarena: cow, baseline_name: name.into(), baseline: base };
+        println!(
+            "  {:<46} cowarena {:>14}   {:<22} {:>14}   ratio {}",
+            row.metric,
+            unit.fmt(row.cowarena),
+            row.baseline_name,
+            unit.fmt(row.baseline),
+            fmt_ratio(row.ratio())
+        );
+        self.rows.push(row);
+    }
+
+    fn target(
+        &mut self,
+        id: &'static str,
+        text: impl Into<String>,
+        value: Option<f64>,
+        at_least: bool,
+        threshold: f64,
+        unit: Unit,
+    ) {
+        self.targets.push(Target { id, text: text.into(), value, threshold, at_least, unit });
+    }
+
+    fn note(&mut self, s: impl Into<String>) {
+        let s = s.into();
+        println!("  note: {s}");
+        self.notes.push(s);
+    }
+}
+
+fn fmt_ratio(r: Option<f64>) -> String {
+    match r {
+        Some(r) if r >= 100.0 => format!("{r:.0}x"),
+        Some(r) if r >= 10.0 => format!("{r:.1}x"),
+        Some(r) => format!("{r:.2}x"),
+        None => "n/a".into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers: touching view pages, memory figures
+// ---------------------------------------------------------------------------------------
+
+fn pages_of(s: &Space) -> usize {
+    s.len() / PAGE
+}
+
+/// Stores `v` in the first word of page `p` of `s`'s view (a view fault when needed).
+#[inline]
+fn store(s: &Space, p: usize, v: u64) {
+    assert!(p < pages_of(s));
+    // SAFETY: page `p` lies inside the view, which `s` keeps mapped; the word is aligned.
+    // Concurrent writers write disjoint pages and create no references into the view (the
+    // aliasing contract of `Space`).
+    unsafe { std::ptr::write_volatile(s.as_mut_ptr().add(p * PAGE).cast::<u64>(), v) }
+}
+
+/// Loads the first word of page `p` of `s`'s view (a view fault when needed).
+#[inline]
+fn load(s: &Space, p: usize) -> u64 {
+    assert!(p < pages_of(s));
+    // SAFETY: as in `store`; reads race with no writer of the same page in this benchmark.
+    unsafe { std::ptr::read_volatile(s.as_ptr().add(p * PAGE).cast::<u64>()) }
+}
+
+fn pattern(gen: u64, p: usize) -> u64 {
+    ((gen << 48) ^ (p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1
+}
+
+/// Writes every page of `s` once; returns the time taken.
+fn fill(s: &Space, gen: u64) -> Duration {
+    let t = Instant::now();
+    for p in 0..pages_of(s) {
+        store(s, p, pattern(gen, p));
+    }
+    t.elapsed()
+}
+
+/// `n` distinct pages of `0..pages` in random order.
+fn distinct_pages(rng: &mut Rng, pages: usize, n: usize) -> Vec<usize> {
+    let n = n.min(pages);
+    let mut all: Vec<usize> = (0..pages).collect();
+    for i in 0..n {
+        let j = i + rng.below(pages - i);
+        all.swap(i, j);
+    }
+    all.truncate(n);
+    all
+}
+
+/// Runs `f` on `threads` disjoint contiguous page ranges of `0..pages`, one thread each,
+/// released together; returns the wall time from the first thread's start to the last
+/// one's end (each thread takes its own timestamps, so a descheduled main thread cannot
+/// shorten the measurement).
+fn threaded<F: Fn(Range<usize>) + Sync>(pages: usize, threads: usize, f: F) -> Duration {
+    let barrier = Barrier::new(threads);
+    thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                let (f, barrier) = (&f, &barrier);
+                let r = pages * t / threads..pages * (t + 1) / threads;
+                s.spawn(move || {
+                    barrier.wait();
+                    let start = Instant::now();
+                    f(r);
+                    (start, Instant::now())
+                })
+            })
+            .collect();
+        let spans: Vec<(Instant, Instant)> =
+            hs.into_iter().map(|h| h.join().expect("worker thread panicked")).collect();
+        let first = spans.iter().map(|s| s.0).min().expect("at least one thread");
+        let last = spans.iter().map(|s| s.1).max().expect("at least one thread");
+        last - first
+    })
+}
+
+/// The value of a `Key:   N kB` line, in bytes.
+fn kb_line(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')))
+        .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}
+
+/// `(Rss, Pss)` of this process, bytes.
+fn self_rss_pss() -> (u64, u64) {
+    let t = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    (kb_line(&t, "Rss").unwrap_or(0), kb_line(&t, "Pss").unwrap_or(0))
+}
+
+/// `(VmRSS, VmPTE)` of this process, bytes.
+fn self_rss_pte() -> (u64, u64) {
+    let t = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    (kb_line(&t, "VmRSS").unwrap_or(0), kb_line(&t, "VmPTE").unwrap_or(0))
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn per_sec(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+fn mib(b: usize) -> usize {
+    b / MIB
+}
+
+fn size_name(b: usize) -> String {
+    if b >= GIB {
+        format!("{} GiB", b / GIB)
+    } else {
+        format!("{} MiB", b / MIB)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// W1: fork latency vs size
+// ---------------------------------------------------------------------------------------
+
+fn w1(cfg: &Config, rep: &mut Report) -> Res<()> {
+    let sizes: &[usize] = if cfg.quick { &[64 * MIB, 256 * MIB] } else { &[64 * MIB, 256 * MIB, GIB, 4 * GIB] };
+    for &size in sizes {
+        let reps = match size {
+            s if s <= 256 * MIB => 5,
+            s if s <= GIB => 3,
+            _ => 2,
+        };
+        let kernel = secs(baselines::kernel_fork_latency(size, reps)?);
+        let wp = baselines::uffd_wp_snapshot(size, 0.01)?;
+        let memcpy = secs(baselines::memcpy_snapshot(size)?);
+
+        let arena = Arena::new()?;
+        let space = arena.space(size)?;
+        let mut times = Vec::new();
+        for r in 0..reps {
+            fill(&space, r as u64 + 1);
+            let t = Instant::now();
+            let child = space.fork()?;
+            times.push(t.elapsed());
+            if load(&child, pages_of(&child) - 1) != pattern(r as u64 + 1, pages_of(&child) - 1) {
+                return Err("W1: the fork does not hold the parent's data".into());
+            }
+            drop(child);
+        }
+        let cow = secs(median(times));
+        drop(space);
+        drop(arena);
+
+        let w = format!("fork latency, {} fully written", size_name(size));
+        rep.row("W1", &w, Unit::Secs, Some(cow), "kernel fork(2)", Some(kernel));
+        rep.row("W1", &w, Unit::Secs, Some(cow), "uffd-wp protect-all", Some(secs(wp.protect)));
+        rep.row("W1", &w, Unit::Secs, Some(cow), "memcpy snapshot", Some(memcpy));
+        rep.w1.push(W1Point { size, cowarena: cow, kernel, uffd_wp: secs(wp.protect), memcpy });
+        if size >= 256 * MIB {
+            rep.target(
+                "W1",
+                format!("fork of {} fully written >= 20x faster than fork(2)", size_name(size)),
+                Some(kernel / cow),
+                true,
+                20.0,
+                Unit::Factor,
+            );
+        }
+        if size == GIB {
+            rep.target(
+                "W1",
+                "fork of 1 GiB fully written: aim 50x faster than fork(2)",
+                Some(kernel / cow),
+                true,
+                50.0,
+                Unit::Factor,
+            );
+        }
+    }
+
+    // Repeated forks with 1 % of the pages written between forks.
+    let size = if cfg.quick { 256 * MIB } else { GIB };
+    let reps = if cfg.quick { 10 } else { 20 };
+    let kernel = match rep.w1.iter().find(|p| p.size == size) {
+        Some(p) => p.kernel,
+        None => secs(baselines::kernel_fork_latency(size, 3)?),
+    };
+    let arena = Arena::new()?;
+    let space = arena.space(size)?;
+    fill(&space, 1);
+    let mut prev = Some(space.fork()?);
+    let pages = pages_of(&space);
+    let mut rng = Rng::new(0xb1);
+    let mut times = Vec::new();
+    for r in 0..reps {
+        for p in distinct_pages(&mut rng, pages, pages / 100) {
+            store(&space, p, pattern(r + 2, p));
+        }
+        let t = Instant::now();
+        let child = space.fork()?;
+        times.push(t.elapsed());
+        prev = Some(child); // the previous snapshot lives until the next one exists
+    }
+    drop(prev);
+    let cow = secs(median(times));
+    let s = arena.stats();
+    drop(space);
+    drop(arena);
+    rep.row(
+        "W1",
+        format!("fork latency, {} with 1% written since last fork", size_name(size)),
+        Unit::Secs,
+        Some(cow),
+        "kernel fork(2)",
+        Some(kernel),
+    );
+    rep.note(format!("W1 1% loop: {} forks, {} freezes, {} bytes copied", s.forks, s.freezes, s.bytes_copied));
+    rep.target(
+        "W1",
+        format!("fork of {} with 1% written between forks >= 50x faster than fork(2)", size_name(size)),
+        Some(kernel / cow),
+        true,
+        50.0,
+        Unit::Factor,
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// W2: fuzz loop
+// ---------------------------------------------------------------------------------------
+
+const W2_WRITES: usize = 64;
+const W2_READS: usize = 256;
+
+/// One fuzz iteration on `s`: 64 random page writes, 256 random page reads.
+fn fuzz_iteration(s: &Space, rng: &mut Rng, it: u64) -> u64 {
+    let pages = pages_of(s);
+    for _ in 0..W2_WRITES {
+        store(s, rng.below(pages), it);
+    }
+    let mut acc = 0u64;
+    for _ in 0..W2_READS {
+        acc = acc.wrapping_add(load(s, rng.below(pages)));
+    }
+    acc
+}
+
+fn w2(cfg: &Config, rep: &mut Report) -> Res<()> {
+    let size = 256 * MIB;
+    let scale = if cfg.quick { 1 } else { 4 };
+    let fork_server = baselines::fork_server_iters_per_sec(size, W2_WRITES, W2_READS, 100 * scale)?;
+    let memfd = baselines::memfd_reset_iters_per_sec(size, W2_WRITES, W2_READS, 500 * scale)?;
+    let dirty = baselines::dirty_memcpy_reset_iters_per_sec(size, W2_WRITES, W2_READS, 5000 * scale)?;
+
+    let arena = Arena::new()?;
+    let snap = arena.space(size)?;
+    fill(&snap, 1);
+    drop(snap.fork()?); // freezes the snapshot once, as a fuzzer's first iteration would
+
+    // Fork per iteration.
+    let iters = 500 * scale;
+    let mut rng = Rng::new(0xf2);
+    let t = Instant::now();
+    for it in 0..iters as u64 {
+        let c = snap.fork()?;
+        std::hint::black_box(fuzz_iteration(&c, &mut rng, it));
+    }
+    let fork_rate = per_sec(iters, t.elapsed());
+
+    // Reset in place per iteration.
+    let work = snap.fork()?;
+    let mut rng = Rng::new(0xf2);
+    let mut reset_rate = None;
+    if reset_in_place(&work, &snap).is_some() {
+        let iters = 1000 * scale;
+        let t = Instant::now();
+        for it in 0..iters as u64 {
+            std::hint::black_box(fuzz_iteration(&work, &mut rng, it + 1));
+            reset_in_place(&work, &snap).ok_or("reset vanished")??;
+        }
+        reset_rate = Some(per_sec(iters, t.elapsed()));
+        // The reset must really restore the snapshot.
+        for p in (0..pages_of(&snap)).step_by(97) {
+            if load(&work, p) != pattern(1, p) {
+                return Err(format!("W2: page {p} not restored by reset").into());
+            }
+        }
+    }
+    let s = arena.stats();
+    drop(work);
+    drop(snap);
+    drop(arena);
+    rep.note(format!(
+        "W2 faults: read_copy {} write_cow {} write_reuse {} tables broken {} reused {}",
+        s.faults.read_copy, s.faults.write_cow, s.faults.write_reuse, s.tables_broken, s.tables_reused
+    ));
+
+    let name = "fuzz iterations, 256 MiB";
+    for (how, v) in [("fork per iteration", Some(fork_rate)), ("reset in place", reset_rate)] {
+        let m = format!("{name} ({how})");
+        rep.row("W2", &m, Unit::PerSec, v, "kernel fork server", Some(fork_server));
+        rep.row("W2", &m, Unit::PerSec, v, "memfd + DONTNEED reset", Some(memfd));
+        rep.row("W2", &m, Unit::PerSec, v, "dirty-page memcpy reset", Some(dirty));
+    }
+    let best = Some(reset_rate.unwrap_or(0.0).max(fork_rate));
+    rep.target(
+        "W2",
+        "fuzz loop >= 2x the kernel fork server (best cowarena variant)",
+        best.map(|b| b / fork_server),
+        true,
+        2.0,
+        Unit::Factor,
+    );
+    rep.target(
+        "W2",
+        "fuzz loop ahead of the memfd reset (best cowarena variant)",
+        best.map(|b| b / memfd),
+        true,
+        1.0,
+        Unit::Factor,
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// W3: live snapshot
+// ---------------------------------------------------------------------------------------
+
+struct LiveCow {
+    pause: Duration,
+    rate_before: f64,
+    rate_during: f64,
+    during_pages: usize,
+    reader_time: Duration,
+    peak_pss: u64,
+    peak_rss: u64,
+}
+
+fn w3_cowarena(size: usize) -> Res<LiveCow> {
+    let arena = Arena::new()?;
+    let heap = arena.space(size)?;
+    fill(&heap, 1);
+    let pages = pages_of(&heap);
+    let n = pages / 10;
+    let mut rng = Rng::new(0x5eed_0003);
+    let before = distinct_pages(&mut rng, pages, n);
+    let during = distinct_pages(&mut rng, pages, n);
+
+    let t = Instant::now();
+    for (k, &p) in before.iter().enumerate() {
+        store(&heap, p, k as u64);
+    }
+    let rate_before = per_sec(n, t.elapsed());
+    // What the snapshot must show for a few pages the owner overwrites after the fork.
+    let expect: Vec<(usize, u64)> = during.iter().take(64).map(|&p| (p, load(&heap, p))).collect();
+
+    let stop = AtomicBool::new(false);
+    let done = AtomicBool::new(false);
+    let peak_pss = AtomicU64::new(0);
+    let peak_rss = AtomicU64::new(0);
+    let sample = || {
+        let (r, p) = self_rss_pss();
+        peak_rss.fetch_max(r, Ordering::Relaxed);
+        peak_pss.fetch_max(p, Ordering::Relaxed);
+    };
+    let t = Instant::now();
+    let snap = heap.fork()?;
+    let pause = t.elapsed();
+    let snap = &snap;
+    let out = thread::scope(|s| -> Res<LiveCow> {
+        s.spawn(|| {
+            while !stop.load(Ordering::Acquire) {
+                sample();
+                thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let done = &done;
+        let reader = s.spawn(move || -> cowarena::Result<(Duration, u64)> {
+            let t = Instant::now();
+            let mut buf = vec![0u8; MIB];
+            let mut sum = 0u64;
+            let mut off = 0;
+            while off < snap.len() {
+                let n = buf.len().min(snap.len() - off);
+                snap.read(off, &mut buf[..n])?;
+                for w in buf[..n].chunks_exact(64) {
+                    sum = sum.wrapping_add(u64::from_le_bytes(w[..8].try_into().expect("8 bytes")));
+                }
+                off += n;
+            }
+            done.store(true, Ordering::Release);
+            Ok((t.elapsed(), sum))
+        });
+        let t = Instant::now();
+        let (mut during_pages, mut during_time) = (0, Duration::ZERO);
+        for chunk in during.chunks(64) {
+            if done.load(Ordering::Acquire) {
+                break;
+            }
+            for &p in chunk {
+                store(&heap, p, 0xdead);
+            }
+            during_pages += chunk.len();
+            during_time = t.elapsed();
+        }
+        sample();
+        for &p in &during[during_pages..] {
+            store(&heap, p, 0xdead);
+        }
+        let (reader_time, sum) = reader.join().expect("reader panicked")?;
+        std::hint::black_box(sum);
+        sample();
+        stop.store(true, Ordering::Release);
+        for &(p, v) in &expect {
+            let mut b = [0u8; 8];
+            snap.read(p * PAGE, &mut b)?;
+            if u64::from_le_bytes(b) != v {
+                return Err(format!("W3: snapshot page {p} changed under the reader").into());
+            }
+        }
+        Ok(LiveCow {
+            pause,
+            rate_before,
+            rate_during: if during_pages == 0 { f64::NAN } else { per_sec(during_pages, during_time) },
+            during_pages,
+            reader_time,
+            peak_pss: 0,
+            peak_rss: 0,
+        })
+    })?;
+    Ok(LiveCow { peak_pss: peak_pss.load(Ordering::Relaxed), peak_rss: peak_rss.load(Ordering::Relaxed), ..out })
+}
+
+fn w3(cfg: &Config, rep: &mut Report) -> Res<()> {
+    let size = if cfg.quick { 256 * MIB } else { GIB };
+    let k = baselines::kernel_fork_live_snapshot(size, 0.10)?;
+    let c = w3_cowarena(size)?;
+    let sz = size_name(size);
+    rep.row(
+        "W3",
+        format!("owner pause at snapshot, {sz}"),
+        Unit::Secs,
+        Some(secs(c.pause)),
+        "kernel fork(2)",
+        Some(secs(k.fork_pause)),
+    );
+    rep.row(
+        "W3",
+        "owner write rate before snapshot",
+        Unit::PerSec,
+        Some(c.rate_before),
+        "kernel (same writes)",
+        Some(k.write_rate_before),
+    );
+    rep.row(
+        "W3",
+        "owner write rate while snapshot is read",
+        Unit::PerSec,
+        Some(c.rate_during),
+        "kernel fork(2), child reads",
+        Some(k.write_rate_during),
+    );
+    rep.row(
+        "W3",
+        "owner slowdown (before / during)",
+        Unit::Slowdown,
+        Some(c.rate_before / c.rate_during),
+        "kernel fork(2)",
+        Some(k.slowdown),
+    );
+    rep.row(
+        "W3",
+        "snapshot read time (whole heap)",
+        Unit::Secs,
+        Some(secs(c.reader_time)),
+        "kernel child read",
+        Some(secs(k.child_read)),
+    );
+    rep.row(
+        "W3",
+        "peak memory (Pss, whole process)",
+        Unit::Bytes,
+        Some(c.peak_pss as f64),
+        "kernel owner+child Pss",
+        Some(k.peak_pss_total as f64),
+    );
+    rep.note(format!(
+        "W3 writes overlapping the read: cowarena {} of {}, kernel {} of {}; cowarena peak Rss {:.0} MiB, kernel Rss sum {:.0} MiB (counts shared pages twice)",
+        c.during_pages,
+        size / PAGE / 10,
+        k.pages_written_during,
+        k.pages_written,
+        c.peak_rss as f64 / MIB as f64,
+        k.peak_rss_total as f64 / MIB as f64
+    ));
+    rep.target(
+        "W3",
+        "owner pause >= 20x shorter than fork(2)",
+        Some(secs(k.fork_pause) / secs(c.pause)),
+        true,
+        20.0,
+        Unit::Factor,
+    );
+    rep.target(
+        "W3",
+        "peak memory <= kernel's + 10% (cowarena / kernel)",
+        Some(c.peak_pss as f64 / k.peak_pss_total as f64),
+        false,
+        1.10,
+        Unit::Factor,
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// W4: fault throughput
+// ---------------------------------------------------------------------------------------
+
+/// Fault rates of one arena: `(first-touch writes, read faults in a fork, COW writes in
+/// the fork, COW writes in the parent)`, faults per second with `threads` threads.
+fn w4_cowarena(arena: &Arena, size: usize, threads: usize) -> Res<[f64; 4]> {
+    let root = arena.space(size)?;
+    let pages = pages_of(&root);
+    let first = threaded(pages, threads, |r| r.for_each(|p| store(&root, p, pattern(1, p))));
+
+    let child = root.fork()?;
+    let read = threaded(pages, threads, |r| {
+        let mut acc = 0u64;
+        for p in r {
+            acc = acc.wrapping_add(load(&child, p));
+        }
+        std::hint::black_box(acc);
+    });
+    drop(child);
+
+    let child = root.fork()?;
+    let cow_child = threaded(pages, threads, |r| r.for_each(|p| store(&child, p, 2)));
+    if load(&root, pages / 2) != pattern(1, pages / 2) {
+        return Err("W4: a child's write reached its parent".into());
+    }
+    drop(child);
+
+    let child = root.fork()?;
+    let cow_parent = threaded(pages, threads, |r| r.for_each(|p| store(&root, p, 3)));
+    drop(child);
+    Ok([per_sec(pages, first), per_sec(pages, read), per_sec(pages, cow_child), per_sec(pages, cow_parent)])
+}
+
+fn w4(cfg: &Config, rep: &mut Report) -> Res<()> {
+    let size = if cfg.quick { 64 * MIB } else { 256 * MIB };
+    let mut cow_child_1 = None;
+    let mut kcow_1 = None;
+    for threads in [1, 2] {
+        let touch = baselines::kernel_first_touch_rate(size, threads)?;
+        let kcow = baselines::kernel_cow_fault_rate(size, threads)?;
+        let arena = Arena::new()?;
+        let [first, read, cow_child, cow_parent] = w4_cowarena(&arena, size, threads)?;
+        let s = arena.stats();
+        drop(arena);
+        let t = format!("{threads} thread{}", if threads > 1 { "s" } else { "" });
+        rep.row(
+            "W4",
+            format!("first-touch write faults, {t}"),
+            Unit::PerSec,
+            Some(first),
+            "kernel first touch",
+            Some(touch),
+        );
+        rep.row(
+            "W4",
+            format!("read faults in a fork, {t}"),
+            Unit::PerSec,
+            Some(read),
+            "kernel first touch",
+            Some(touch),
+        );
+        rep.row(
+            "W4",
+            format!("COW write faults in the fork, {t}"),
+            Unit::PerSec,
+            Some(cow_child),
+            "kernel COW fault",
+            Some(kcow),
+        );
+        rep.row(
+            "W4",
+            format!("COW write faults in the parent, {t}"),
+            Unit::PerSec,
+            Some(cow_parent),
+            "kernel COW fault",
+            Some(kcow),
+        );
+        rep.note(format!(
+            "W4 {t}: write_zero {} read_copy {} write_cow {} write_reuse {} spurious {} failed {}",
+            s.faults.write_zero,
+            s.faults.read_copy,
+            s.faults.write_cow,
+            s.faults.write_reuse,
+            s.faults.spurious,
+            s.faults.failed
+        ));
+        match cow_child_1 {
+            None => {
+                cow_child_1 = Some(cow_child);
+                kcow_1 = Some(kcow);
+                rep.target(
+                    "W4",
+                    "COW write faults, 1 thread >= 1.0x kernel COW",
+                    Some(cow_child / kcow),
+                    true,
+                    1.0,
+                    Unit::Factor,
+                );
+                rep.target(
+                    "W4",
+                    "COW write faults, 1 thread: aim 2x kernel COW",
+                    Some(cow_child / kcow),
+                    true,
+                    2.0,
+                    Unit::Factor,
+                );
+            }
+            Some(one) => {
+                rep.row(
+                    "W4",
+                    "COW write faults, 2 threads / 1 thread",
+                    Unit::Factor,
+                    Some(cow_child / one),
+                    "kernel COW 2t/1t",
+                    kcow_1.map(|k1| kcow / k1),
+                );
+                rep.target(
+                    "W4",
+                    "COW write faults, 2 threads >= 1.6x one thread",
+                    Some(cow_child / one),
+                    true,
+                    1.6,
+                    Unit::Factor,
+                );
+            }
+        }
+    }
+    // The handler-thread engine, for reference (a cross-thread wake-up per fault).
+    let small = 32 * MIB;
+    let kcow = baselines::kernel_cow_fault_rate(small, 1)?;
+    let arena = Arena::builder().fault_mode(FaultMode::Thread).build()?;
+    let [_, read, cow_child, _] = w4_cowarena(&arena, small, 1)?;
+    drop(arena);
+    rep.row("W4", "read faults, FaultMode::Thread, 1 thread", Unit::PerSec, Some(read), "kernel COW fault", Some(kcow));
+    rep.row(
+        "W4",
+        "COW write faults, FaultMode::Thread, 1 thread",
+        Unit::PerSec,
+        Some(cow_child),
+        "kernel COW fault",
+        Some(kcow),
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// W5: fan-out
+// ---------------------------------------------------------------------------------------
+
+fn w5(cfg: &Config, rep: &mut Report) -> Res<()> {
+    let size = GIB;
+    let forks = if cfg.quick { 100 } else { 1000 };
+    let probe = if cfg.quick { 4 } else { 8 };
+    let pte_per_child = baselines::kernel_fork_pagetable_bytes(size, probe)?;
+    let kernel_fork = match rep.w1.iter().find(|p| p.size == size) {
+        Some(p) => p.kernel,
+        None => secs(baselines::kernel_fork_latency(size, 3)?),
+    };
+
+    let (rss0, pte0) = self_rss_pte();
+    let arena = Arena::new()?;
+    let root = arena.space(size)?;
+    fill(&root, 1);
+    drop(root.fork()?); // the first fork freezes the written root (measured in W1)
+    let pages = pages_of(&root);
+    let mut kids = Vec::with_capacity(forks);
+    let mut fork_time = Duration::ZERO;
+    let t = Instant::now();
+    for k in 0..forks {
+        let f = Instant::now();
+        let c = root.fork()?;
+        fork_time += f.elapsed();
+        store(&c, (k * 4099) % pages, k as u64);
+        kids.push(c);
+    }
+    let total = t.elapsed();
+    let (rss1, pte1) = self_rss_pte();
+    let (_, pss1) = self_rss_pss();
+    let s = arena.stats();
+    for (k, c) in kids.iter().enumerate().step_by(97) {
+        let p = (k * 4099) % pages;
+        if load(c, p) != k as u64 || load(c, (p + 1) % pages) != pattern(1, (p + 1) % pages) {
+            return Err(format!("W5: fork {k} holds wrong data").into());
+        }
+    }
+    let t = Instant::now();
+    drop(kids);
+    let drop_time = t.elapsed();
+    drop(root);
+    drop(arena);
+
+    let used = rss1.saturating_sub(rss0) + pte1.saturating_sub(pte0);
+    let kernel_total = (size as u64 + forks as u64 * (pte_per_child + PAGE as u64)) as f64;
+    rep.row(
+        "W5",
+        format!("forks/s of {}, {forks} alive, 1 page written each", size_name(size)),
+        Unit::PerSec,
+        Some(per_sec(forks, total)),
+        "kernel fork(2) (1/latency)",
+        Some(1.0 / kernel_fork),
+    );
+    rep.row(
+        "W5",
+        "forks/s, fork alone",
+        Unit::PerSec,
+        Some(per_sec(forks, fork_time)),
+        "kernel fork(2) (1/latency)",
+        Some(1.0 / kernel_fork),
+    );
+    rep.row(
+        "W5",
+        format!("resident memory with {forks} forks alive (RSS + page tables)"),
+        Unit::Bytes,
+        Some(used as f64),
+        "kernel: 1 GiB + children's PTEs",
+        Some(kernel_total),
+    );
+    rep.note(format!(
+        "W5: kernel page tables per child {:.0} KiB (mean of {probe}); cowarena VmPTE grew {:.1} MiB, RSS {:.1} MiB, process Pss {:.1} MiB; tables in use {}, frames in use {}, dropping {forks} forks took {:.1} ms",
+        pte_per_child as f64 / 1024.0,
+        pte1.saturating_sub(pte0) as f64 / MIB as f64,
+        rss1.saturating_sub(rss0) as f64 / MIB as f64,
+        pss1 as f64 / MIB as f64,
+        s.tables_in_use,
+        s.frames_in_use,
+        secs(drop_time) * 1e3
+    ));
+    rep.target(
+        "W5",
+        format!("{forks} forks of 1 GiB (one page written each) >= 1000 forks/s"),
+        Some(per_sec(forks, total)),
+        true,
+        1000.0,
+        Unit::PerSec,
+    );
+    rep.target(
+        "W5",
+        format!("resident memory with {forks} forks alive <= 1.1 GiB"),
+        Some(used as f64),
+        false,
+        1.1 * GIB as f64,
+        Unit::Bytes,
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Output: table, targets, JSON, SVG
+// ---------------------------------------------------------------------------------------
+
+fn print_summary(rep: &Report, header: &str) {
+    println!("\n{header}");
+    println!(
+        "ratio = cowarena ÷ baseline for rates, baseline ÷ cowarena for times and memory: > 1 means cowarena wins\n"
+    );
+    let w = rep.rows.iter().map(|r| r.metric.chars().count()).max().unwrap_or(10).max(6);
+    let b = rep.rows.iter().map(|r| r.baseline_name.chars().count()).max().unwrap_or(10).max(8);
+    println!(
+        "| {:<3} | {:<w$} | {:>14} | {:<b$} | {:>14} | {:>8} |",
+        "W", "metric", "cowarena", "baseline", "baseline value", "ratio"
+    );
+    println!(
+        "|{}|{}|{}|{}|{}|{}|",
+        "-".repeat(5),
+        "-".repeat(w + 2),
+        "-".repeat(16),
+        "-".repeat(b + 2),
+        "-".repeat(16),
+        "-".repeat(10)
+    );
+    for r in &rep.rows {
+        println!(
+            "| {:<3} | {:<w$} | {:>14} | {:<b$} | {:>14} | {:>8} |",
+            r.workload,
+            r.metric,
+            r.unit.fmt(r.cowarena),
+            r.baseline_name,
+            r.unit.fmt(r.baseline),
+            fmt_ratio(r.ratio())
+        );
+    }
+    println!("\nTargets (issue 4):");
+    for t in &rep.targets {
+        let verdict = match t.pass() {
+            Some(true) => "PASS",
+            Some(false) => "MISS",
+            None => "n/a ",
+        };
+        let op = if t.at_least { ">=" } else { "<=" };
+        println!(
+            "  [{verdict}] {} {}: {} (target {op} {})",
+            t.id,
+            t.text,
+            t.unit.fmt(t.value),
+            t.unit.fmt(Some(t.threshold))
+        );
+    }
+}
+
+fn json_str(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(o, "\\u{:04x}", c as u32);
+            }
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+fn json_num(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v.is_finite() => format!("{v}"),
+        _ => "null".into(),
+    }
+}
+
+fn to_json(rep: &Report, meta: &[(&str, String)]) -> String {
+    let mut o = String::from("{\n");
+    for (k, v) in meta {
+        let _ = writeln!(o, "  {}: {},", json_str(k), json_str(v));
+    }
+    o.push_str("  \"ratio_orientation\": \"> 1 means cowarena wins (cowarena/baseline for rates, baseline/cowarena for times and memory)\",\n");
+    o.push_str("  \"rows\": [\n");
+    for (i, r) in rep.rows.iter().enumerate() {
+        let _ = write!(
+            o,
+            "    {{\"workload\": {}, \"metric\": {}, \"unit\": {}, \"cowarena\": {}, \"baseline\": {}, \"baseline_value\": {}, \"ratio\": {}}}",
+            json_str(r.workload),
+            json_str(&r.metric),
+            json_str(r.unit.name()),
+            json_num(r.cowarena),
+            json_str(&r.baseline_name),
+            json_num(r.baseline),
+            json_num(r.ratio())
+        );
+        o.push_str(if i + 1 < rep.rows.len() { ",\n" } else { "\n" });
+    }
+    o.push_str("  ],\n  \"targets\": [\n");
+    for (i, t) in rep.targets.iter().enumerate() {
+        let pass = match t.pass() {
+            Some(p) => p.to_string(),
+            None => "null".into(),
+        };
+        let _ = write!(
+            o,
+            "    {{\"workload\": {}, \"target\": {}, \"value\": {}, \"threshold\": {}, \"comparison\": {}, \"unit\": {}, \"pass\": {pass}}}",
+            json_str(t.id),
+            json_str(&t.text),
+            json_num(t.value),
+            json_num(Some(t.threshold)),
+            json_str(if t.at_least { ">=" } else { "<=" }),
+            json_str(t.unit.name())
+        );
+        o.push_str(if i + 1 < rep.targets.len() { ",\n" } else { "\n" });
+    }
+    o.push_str("  ],\n  \"w1_fork_latency_seconds\": [\n");
+    for (i, p) in rep.w1.iter().enumerate() {
+        let _ = write!(
+            o,
+            "    {{\"size_mib\": {}, \"cowarena\": {}, \"kernel_fork\": {}, \"uffd_wp\": {}, \"memcpy\": {}}}",
+            mib(p.size),
+            json_num(Some(p.cowarena)),
+            json_num(Some(p.kernel)),
+            json_num(Some(p.uffd_wp)),
+            json_num(Some(p.memcpy))
+        );
+        o.push_str(if i + 1 < rep.w1.len() { ",\n" } else { "\n" });
+    }
+    o.push_str("  ],\n  \"notes\": [\n");
+    for (i, n) in rep.notes.iter().enumerate() {
+        let _ = write!(o, "    {}", json_str(n));
+        o.push_str(if i + 1 < rep.notes.len() { ",\n" } else { "\n" });
+    }
+    o.push_str("  ]\n}\n");
+    o
+}
+
+fn time_label(s: f64) -> String {
+    if s >= 1.0 {
+        format!("{s:.0} s")
+    } else if s >= 1e-3 {
+        format!("{:.0} ms", s * 1e3)
+    } else {
+        format!("{:.0} µs", s * 1e6)
+    }
+}
+
+/// Fork latency vs size: log-scale y axis, sizes evenly spaced (they grow by 4x).
+fn to_svg(rep: &Report, subtitle: &str) -> String {
+    let (w, h) = (760.0, 460.0);
+    let (l, r, t, b) = (90.0, 200.0, 50.0, 70.0);
+    let (pw, ph) = (w - l - r, h - t - b);
+    type Series = (&'static str, &'static str, fn(&W1Point) -> f64);
+    let series: [Series; 3] = [
+        ("cowarena fork", "#1b9e77", |p| p.cowarena),
+        ("kernel fork(2)", "#d95f02", |p| p.kernel),
+        ("uffd-wp protect-all", "#7570b3", |p| p.uffd_wp),
+    ];
+    let vals: Vec<f64> = rep
+        .w1
+        .iter()
+        .flat_map(|p| series.iter().map(move |s| (s.2)(p)))
+        .filter(|v| *v > 0.0 && v.is_finite())
+        .collect();
+    let lo = vals.iter().cloned().fold(f64::INFINITY, f64::min).log10().floor();
+    let hi = vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max).log10().ceil();
+    let (lo, hi) = if lo.is_finite() && hi.is_finite() && hi > lo { (lo, hi) } else { (-6.0, 0.0) };
+    let n = rep.w1.len().max(1);
+    let x = |i: usize| l + if n == 1 { pw / 2.0 } else { pw * i as f64 / (n - 1) as f64 };
+    let y = |v: f64| t + ph * (hi - v.log10()) / (hi - lo);
+
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(o, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    let _ = writeln!(
+        o,
+        r#"<text x="{}" y="22" text-anchor="middle" font-size="15" font-weight="bold">Fork latency of a fully written space (lower is better)</text>"#,
+        l + pw / 2.0
+    );
+    let _ = writeln!(
+        o,
+        r##"<text x="{}" y="38" text-anchor="middle" fill="#555">{}</text>"##,
+        l + pw / 2.0,
+        svg_esc(subtitle)
+    );
+    // Decade grid and y labels.
+    let mut d = lo;
+    while d <= hi + 1e-9 {
+        let yy = y(10f64.powf(d));
+        let _ = writeln!(o, r##"<line x1="{l}" y1="{yy:.1}" x2="{}" y2="{yy:.1}" stroke="#ddd"/>"##, l + pw);
+        let _ = writeln!(
+            o,
+            r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
+            l - 8.0,
+            yy + 4.0,
+            time_label(10f64.powf(d))
+        );
+        d += 1.0;
+    }
+    // X ticks.
+    for (i, p) in rep.w1.iter().enumerate() {
+        let xx = x(i);
+        let _ = writeln!(o, r##"<line x1="{xx:.1}" y1="{}" x2="{xx:.1}" y2="{}" stroke="#ddd"/>"##, t, t + ph);
+        let _ =
+            writeln!(o, r#"<text x="{xx:.1}" y="{}" text-anchor="middle">{}</text>"#, t + ph + 18.0, size_name(p.size));
+    }
+    let _ = writeln!(o, r#"<rect x="{l}" y="{t}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#);
+    let _ = writeln!(
+        o,
+        r#"<text x="{}" y="{}" text-anchor="middle">space size (fully written, 4 KiB pages; log scale)</text>"#,
+        l + pw / 2.0,
+        h - 22.0
+    );
+    let _ = writeln!(
+        o,
+        r#"<text transform="translate(24 {}) rotate(-90)" text-anchor="middle">fork latency (log scale)</text>"#,
+        t + ph / 2.0
+    );
+    // Series and legend.
+    for (k, (name, color, f)) in series.iter().enumerate() {
+        let pts: Vec<String> =
+            rep.w1.iter().enumerate().map(|(i, p)| format!("{:.1},{:.1}", x(i), y(f(p).max(1e-12)))).collect();
+        let _ =
+            writeln!(o, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2.5"/>"#, pts.join(" "));
+        for pt in &pts {
+            let (px, py) = pt.split_once(',').unwrap_or(("0", "0"));
+            let _ = writeln!(o, r#"<circle cx="{px}" cy="{py}" r="4" fill="{color}"/>"#);
+        }
+        let ly = t + 20.0 + 24.0 * k as f64;
+        let lx = l + pw + 16.0;
+        let _ = writeln!(
+            o,
+            r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="2.5"/><circle cx="{}" cy="{ly}" r="4" fill="{color}"/>"#,
+            lx + 24.0,
+            lx + 12.0
+        );
+        let _ = writeln!(o, r#"<text x="{}" y="{}">{}</text>"#, lx + 32.0, ly + 4.0, svg_esc(name));
+    }
+    o.push_str("</svg>\n");
+    o
+}
+
+fn svg_esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+fn uname_r() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// The 1-minute load average: other work on the machine skews every figure.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn today() -> String {
+    std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Res<()> {
+    let cfg = Config::parse()?;
+    let cpus = thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let machine = format!("{cpus} CPUs, Linux {}", uname_r());
+    let command = format!("cargo run --release --example bench{}", if cfg.quick { " -- --quick" } else { "" });
+    let date = today();
+    {
+        let a = Arena::new()?;
+        println!(
+            "cowarena bench ({}) on {machine}, {date}; fault mode {:?}, userfaultfd {:?}",
+            if cfg.quick { "quick" } else { "full" },
+            a.fault_mode(),
+            a.uffd_access()
+        );
+    }
+    let load_start = loadavg();
+    println!("load average at start: {load_start}");
+    let start = Instant::now();
+    let mut rep = Report::default();
+    type Workload = fn(&Config, &mut Report) -> Res<()>;
+    let workloads: [(&str, &str, Workload); 5] = [
+        ("W1", "fork latency vs size", w1),
+        ("W2", "fuzz loop", w2),
+        ("W3", "live snapshot", w3),
+        ("W4", "fault throughput", w4),
+        ("W5", "fan-out", w5),
+    ];
+    for (id, name, f) in workloads {
+        if !cfg.runs(id) {
+            continue;
+        }
+        let t = Instant::now();
+        println!("\n{id}: {name}");
+        f(&cfg, &mut rep).map_err(|e| format!("{id}: {e}"))?;
+        println!("  ({id} took {:.1} s)", t.elapsed().as_secs_f64());
+    }
+    let elapsed = start.elapsed();
+    println!("load average at end: {}", loadavg());
+    print_summary(
+        &rep,
+        &format!(
+            "Results ({}, {:.0} s in all) — {command}",
+            if cfg.quick { "quick" } else { "full" },
+            elapsed.as_secs_f64()
+        ),
+    );
+    let meta = [
+        ("date", date.clone()),
+        ("machine", machine.clone()),
+        ("command", command.clone()),
+        ("mode", if cfg.quick { "quick" } else { "full" }.to_string()),
+        ("elapsed_seconds", format!("{:.1}", elapsed.as_secs_f64())),
+        ("loadavg_1min_start_end", format!("{load_start} {}", loadavg())),
+    ];
+    if let Some(p) = &cfg.json {
+        std::fs::write(p, to_json(&rep, &meta))?;
+        println!("\nwrote {p}");
+    }
+    if let Some(p) = &cfg.svg {
+        std::fs::write(p, to_svg(&rep, &format!("{machine}; {date}; {command}")))?;
+        println!("wrote {p}");
+    }
+    Ok(())
+}
