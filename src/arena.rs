@@ -175,6 +175,7 @@ impl Arena {
                 write_cow: c.faults_write_cow,
                 write_reuse: c.faults_write_reuse,
                 spurious: c.faults_spurious,
+                around: c.faults_around,
                 failed: self.inner.core.faults_failed.load(Ordering::Relaxed),
             },
             tables_shared: c.tables_shared,
@@ -265,6 +266,9 @@ pub struct FaultStats {
     pub write_reuse: u64,
     /// Faults found already served (another thread faulted the same page).
     pub spurious: u64,
+    /// Pages offered to fault-around after sequential faults (each served page is also
+    /// counted under its kind above).
+    pub around: u64,
     /// Faults that could not be served and were turned into SIGSEGV for the faulting thread.
     pub failed: u64,
 }

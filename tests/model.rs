@@ -1,6 +1,8 @@
-//! Model-based test (issue 2): random sequences of space creation, fork (nested, many
-//! children), writes and reads through views and through the API, populate, and drops in
-//! random order, checked byte for byte against a plain `Vec<u8>` per space.
+//! Model-based test (issues 2 and 3): random sequences of space creation, fork (nested,
+//! many children, each fork strategy), writes and reads through views and through the
+//! API, populate, drops in random order, and the seed's rule set (discard, migrate,
+//! compact, clean, clear referenced bits, reset), checked byte for byte against a plain
+//! `Vec<u8>` per space.
 //!
 //! Defaults: 40 seeds × 400 operations per fault mode. More with
 //! `COWARENA_MODEL_SEEDS=N COWARENA_MODEL_OPS=M`; replay one seed with
@@ -80,7 +82,7 @@ fn run_seed(seed: u64, mode: FaultMode, ops: usize) -> u64 {
 
     for op in 0..ops {
         trail.op = op;
-        let choice = if live.is_empty() { 0 } else { rng.below(100) };
+        let choice = if live.is_empty() { 0 } else { rng.below(112) };
         match choice {
             // create
             0..=5 => {
@@ -230,6 +232,63 @@ fn run_seed(seed: u64, mode: FaultMode, ops: usize) -> u64 {
                 trail.note(format!("verify #{i}"));
                 verify_full(&live[i], &format!("seed {seed} {mode:?} op {op}: #{i}"));
                 bytes_checked += live[i].model.len() as u64;
+            }
+            // the seed's rule set (issue 3): discard a page-aligned range
+            100..=102 => {
+                let i = rng.below(live.len());
+                let len = live[i].model.len();
+                let off = rng.below(len.div_ceil(PAGE)) * PAGE;
+                let n = rng.range(1, (len - off).min(3 * TABLE));
+                trail.note(format!("discard #{i} off={off:#x} len={n:#x}"));
+                live[i].space.discard(off, n).expect("discard");
+                let end = (off + n).div_ceil(PAGE) * PAGE;
+                live[i].model[off..end.min(len)].fill(0);
+            }
+            103 => {
+                let i = rng.below(live.len());
+                let len = live[i].model.len();
+                let off = rng.below(len);
+                let n = rng.range(1, len - off);
+                trail.note(format!("migrate #{i} off={off:#x} len={n:#x}"));
+                live[i].space.migrate(off, n).expect("migrate");
+            }
+            104 => {
+                trail.note("compact".into());
+                arena.compact().expect("compact");
+            }
+            105 => {
+                let i = rng.below(live.len());
+                let len = live[i].model.len();
+                trail.note(format!("clean #{i}"));
+                live[i].space.clean(0, len).expect("clean");
+                assert!(live[i].space.dirty_pages(0, len).unwrap().is_empty());
+            }
+            106 => {
+                trail.note("clear_referenced".into());
+                arena.clear_referenced().expect("clear_referenced");
+            }
+            // reset a space to another space of its family and size
+            107..=108 => {
+                let (a, b) = (rng.below(live.len()), rng.below(live.len()));
+                trail.note(format!("reset_to #{a} <- #{b}"));
+                match live[a].space.reset_to(&live[b].space) {
+                    Ok(()) => live[a].model = live[b].model.clone(),
+                    Err(cowarena::Error::NotRelated) => {}
+                    Err(e) => panic!("seed {seed}: reset_to: {e}"),
+                }
+            }
+            // fork with an explicit strategy
+            109..=111 => {
+                let i = rng.below(live.len());
+                if live.len() >= MAX_LIVE {
+                    continue;
+                }
+                let strategy =
+                    if rng.chance(1, 2) { cowarena::ForkStrategy::KeepWarm } else { cowarena::ForkStrategy::Freeze };
+                trail.note(format!("fork_with #{i} {strategy:?} -> #{}", live.len()));
+                let space = live[i].space.fork_with(strategy).expect("fork_with");
+                let (model, depth) = (live[i].model.clone(), live[i].depth + 1);
+                live.push(Entry { space, model, depth });
             }
             // drop one, in random order (parents before children and the reverse)
             _ => {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use crate::error::{Error, Result};
-use crate::mm::{Action, FaultKind, Mm, SpaceId, Src, PAGE_SIZE};
+use crate::mm::{Action, FaultKind, Mm, Resolution, SpaceId, Src, FAULT_AROUND_MAX, PAGE_SIZE};
 use crate::sys::mem::Mapping;
 use crate::sys::uffd::{self, Uffd, UffdMsg};
 use crate::sys::wake::EventFd;
@@ -38,8 +38,9 @@ pub enum FaultMode {
 
 /// A page of zeros, the source of zero fills.
 #[repr(C, align(4096))]
-struct ZeroPage([u8; PAGE_SIZE]);
-static ZERO_PAGE: ZeroPage = ZeroPage([0; PAGE_SIZE]);
+struct ZeroPage([u8; PAGE_SIZE * FAULT_AROUND_MAX]);
+/// Zeros for fills of up to [`FAULT_AROUND_MAX`] pages in one `UFFDIO_COPY`.
+static ZERO_PAGE: ZeroPage = ZeroPage([0; PAGE_SIZE * FAULT_AROUND_MAX]);
 
 /// State shared by the API and the engine threads.
 pub(crate) struct Core {
@@ -148,27 +149,36 @@ impl Core {
     }
 
     fn exec(&self, action: Action) -> std::io::Result<()> {
-        match action {
+        self.exec_run(action, 1)
+    }
+
+    /// Perform `n` consecutive actions of `first`'s kind (see [`continues`]) with one ioctl.
+    fn exec_run(&self, first: Action, n: usize) -> std::io::Result<()> {
+        debug_assert!((1..=FAULT_AROUND_MAX).contains(&n));
+        let len = n * PAGE_SIZE;
+        match first {
             Action::Wake => Ok(()),
             Action::Fill { dst, src, wp } => {
                 let src = match src {
                     Src::Zero => ZERO_PAGE.0.as_ptr() as usize,
                     Src::Addr(a) => a,
                 };
-                // SAFETY: `src` is the static zero page or a frame's home, which the core
-                // guarantees is populated memory that stays mapped while we hold the lock.
-                match unsafe { self.uffd.copy(dst, src, PAGE_SIZE, wp) } {
+                // SAFETY: `src..src+len` is the static zero run or consecutive frame homes,
+                // which the core guarantees are populated and stay mapped under the lock.
+                match unsafe { self.uffd.copy(dst, src, len, wp) } {
                     Ok(true) => Ok(()),
                     Ok(false) => Err(std::io::Error::from_raw_os_error(libc::EEXIST)),
                     Err(e) => Err(e),
                 }
             }
-            Action::Unprotect { dst } => self.uffd.writeprotect(dst, PAGE_SIZE, false),
+            Action::Unprotect { dst } => self.uffd.writeprotect(dst, len, false),
             Action::Evacuate { dst, to } => {
-                // SAFETY: `dst` is a populated, write-protected view page (a home) and `to` a
-                // fresh slot of the pool mapping; both stay mapped while we hold the lock.
-                unsafe { crate::sys::mem::copy_page(to, dst) };
-                self.uffd.writeprotect(dst, PAGE_SIZE, false)
+                for k in 0..n {
+                    // SAFETY: `dst` pages are populated, write-protected view pages (homes)
+                    // and `to` pages fresh pool slots; all stay mapped under the lock.
+                    unsafe { crate::sys::mem::copy_page(to + k * PAGE_SIZE, dst + k * PAGE_SIZE) };
+                }
+                self.uffd.writeprotect(dst, len, false)
             }
         }
     }
@@ -187,6 +197,58 @@ impl Core {
         }
         self.exec(r.action).map_err(|e| Error::os(op_name(r.action), e))?;
         let kind = mm.commit(r);
+        self.reclaim(mm);
+        Ok(kind)
+    }
+
+    /// Serve a fault through the view, then — when faults on this space run sequentially —
+    /// the pages just after it (fault-around): one trap then serves several pages. Pages
+    /// already mapped are skipped; the extra pages stop at the first one that cannot be
+    /// served without allocating or beyond the memory limit. A write fault-around maps the
+    /// pages ahead writable and marks them dirty (dirty tracking may over-report, never
+    /// miss).
+    pub fn fault_in_around(&self, mm: &mut Mm<Mapping>, sp: SpaceId, page: usize, write: bool) -> Result<FaultKind> {
+        let kind = self.fault_in(mm, sp, page, write)?;
+        let ahead = mm.fault_around(sp, page);
+        if ahead.is_empty() || !mm.has_headroom_for(FAULT_AROUND_MAX + 2) {
+            return Ok(kind);
+        }
+        // Decide the run of pages ahead (stopping at the first one already mapped), then
+        // perform it in as few ioctls as the sources allow, committing what succeeded.
+        let mut rs: [Option<Resolution>; FAULT_AROUND_MAX] = [None; FAULT_AROUND_MAX];
+        let (mut n, mut new_frames) = (0, 0u64);
+        for q in ahead {
+            if (write && mm.is_writable(sp, q)) || (!write && mm.is_present(sp, q)) {
+                break;
+            }
+            let r = mm.resolve_fault(sp, q, write);
+            if r.action == Action::Wake {
+                break;
+            }
+            if r.allocates_frame() {
+                new_frames += 1;
+                if (mm.frames_in_use() as u64 + new_frames) * PAGE_SIZE as u64 > self.max_memory {
+                    break;
+                }
+            }
+            rs[n] = Some(r);
+            n += 1;
+        }
+        let mut i = 0;
+        while i < n {
+            let Some(first) = rs[i] else { break };
+            let mut j = i + 1;
+            while j < n && rs[j].is_some_and(|r| continues(first.action, r.action, j - i)) {
+                j += 1;
+            }
+            if self.exec_run(first.action, j - i).is_err() {
+                break; // the faulting page was served; the rest will fault on their own
+            }
+            for r in rs[i..j].iter().flatten() {
+                mm.commit(*r);
+            }
+            i = j;
+        }
         self.reclaim(mm);
         Ok(kind)
     }
@@ -245,7 +307,7 @@ impl Core {
             let _ = self.uffd.wake(addr, PAGE_SIZE);
             return;
         };
-        match self.fault_in(&mut mm, sp, page, write) {
+        match self.fault_in_around(&mut mm, sp, page, write) {
             Ok(kind) => {
                 tracing::trace!(space = sp.0, page, ?kind, "fault served");
                 if kind == FaultKind::Spurious {
@@ -267,6 +329,26 @@ impl Core {
         eprintln!("cowarena: cannot serve the fault at {addr:#x}: {e}; the faulting thread gets SIGSEGV");
         let _ = crate::sys::mem::poison_page(addr);
         let _ = self.uffd.wake(addr, PAGE_SIZE);
+    }
+}
+
+/// Does `next` continue a run of `k` actions starting with `first` (same kind, the next
+/// page of the view, and for copies the next page of the same source)?
+fn continues(first: Action, next: Action, k: usize) -> bool {
+    let step = k * PAGE_SIZE;
+    match (first, next) {
+        (Action::Fill { dst: d0, src: s0, wp: w0 }, Action::Fill { dst, src, wp }) => {
+            dst == d0 + step
+                && wp == w0
+                && match (s0, src) {
+                    (Src::Zero, Src::Zero) => true,
+                    (Src::Addr(a0), Src::Addr(a)) => a == a0 + step,
+                    _ => false,
+                }
+        }
+        (Action::Unprotect { dst: d0 }, Action::Unprotect { dst }) => dst == d0 + step,
+        (Action::Evacuate { dst: d0, to: t0 }, Action::Evacuate { dst, to }) => dst == d0 + step && to == t0 + step,
+        _ => false,
     }
 }
 

@@ -57,7 +57,8 @@ fn serve_in(core: &Core, page_addr: usize, cpu_says_write: bool) -> Option<Outco
         }
         // A fault on a page we already mapped (read-only) can only be a write.
         let write = cpu_says_write || mm.is_present(sp, page);
-        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.fault_in(&mut mm, sp, page, write)));
+        let served =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.fault_in_around(&mut mm, sp, page, write)));
         if !mm.has_headroom() {
             let _ = core.refill.signal();
         }

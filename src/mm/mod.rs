@@ -87,7 +87,14 @@ pub struct SpaceMm {
     /// Fork family: every space descending from one root shares it (the `anon_vma`).
     pub family: u32,
     pub vs: ViewState,
+    /// The last page faulted through the view and the length of the run of consecutive
+    /// faults ending there: the fault-around detector (like readahead).
+    last_fault: usize,
+    streak: u32,
 }
+
+/// The most pages served ahead of one sequential fault.
+pub const FAULT_AROUND_MAX: usize = 16;
 
 /// What must happen before a space's tables can be shared; see [`Mm::share_plan`].
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -182,6 +189,7 @@ pub struct MmCounters {
     pub faults_write_cow: u64,
     pub faults_write_reuse: u64,
     pub faults_spurious: u64,
+    pub faults_around: u64,
     pub tables_shared: u64,
     pub tables_broken: u64,
     /// Breaks by cause (the sum is `tables_broken`).
@@ -358,6 +366,27 @@ impl<B> Mm<B> {
         self.spaces.iter().map(|(i, _)| SpaceId(i)).collect()
     }
 
+    /// Record a fault through the view at `page` and return the pages to serve ahead of it:
+    /// none for isolated faults; for a run of consecutive faults, a window that doubles with
+    /// the run (up to [`FAULT_AROUND_MAX`]) and stays inside the page's 2 MiB table.
+    pub fn fault_around(&mut self, sp: SpaceId, page: usize) -> std::ops::Range<usize> {
+        let s = self.space_mut(sp);
+        let sequential = s.last_fault.wrapping_add(1) == page;
+        s.streak = if sequential { s.streak.saturating_add(1) } else { 0 };
+        let ahead = if s.streak == 0 { 0 } else { (1usize << s.streak.min(8)).min(FAULT_AROUND_MAX) };
+        let table_end = (page / PTRS_PER_PTE + 1) * PTRS_PER_PTE;
+        let end = (page + 1 + ahead).min(table_end).min(s.pages);
+        // The next fault, if the run continues, lands just past the window.
+        s.last_fault = end - 1;
+        self.counters.faults_around += (end - page - 1) as u64;
+        page + 1..end
+    }
+
+    /// Is `page` of `sp` mapped writable in its view?
+    pub fn is_writable(&self, sp: SpaceId, page: usize) -> bool {
+        self.space(sp).vs.writable.get(page)
+    }
+
     /// Is `page` of `sp` mapped in its view (read-only or writable)?
     pub fn is_present(&self, sp: SpaceId, page: usize) -> bool {
         self.space(sp).vs.present.get(page)
@@ -400,7 +429,15 @@ impl<B> Mm<B> {
             homes: 0,
             backing: view,
         }));
-        let sp = SpaceId(self.spaces.insert(SpaceMm { pages, dir, view: region, family, vs: ViewState::new(pages) }));
+        let sp = SpaceId(self.spaces.insert(SpaceMm {
+            pages,
+            dir,
+            view: region,
+            family,
+            vs: ViewState::new(pages),
+            last_fault: usize::MAX,
+            streak: 0,
+        }));
         self.region_mut(region).kind = RegionKind::View(sp);
         self.views.insert(base, sp);
         self.families.entry(family).or_default().push(sp);
@@ -597,12 +634,17 @@ impl<B> Mm<B> {
     /// table and one frame, and may queue one discard and one dead region. Checked before
     /// serving a fault from a signal handler; [`Mm::reserve_headroom`] refills outside it.
     pub fn has_headroom(&self) -> bool {
+        self.has_headroom_for(2)
+    }
+
+    /// Can `n` more faults be served without allocating?
+    pub fn has_headroom_for(&self, n: usize) -> bool {
         self.tables.has_headroom(2)
-            && self.frames.has_headroom(2)
-            && self.reclaim.discard.capacity() - self.reclaim.discard.len() >= 2
+            && self.frames.has_headroom(n)
+            && self.reclaim.discard.capacity() - self.reclaim.discard.len() >= n
             && self.reclaim.dead.capacity() - self.reclaim.dead.len() >= 2
             && self.regions.free.capacity() - self.regions.free.len() >= 2
-            && self.pool_free() >= 2
+            && self.pool_free() >= n
     }
 
     /// Preallocate what the next faults need (called outside signal context).
