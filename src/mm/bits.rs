@@ -1,38 +1,82 @@
-//! A fixed-size bitset, one bit per page of a view.
+//! A sparse bitset, one bit per page of a view, in chunks of 512 bits (one PTE table's
+//! worth) allocated on first use: a fork's view costs 8 bytes per 2 MiB until it is
+//! touched, not a bit per page.
+//!
+//! Setting a bit in an absent chunk needs a chunk: [`Bits::set_with`] takes it from a
+//! preallocated supply, so the signal-handler fault path never allocates.
+
+/// One chunk: 512 bits.
+pub type Chunk = Box<[u64; CHUNK_WORDS]>;
+const CHUNK_WORDS: usize = 8;
+const CHUNK_BITS: usize = CHUNK_WORDS * 64;
 
 #[derive(Clone, Debug, Default)]
 pub struct Bits {
-    words: Vec<u64>,
+    chunks: Vec<Option<Chunk>>,
 }
 
 impl Bits {
     pub fn new(bits: usize) -> Bits {
-        Bits { words: vec![0; bits.div_ceil(64)] }
+        Bits { chunks: vec![None; bits.div_ceil(CHUNK_BITS)] }
     }
+
+    /// A fresh chunk for [`Bits::set_with`]'s supply.
+    pub fn new_chunk() -> Chunk {
+        Box::new([0; CHUNK_WORDS])
+    }
+
+    fn word(&self, wi: usize) -> u64 {
+        self.chunks[wi / CHUNK_WORDS].as_ref().map_or(0, |c| c[wi % CHUNK_WORDS])
+    }
+
+    fn words(&self) -> usize {
+        self.chunks.len() * CHUNK_WORDS
+    }
+
     pub fn get(&self, i: usize) -> bool {
-        self.words[i / 64] >> (i % 64) & 1 != 0
+        self.word(i / 64) >> (i % 64) & 1 != 0
     }
+
+    /// Set bit `i`, taking a chunk from `spares` if its chunk is absent.
+    pub fn set_with(&mut self, i: usize, spares: &mut Vec<Chunk>) {
+        let c = self.chunks[i / CHUNK_BITS].get_or_insert_with(|| {
+            let mut c = spares.pop().unwrap_or_else(Bits::new_chunk);
+            c.fill(0);
+            c
+        });
+        c[i % CHUNK_BITS / 64] |= 1 << (i % 64);
+    }
+
+    /// Set bit `i`, allocating its chunk if absent (not for signal context).
     pub fn set(&mut self, i: usize) {
-        self.words[i / 64] |= 1 << (i % 64);
+        self.set_with(i, &mut Vec::new());
     }
+
     pub fn clear(&mut self, i: usize) {
-        self.words[i / 64] &= !(1 << (i % 64));
+        if let Some(c) = &mut self.chunks[i / CHUNK_BITS] {
+            c[i % CHUNK_BITS / 64] &= !(1 << (i % 64));
+        }
     }
+
     pub fn bit_len(&self) -> usize {
-        self.words.len() * 64
+        self.chunks.len() * CHUNK_BITS
     }
+
+    /// Clear every bit and release the chunks (not for signal context).
     pub fn clear_all(&mut self) {
-        self.words.fill(0);
+        self.chunks.iter_mut().for_each(|c| *c = None);
     }
+
     pub fn count(&self) -> usize {
-        self.words.iter().map(|w| w.count_ones() as usize).sum()
+        self.chunks.iter().flatten().flat_map(|c| c.iter()).map(|w| w.count_ones() as usize).sum()
     }
+
     /// Indices in `[start, end)` that are set, by scanning words.
     pub fn ones(&self, start: usize, end: usize) -> impl Iterator<Item = usize> + '_ {
-        let (w0, w1) = (start / 64, end.div_ceil(64).min(self.words.len()));
+        let (w0, w1) = (start / 64, end.div_ceil(64).min(self.words()));
         (w0..w1)
             .flat_map(move |wi| {
-                let mut w = self.words[wi];
+                let mut w = self.word(wi);
                 std::iter::from_fn(move || {
                     if w == 0 {
                         return None;
@@ -49,12 +93,9 @@ impl Bits {
     pub fn runs_and_not(&self, other: &Bits) -> Vec<(usize, usize)> {
         let mut runs = Vec::new();
         let mut open: Option<usize> = None;
-        for (wi, (&a, &b)) in self.words.iter().zip(&other.words).enumerate() {
-            let w = a & !b;
-            if w == 0 && open.is_none() {
-                continue;
-            }
-            if w == u64::MAX && open.is_some() {
+        for wi in 0..self.words() {
+            let w = self.word(wi) & !other.word(wi);
+            if (w == 0 && open.is_none()) || (w == u64::MAX && open.is_some()) {
                 continue;
             }
             for bit in 0..64 {
@@ -70,7 +111,7 @@ impl Bits {
             }
         }
         if let Some(s) = open {
-            runs.push((s, self.words.len() * 64));
+            runs.push((s, self.words() * 64));
         }
         runs
     }
@@ -82,15 +123,31 @@ mod tests {
 
     #[test]
     fn runs() {
-        let mut a = Bits::new(200);
-        let b = Bits::new(200);
-        for i in [1, 2, 3, 63, 64, 65, 130] {
+        let mut a = Bits::new(2000);
+        let b = Bits::new(2000);
+        for i in [1, 2, 3, 63, 64, 65, 130, 511, 512, 1500] {
             a.set(i);
         }
-        assert_eq!(a.runs_and_not(&b), vec![(1, 4), (63, 66), (130, 131)]);
-        let mut c = Bits::new(200);
+        assert_eq!(a.runs_and_not(&b), vec![(1, 4), (63, 66), (130, 131), (511, 513), (1500, 1501)]);
+        let mut c = Bits::new(2000);
         c.set(64);
-        assert_eq!(a.runs_and_not(&c), vec![(1, 4), (63, 64), (65, 66), (130, 131)]);
-        assert_eq!(a.count(), 7);
+        assert_eq!(a.runs_and_not(&c)[..3], [(1, 4), (63, 64), (65, 66)]);
+        assert_eq!(a.count(), 10);
+        assert_eq!(a.ones(60, 600).collect::<Vec<_>>(), vec![63, 64, 65, 130, 511, 512]);
+        a.clear(512);
+        assert!(!a.get(512) && a.get(511) && !a.get(1000));
+        a.clear_all();
+        assert_eq!(a.count(), 0);
+    }
+
+    #[test]
+    fn set_with_takes_from_the_supply() {
+        let mut a = Bits::new(4096);
+        let mut spares = vec![Bits::new_chunk(), Bits::new_chunk()];
+        a.set_with(5, &mut spares);
+        a.set_with(6, &mut spares);
+        assert_eq!(spares.len(), 1, "one chunk for one table's bits");
+        a.set_with(3000, &mut spares);
+        assert!(spares.is_empty() && a.get(5) && a.get(6) && a.get(3000));
     }
 }

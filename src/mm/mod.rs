@@ -289,6 +289,8 @@ pub struct Mm<B> {
     /// The active pool region (homes of frames evacuated from views) and its next free slot.
     pool: Option<RegionId>,
     pool_next: usize,
+    /// Preallocated bitmap chunks for view state, so the fault path never allocates.
+    bit_spares: Vec<bits::Chunk>,
     /// Override of the protect-or-freeze threshold of [`Mm::share_plan`] (tests, tuning).
     protect_limit: Option<usize>,
     /// Members of each fork family (the rmap walk's `anon_vma` chain).
@@ -317,6 +319,7 @@ impl<B> Mm<B> {
             families: std::collections::HashMap::new(),
             pool: None,
             pool_next: 0,
+            bit_spares: Vec::new(),
             protect_limit: None,
             reclaim: Reclaim::default(),
             counters: MmCounters::default(),
@@ -645,6 +648,7 @@ impl<B> Mm<B> {
             && self.reclaim.dead.capacity() - self.reclaim.dead.len() >= 2
             && self.regions.free.capacity() - self.regions.free.len() >= 2
             && self.pool_free() >= n
+            && self.bit_spares.len() >= 6
     }
 
     /// Preallocate what the next faults need (called outside signal context).
@@ -655,6 +659,9 @@ impl<B> Mm<B> {
         self.reclaim.discard.reserve(N);
         self.reclaim.dead.reserve(16);
         self.regions.free.reserve(16);
+        while self.bit_spares.len() < 64 {
+            self.bit_spares.push(Bits::new_chunk());
+        }
     }
 
     // ---- tables and frames --------------------------------------------------------------
@@ -830,7 +837,8 @@ impl<B> Mm<B> {
         let kind = match r.commit {
             Commit::None => FaultKind::Spurious,
             Commit::MapReadOnly { frame } => {
-                self.space_mut(sp).vs.present.set(page);
+                let Mm { spaces, bit_spares, .. } = self;
+                spaces.get_mut(sp.0).expect("use of a dropped space").vs.present.set_with(page, bit_spares);
                 if frame.is_some() {
                     // Setting ACCESSED is the one change allowed on a shared table.
                     let t = self.space(sp).dir[page / PTRS_PER_PTE].expect("entry without table");
@@ -911,10 +919,11 @@ impl<B> Mm<B> {
     }
 
     fn map_writable(&mut self, sp: SpaceId, page: usize) {
-        let vs = &mut self.space_mut(sp).vs;
-        vs.present.set(page);
-        vs.writable.set(page);
-        vs.home.set(page);
+        let Mm { spaces, bit_spares, .. } = self;
+        let vs = &mut spaces.get_mut(sp.0).expect("use of a dropped space").vs;
+        vs.present.set_with(page, bit_spares);
+        vs.writable.set_with(page, bit_spares);
+        vs.home.set_with(page, bit_spares);
     }
 
     fn set_entry_bits(&mut self, sp: SpaceId, page: usize, bits: u64) {
