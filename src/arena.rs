@@ -273,6 +273,29 @@ pub struct FaultStats {
     pub failed: u64,
 }
 
+impl Stats {
+    /// Nothing in use: no space, frame, table, view or frozen region (what every space
+    /// dropping must lead to).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), cowarena::Error> {
+    /// let arena = cowarena::Arena::new()?;
+    /// let s = arena.space(1 << 20)?;
+    /// s.write(0, b"x")?;
+    /// drop(s.fork()?);
+    /// drop(s);
+    /// assert!(arena.stats().is_idle());
+    /// # Ok(()) }
+    /// ```
+    pub fn is_idle(&self) -> bool {
+        self.spaces_in_use == 0
+            && self.frames_in_use == 0
+            && self.tables_in_use == 0
+            && self.views_in_use == 0
+            && self.frozen_regions == 0
+    }
+}
+
 /// Shared tables broken (`break_cow_pte`), by the operation that needed them exclusive.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BrokenBy {
