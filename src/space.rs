@@ -173,6 +173,9 @@ impl Space {
                     filled += n;
                 }
             }
+            // The bounce must really exist: without this barrier the optimiser may forward
+            // the copy and write `buf` (possibly a view that faults) under the lock.
+            std::hint::black_box(&mut bounce);
             buf[done..done + filled].copy_from_slice(&bounce[..filled]);
             done += filled;
         }
@@ -192,6 +195,10 @@ impl Space {
             let (page, off) = (at / PAGE_SIZE, at % PAGE_SIZE);
             let n = (PAGE_SIZE - off).min(data.len() - done);
             bounce[..n].copy_from_slice(&data[done..done + n]);
+            // `data` is a shared reference, so the optimiser may assume it cannot change and
+            // read it again later instead of the bounce — under the lock, where a fault on
+            // it (a view) would deadlock. The barrier makes the bounce opaque.
+            std::hint::black_box(&mut bounce);
             let mut mm = core.lock();
             core.fault_in_api(&mut mm, self.id, page, true)?;
             // SAFETY: after a write fault-in the view page is populated and writable, and

@@ -6,6 +6,7 @@
 //! `mremap` (while holding the lock) until the event is read. Page faults are handed to a
 //! *worker* that takes the lock and serves them.
 
+use std::sync::atomic::AtomicI32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -54,14 +55,59 @@ pub(crate) struct Core {
     /// Written (from signal context) to ask the engine thread to refill the preallocated
     /// tables and frames the signal handler serves faults from.
     pub refill: EventFd,
+    /// Thread id of the lock holder (0: none): a fault taken while the faulting thread
+    /// itself holds the lock would spin forever; the handler checks and dies loudly instead.
+    pub owner: AtomicI32,
+}
+
+/// The arena lock, held; records its owner thread for the self-deadlock check.
+pub(crate) struct MmGuard<'a> {
+    guard: MutexGuard<'a, Mm<Mapping>>,
+    owner: &'a AtomicI32,
+}
+
+impl std::ops::Deref for MmGuard<'_> {
+    type Target = Mm<Mapping>;
+    fn deref(&self) -> &Mm<Mapping> {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for MmGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Mm<Mapping> {
+        &mut self.guard
+    }
+}
+
+impl Drop for MmGuard<'_> {
+    fn drop(&mut self) {
+        self.owner.store(0, Ordering::Release);
+    }
+}
+
+/// This thread's id, cached (async-signal-safe after the first call on a thread).
+fn this_tid() -> i32 {
+    thread_local! { static TID: std::cell::Cell<i32> = const { std::cell::Cell::new(0) }; }
+    TID.with(|t| {
+        if t.get() == 0 {
+            // SAFETY: gettid has no preconditions.
+            t.set(unsafe { libc::gettid() });
+        }
+        t.get()
+    })
 }
 
 impl Core {
-    pub fn lock(&self) -> MutexGuard<'_, Mm<Mapping>> {
+    fn guard<'a>(&'a self, guard: MutexGuard<'a, Mm<Mapping>>) -> MmGuard<'a> {
+        self.owner.store(this_tid(), Ordering::Release);
+        MmGuard { guard, owner: &self.owner }
+    }
+
+    pub fn lock(&self) -> MmGuard<'_> {
         // A panic while holding the lock leaves state we cannot trust; but the views must
         // stay served (a closed uffd would turn them into zero pages), so keep going with
         // the state as it is and report the poisoning through `faults_failed`.
-        let mut mm = self.mm.lock().unwrap_or_else(|p| p.into_inner());
+        let mut mm = self.guard(self.mm.lock().unwrap_or_else(|p| p.into_inner()));
         mm.reserve_headroom();
         // A failed refill only shrinks headroom: faults then wait for the next refill.
         let _ = self.ensure_pool(&mut mm, 0);
@@ -138,12 +184,20 @@ impl Core {
     /// Take the lock without blocking in the kernel (signal context): spin on `try_lock`.
     /// Library code never faults on a view while holding the lock, so the holder is always
     /// another thread that will release it.
-    pub fn lock_spin(&self) -> MutexGuard<'_, Mm<Mapping>> {
+    /// Returns `None` when this very thread holds the lock (a fault inside a locked
+    /// section: a library bug), which would otherwise spin forever.
+    pub fn lock_spin(&self) -> Option<MmGuard<'_>> {
+        let me = this_tid();
         loop {
             match self.mm.try_lock() {
-                Ok(g) => return g,
-                Err(std::sync::TryLockError::Poisoned(p)) => return p.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => crate::sys::signal::yield_now(),
+                Ok(g) => return Some(self.guard(g)),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Some(self.guard(p.into_inner())),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    if self.owner.load(Ordering::Acquire) == me {
+                        return None;
+                    }
+                    crate::sys::signal::yield_now()
+                }
             }
         }
     }

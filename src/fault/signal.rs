@@ -47,7 +47,10 @@ pub fn on_fault(addr: usize, cpu_says_write: bool) -> Outcome {
 /// Serve the fault if `addr` is in one of `core`'s views; `None` when it is not.
 fn serve_in(core: &Core, page_addr: usize, cpu_says_write: bool) -> Option<Outcome> {
     loop {
-        let mut mm = core.lock_spin();
+        let Some(mut mm) = core.lock_spin() else {
+            core.faults_failed.fetch_add(1, Ordering::Relaxed);
+            return Some(Outcome::Failed("a fault on a view while this thread holds the arena lock (a cowarena bug)"));
+        };
         let (sp, page) = mm.space_at(page_addr)?;
         if !mm.has_headroom() {
             drop(mm);
