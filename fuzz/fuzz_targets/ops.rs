@@ -278,7 +278,7 @@ fn check_invariants(arena: &Arena, when: &str) {
 }
 
 fn run(input: Input) {
-    let mode = if input.mode % 4 == 0 { FaultMode::Thread } else { FaultMode::Signal };
+    let mode = if input.mode.is_multiple_of(4) { FaultMode::Thread } else { FaultMode::Signal };
     let arena = arena(mode);
     let mut live: Vec<Entry> = Vec::new();
     let mut total = 0usize;
@@ -423,7 +423,7 @@ fn run(input: Input) {
                 let size = e.model.len();
                 let (off, n) = (off.resolve(size), len.resolve(size));
                 let r = e.space.discard(off, n);
-                if off % PAGE != 0 {
+                if !off.is_multiple_of(PAGE) {
                     assert!(matches!(r, Err(Error::Unaligned { .. })), "discard at unaligned {off:#x}: {r:?}");
                 } else if expect_range(r, in_range(off, n, size), "discard").is_some() {
                     let end = ((off + n).div_ceil(PAGE) * PAGE).min(size);
