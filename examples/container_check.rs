@@ -12,7 +12,7 @@
 //!
 //! ```text
 //! container_check                      # fork/write/read/verify across several spaces, both fault modes
-//! container_check exhaust BYTES [--max-memory BYTES] [--via api|view]
+//! container_check exhaust BYTES [--max-memory BYTES] [--via api|view] [--pin-text]
 //! ```
 
 use std::process::exit;
@@ -172,6 +172,33 @@ fn exhaust(bytes: usize, max_memory: Option<u64>, via_view: bool) {
     println!("container_check: wrote and verified {} MiB", bytes >> 20);
 }
 
+/// Re-execute this program from an in-memory copy (a memfd), so its code lives in shmem.
+///
+/// Why: under a cgroup memory limit without swap, the kernel keeps reclaiming the page
+/// cache that holds a file-backed program's code and reading it back, as long as that
+/// counts as progress; a process at its limit can crawl for minutes before the OOM killer
+/// acts (seen on cgroup v1 with this binary's working set; a program whose loop fits in a
+/// page or two is killed at once). shmem without swap is not reclaimable, so with the code
+/// pinned the container reaches its verdict (capacity error, loud death) promptly. This is
+/// test set-up: it changes how fast the kernel gives up, not what the library does.
+fn pin_text() {
+    const MARK: &str = "CONTAINER_CHECK_TEXT_PINNED";
+    if std::env::var_os(MARK).is_some() {
+        return;
+    }
+    let exe = std::fs::read("/proc/self/exe").unwrap_or_else(|e| die(1, format!("read /proc/self/exe: {e}")));
+    // SAFETY: memfd_create with a NUL-terminated name and no flags touches no memory of ours.
+    let fd = unsafe { libc::memfd_create(c"container_check".as_ptr(), 0) };
+    if fd < 0 {
+        die(1, format!("memfd_create: {}", std::io::Error::last_os_error()));
+    }
+    let path = format!("/proc/self/fd/{fd}");
+    std::fs::write(&path, exe).unwrap_or_else(|e| die(1, format!("write {path}: {e}")));
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new(&path).args(std::env::args_os().skip(1)).env(MARK, "1").exec();
+    die(1, format!("exec {path}: {err}"))
+}
+
 fn parse_size(s: &str) -> usize {
     let (num, shift) = match s.as_bytes().last() {
         Some(b'k' | b'K') => (&s[..s.len() - 1], 10),
@@ -198,6 +225,7 @@ fn main() {
                 match a.as_str() {
                     "--max-memory" => max = it.next().map(|v| parse_size(v) as u64),
                     "--via" => via_view = it.next().map(String::as_str) == Some("view"),
+                    "--pin-text" => pin_text(),
                     other => die(64, format!("unknown argument {other:?}")),
                 }
             }
