@@ -246,7 +246,10 @@ fn syscalls_on_views_never_see_silent_zeros() {
                 arena.uffd_access()
             );
             assert_eq!(err.raw_os_error(), Some(libc::EFAULT), "{mode:?}: {err}");
-            println!("{mode:?} ({:?}): write(2) from an unpopulated view page: EFAULT (documented)", arena.uffd_access());
+            println!(
+                "{mode:?} ({:?}): write(2) from an unpopulated view page: EFAULT (documented)",
+                arena.uffd_access()
+            );
         }
         // After populate, the syscall works in every mode.
         b.populate(2 * PAGE, PAGE, false).unwrap();
