@@ -49,6 +49,7 @@ impl Drop for Inner {
 pub struct ArenaBuilder {
     max_memory: Option<u64>,
     fault_mode: Option<FaultMode>,
+    no_move: bool,
 }
 
 impl ArenaBuilder {
@@ -69,6 +70,17 @@ impl ArenaBuilder {
         self
     }
 
+    /// Whether a write fault on a page only this space still maps (its sharers were
+    /// dropped or wrote their own copies) takes the page with `UFFDIO_MOVE` instead of
+    /// copying it — the user-space analogue of the kernel reusing an exclusive page in
+    /// `do_wp_page`. Default: on where the kernel offers `UFFD_FEATURE_MOVE` (Linux 6.8+);
+    /// the engine copies whenever the kernel refuses a move (e.g. the page is shared with
+    /// a `fork(2)` child). Turning it off is for measurement.
+    pub fn uffd_move(mut self, on: bool) -> Self {
+        self.no_move = !on;
+        self
+    }
+
     /// Open userfaultfd (the most capable access available), negotiate features and start
     /// the fault engine.
     pub fn build(self) -> Result<Arena> {
@@ -79,10 +91,13 @@ impl ArenaBuilder {
             FaultMode::Thread
         });
         let required = uffd::FEATURE_WP | if mode == FaultMode::Signal { uffd::FEATURE_SIGBUS } else { 0 };
-        let uffd = Uffd::open(required, uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_THREAD_ID)?;
+        let optional = uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_THREAD_ID | uffd::FEATURE_MOVE;
+        let uffd = Uffd::open(required, optional)?;
         tracing::debug!(access = ?uffd.access(), features = uffd.features(), ?mode, "userfaultfd opened");
+        let mut mm = Mm::new();
+        mm.set_take_exclusive(!self.no_move && uffd.features() & uffd::FEATURE_MOVE != 0);
         let core = Arc::new(Core {
-            mm: std::sync::Mutex::new(Mm::new()),
+            mm: std::sync::Mutex::new(mm),
             uffd,
             max_memory: self.max_memory.unwrap_or(u64::MAX),
             faults_failed: AtomicU64::new(0),
@@ -199,6 +214,7 @@ impl Arena {
             frozen_regions: mm.frozen_regions() as u64,
             bytes_copied: c.bytes_copied,
             bytes_reclaimed: c.bytes_reclaimed,
+            pages_moved: c.pages_moved,
         }
     }
 
@@ -349,4 +365,7 @@ pub struct Stats {
     pub bytes_copied: u64,
     /// Bytes of frozen memory given back to the OS.
     pub bytes_reclaimed: u64,
+    /// Pages a write fault took into a view with `UFFDIO_MOVE` instead of copying (see
+    /// [`ArenaBuilder::uffd_move`]).
+    pub pages_moved: u64,
 }

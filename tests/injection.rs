@@ -79,6 +79,48 @@ fn failing_copy_is_a_typed_error_and_leaks_nothing() {
     }
 }
 
+/// A refused UFFDIO_MOVE (EBUSY: the page is shared with a fork(2) child, or pinned;
+/// EAGAIN is retried) falls back to a copy; a failing fallback is a typed error, and the page
+/// stays right.
+#[test]
+fn refused_move_falls_back_to_a_copy() {
+    let _g = serial();
+    for mode in modes() {
+        let arena = Arena::builder().fault_mode(mode).build().unwrap();
+        let mut s = arena.space(8 * PAGE).unwrap();
+        s.write(0, &[3u8; 8 * PAGE]).unwrap();
+        let c = s.fork_with(cowarena::ForkStrategy::Freeze).unwrap();
+        drop(c); // s's frames are exclusive again, homed in a frozen region
+        let before = arena.stats();
+        arm(Point::UffdMove, libc::EAGAIN, 2);
+        s.write(0, b"retried").unwrap();
+        let moved = arena.stats().pages_moved - before.pages_moved;
+        assert!(moved >= 1, "{mode:?}: EAGAIN must be retried, then the page moves");
+        arm(Point::UffdMove, libc::EBUSY, 1);
+        s.as_mut_slice()[5 * PAGE] = 9; // view write: the fault path falls back too
+        arm(Point::UffdMove, libc::EBUSY, 1);
+        s.write(6 * PAGE, b"copied").unwrap();
+        arm(Point::UffdMove, libc::EBUSY, 1);
+        arm(Point::UffdCopy, libc::ENOMEM, 1);
+        match s.write(7 * PAGE, b"lost?") {
+            Err(Error::Os { op, source }) => {
+                assert!(op.starts_with("UFFDIO_MOVE"), "{op}");
+                assert_eq!(source.raw_os_error(), Some(libc::ENOMEM));
+            }
+            r => panic!("{mode:?}: expected the fallback copy's error, got {r:?}"),
+        }
+        disarm();
+        let mut want = vec![3u8; 8 * PAGE];
+        want[..7].copy_from_slice(b"retried");
+        want[5 * PAGE] = 9;
+        want[6 * PAGE..6 * PAGE + 6].copy_from_slice(b"copied");
+        assert!(s.as_slice() == &want[..], "{mode:?}: contents after refused moves");
+        arena.check_invariants().unwrap();
+        drop(s);
+        assert_empty(&arena);
+    }
+}
+
 #[test]
 fn failing_unprotect_on_cow_is_a_typed_error() {
     let _g = serial();

@@ -314,6 +314,7 @@ fn run_seed(seed: u64, mode: FaultMode, ops: usize) -> u64 {
         bytes_checked += e.model.len() as u64;
     }
     arena.check_invariants().unwrap_or_else(|e| panic!("seed {seed} {mode:?} end: invariant broken: {e}"));
+    PAGES_MOVED.with(|m| m.set(m.get() + arena.stats().pages_moved));
     while !live.is_empty() {
         let i = rng.below(live.len());
         drop(live.swap_remove(i));
@@ -324,6 +325,9 @@ fn run_seed(seed: u64, mode: FaultMode, ops: usize) -> u64 {
     assert_nothing_left(&arena, &format!("seed {seed} {mode:?}"));
     bytes_checked
 }
+
+// Pages write faults took with UFFDIO_MOVE over all seeds, per test thread (the path must be exercised).
+thread_local! { static PAGES_MOVED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) } }
 
 fn run(mode: FaultMode, first_seed: u64) {
     let ops = env_u64("COWARENA_MODEL_OPS", 400) as usize;
@@ -336,12 +340,17 @@ fn run(mode: FaultMode, first_seed: u64) {
     for &seed in &seeds {
         checked += run_seed(seed, mode, ops);
     }
+    let moved = PAGES_MOVED.with(|m| m.get());
     println!(
-        "model {mode:?}: {} seeds x {ops} ops, {} MiB compared, 0 divergences, {:.1?}",
+        "model {mode:?}: {} seeds x {ops} ops, {} MiB compared, 0 divergences, {moved} pages taken by UFFDIO_MOVE, {:.1?}",
         seeds.len(),
         checked >> 20,
         t0.elapsed()
     );
+    let offered = cowarena::probe::probe().feature("MOVE").and_then(|f| f.present) == Some(true);
+    if seeds.len() >= 10 && ops >= 200 && offered {
+        assert!(moved > 0, "no write fault took an exclusive page: the UFFDIO_MOVE path went untested");
+    }
 }
 
 #[test]

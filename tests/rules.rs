@@ -2,7 +2,7 @@
 //! (migrate, mkclean, partial discard) and which do not (read faults, aging, whole-table
 //! discard), counted by cause.
 
-use cowarena::{Arena, Space};
+use cowarena::{Arena, ForkStrategy, Space};
 
 const PAGE: usize = 4096;
 const TABLE: usize = 2 << 20;
@@ -226,5 +226,43 @@ fn fork_strategies_keep_or_freeze_the_parent_view() {
         drop(b);
         let s = arena.stats();
         assert_eq!((s.frames_in_use, s.views_in_use, s.frozen_regions), (0, 0, 0), "{strategy:?}: {s:?}");
+    }
+}
+
+/// A write to a page no one else maps any more takes the page (UFFDIO_MOVE from its frozen
+/// home), as the kernel reuses an exclusive page in `do_wp_page`; with the move turned off
+/// it is copied. Both leave every byte right.
+#[test]
+fn writing_an_exclusive_page_takes_it_instead_of_copying() {
+    for take in [true, false] {
+        let arena = Arena::builder().uffd_move(take).build().unwrap();
+        let mut a = arena.space(64 * PAGE).unwrap();
+        let mut want: Vec<u8> = (0..64 * PAGE).map(|i| (i / PAGE) as u8 ^ (i % 251) as u8).collect();
+        a.write(0, &want).unwrap();
+        let b = a.fork_with(ForkStrategy::Freeze).unwrap(); // a's pages now live in a frozen region
+        assert_eq!(arena.stats().frozen_regions, 1);
+        drop(b); // every frame is exclusive to a again, homed in the frozen region
+        let before = arena.stats();
+        a.as_mut_slice()[5 * PAGE + 1] = 0xEE;
+        want[5 * PAGE + 1] = 0xEE;
+        a.write(40 * PAGE, b"api write").unwrap();
+        want[40 * PAGE..40 * PAGE + 9].copy_from_slice(b"api write");
+        let s = arena.stats();
+        let (moved, copied) = (s.pages_moved - before.pages_moved, s.bytes_copied - before.bytes_copied);
+        if take {
+            assert!(moved >= 2, "{s:?}");
+            assert_eq!(copied, 0, "a taken page is not copied: {s:?}");
+        } else {
+            assert_eq!(moved, 0);
+            assert!(copied >= 2 * PAGE as u64, "{s:?}");
+        }
+        assert_eq!(s.faults.write_reuse - before.faults.write_reuse, moved.max(copied / PAGE as u64));
+        assert!(a.as_slice() == &want[..], "take={take}: contents differ");
+        let mut buf = vec![0u8; 64 * PAGE];
+        a.read(0, &mut buf).unwrap();
+        assert!(buf == want);
+        arena.check_invariants().unwrap();
+        drop(a);
+        assert!(arena.stats().is_idle(), "{:?}", arena.stats());
     }
 }

@@ -563,6 +563,17 @@ pub fn kernel_cow_fault_rate(bytes: usize, threads: usize) -> io::Result<f64> {
     Ok(per_second(region.pages(), elapsed))
 }
 
+/// Kernel write faults on pages that *were* shared with a `fork(2)` child which has since
+/// exited: each page is exclusive again, so the write-protect fault reuses it in place
+/// (`do_wp_page`, no copy). One word written to each page by one thread; faults per second.
+pub fn kernel_reuse_fault_rate(bytes: usize) -> io::Result<f64> {
+    let region = Mapping::populated(region_len(bytes)?)?;
+    let child = fork_child(|| 0)?;
+    child.wait()?;
+    let elapsed = touch_all_threaded(&region, 1)?;
+    Ok(per_second(region.pages(), elapsed))
+}
+
 /// Kernel first-touch faults per second: a fresh anonymous mapping of `bytes`; one word is
 /// written to each page by `threads` threads on disjoint page ranges (a zero-fill fault
 /// each). Returns faults per second.

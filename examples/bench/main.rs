@@ -794,8 +794,37 @@ fn w4_cowarena(arena: &Arena, size: usize, threads: usize) -> Res<[f64; 4]> {
     Ok([per_sec(pages, first), per_sec(pages, read), per_sec(pages, cow_child), per_sec(pages, cow_parent)])
 }
 
+/// Write faults on pages only the parent maps again (its snapshot was dropped): UFFDIO_MOVE
+/// takes each page from the frozen region where the fork left it, or (`take` off) copies it.
+fn w4_reuse(size: usize, take: bool) -> Res<(f64, u64)> {
+    let arena = Arena::builder().uffd_move(take).build()?;
+    let root = arena.space(size)?;
+    let pages = pages_of(&root);
+    threaded(pages, 1, |r| r.for_each(|p| store(&root, p, pattern(1, p))));
+    drop(root.fork_with(cowarena::ForkStrategy::Freeze)?);
+    let t = threaded(pages, 1, |r| r.for_each(|p| store(&root, p, pattern(2, p))));
+    if (0..pages).step_by(97).any(|p| load(&root, p) != pattern(2, p)) {
+        return Err("W4: a reused page lost its write".into());
+    }
+    Ok((per_sec(pages, t), arena.stats().pages_moved))
+}
+
 fn w4(cfg: &Config, rep: &mut Report) -> Res<()> {
     let size = if cfg.quick { 64 * MIB } else { 256 * MIB };
+    let kreuse = baselines::kernel_reuse_fault_rate(size)?;
+    let (moved, n_moved) = w4_reuse(size, true)?;
+    let (copied, _) = w4_reuse(size, false)?;
+    for (what, rate) in [("UFFDIO_MOVE", moved), ("copy, move off", copied)] {
+        rep.row(
+            "W4",
+            format!("write faults after the snapshot dropped ({what}), 1 thread"),
+            Unit::PerSec,
+            Some(rate),
+            "kernel reuse fault",
+            Some(kreuse),
+        );
+    }
+    rep.note(format!("W4 reuse: {n_moved} pages taken by UFFDIO_MOVE; move/copy = {:.2}x", moved / copied));
     let mut cow_child_1 = None;
     let mut kcow_1 = None;
     for threads in [1, 2] {

@@ -202,16 +202,37 @@ impl Core {
         }
     }
 
-    fn exec(&self, action: Action) -> std::io::Result<()> {
+    fn exec(&self, action: Action) -> std::io::Result<usize> {
         self.exec_run(action, 1)
     }
 
     /// Perform `n` consecutive actions of `first`'s kind (see [`continues`]) with one ioctl.
-    fn exec_run(&self, first: Action, n: usize) -> std::io::Result<()> {
+    /// Returns how many leading pages of a [`Action::Take`] run the kernel moved; the rest
+    /// were copied, and their resolutions must be committed as [`Resolution::fell_back`].
+    fn exec_run(&self, first: Action, n: usize) -> std::io::Result<usize> {
         debug_assert!((1..=FAULT_AROUND_MAX).contains(&n));
         let len = n * PAGE_SIZE;
         match first {
-            Action::Wake => Ok(()),
+            Action::Take { dst, src } => {
+                // SAFETY: `src..src+len` are homes of frames only this space maps (populated,
+                // never touched again once the commit rehomes them) and `dst..dst+len`
+                // unpopulated pages of a registered view, all mapped under the lock.
+                let (moved, r) = unsafe { self.uffd.move_pages(dst, src, len) };
+                if let Err(e) = r {
+                    // EBUSY (pages shared with a fork(2) child or pinned) and the like: copy
+                    // what did not move. Failing that, the fault fails as a copy would. (No
+                    // log here: this may run in a signal handler.)
+                    let _ = e;
+                    // SAFETY: as for `Fill`: the unmoved homes are populated and mapped.
+                    match unsafe { self.uffd.copy(dst + moved, src + moved, len - moved, false) } {
+                        Ok(true) => {}
+                        Ok(false) => return Err(std::io::Error::from_raw_os_error(libc::EEXIST)),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(moved / PAGE_SIZE)
+            }
+            Action::Wake => Ok(0),
             Action::Fill { dst, src, wp } => {
                 let src = match src {
                     Src::Zero => ZERO_PAGE.0.as_ptr() as usize,
@@ -220,19 +241,19 @@ impl Core {
                 // SAFETY: `src..src+len` is the static zero run or consecutive frame homes,
                 // which the core guarantees are populated and stay mapped under the lock.
                 match unsafe { self.uffd.copy(dst, src, len, wp) } {
-                    Ok(true) => Ok(()),
+                    Ok(true) => Ok(0),
                     Ok(false) => Err(std::io::Error::from_raw_os_error(libc::EEXIST)),
                     Err(e) => Err(e),
                 }
             }
-            Action::Unprotect { dst } => self.uffd.writeprotect(dst, len, false),
+            Action::Unprotect { dst } => self.uffd.writeprotect(dst, len, false).map(|()| 0),
             Action::Evacuate { dst, to } => {
                 for k in 0..n {
                     // SAFETY: `dst` pages are populated, write-protected view pages (homes)
                     // and `to` pages fresh pool slots; all stay mapped under the lock.
                     unsafe { crate::sys::mem::copy_page(to + k * PAGE_SIZE, dst + k * PAGE_SIZE) };
                 }
-                self.uffd.writeprotect(dst, len, false)
+                self.uffd.writeprotect(dst, len, false).map(|()| 0)
             }
         }
     }
@@ -249,8 +270,8 @@ impl Core {
         if r.allocates_frame() && (mm.frames_in_use() as u64 + 1) * PAGE_SIZE as u64 > self.max_memory {
             return Err(Error::CapacityExhausted { what: "a new frame", limit: self.max_memory });
         }
-        self.exec(r.action).map_err(|e| Error::os(op_name(r.action), e))?;
-        let kind = mm.commit(r);
+        let moved = self.exec(r.action).map_err(|e| Error::os(op_name(r.action), e))?;
+        let kind = mm.commit(if moved == 1 { r } else { r.fell_back() });
         self.reclaim(mm);
         Ok(kind)
     }
@@ -295,11 +316,11 @@ impl Core {
             while j < n && rs[j].is_some_and(|r| continues(first.action, r.action, j - i)) {
                 j += 1;
             }
-            if self.exec_run(first.action, j - i).is_err() {
+            let Ok(moved) = self.exec_run(first.action, j - i) else {
                 break; // the faulting page was served; the rest will fault on their own
-            }
-            for r in rs[i..j].iter().flatten() {
-                mm.commit(*r);
+            };
+            for (k, r) in rs[i..j].iter().flatten().enumerate() {
+                mm.commit(if k < moved { *r } else { r.fell_back() });
             }
             i = j;
         }
@@ -402,6 +423,7 @@ fn continues(first: Action, next: Action, k: usize) -> bool {
         }
         (Action::Unprotect { dst: d0 }, Action::Unprotect { dst }) => dst == d0 + step,
         (Action::Evacuate { dst: d0, to: t0 }, Action::Evacuate { dst, to }) => dst == d0 + step && to == t0 + step,
+        (Action::Take { dst: d0, src: s0 }, Action::Take { dst, src }) => dst == d0 + step && src == s0 + step,
         _ => false,
     }
 }
@@ -416,6 +438,7 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
 fn op_name(a: Action) -> &'static str {
     match a {
         Action::Fill { .. } => "UFFDIO_COPY",
+        Action::Take { .. } => "UFFDIO_MOVE (then UFFDIO_COPY)",
         Action::Unprotect { .. } | Action::Evacuate { .. } => "UFFDIO_WRITEPROTECT",
         Action::Wake => "UFFDIO_WAKE",
     }

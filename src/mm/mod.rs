@@ -137,16 +137,36 @@ pub enum Action {
     /// `to`, then clear write protection on `dst`: the old frame moves out, a new one takes
     /// the view page.
     Evacuate { dst: usize, to: usize },
+    /// UFFDIO_MOVE the page at `src` (the home, in a frozen region or the pool, of a frame
+    /// only this space maps) to the unpopulated view page `dst`, writable: a write fault on
+    /// an exclusive frame reuses its page, as `do_wp_page` does, instead of copying it.
+    /// `src` is a hole afterwards. Where the kernel refuses, the engine copies instead and
+    /// commits [`Resolution::fell_back`].
+    Take { dst: usize, src: usize },
 }
 
 /// The state change that follows a successful [`Action`].
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Commit {
     None,
-    MapReadOnly { frame: Option<FrameId> },
-    NewFrame { old: Option<FrameId>, copied: bool },
-    Rehome { frame: FrameId, copied: bool },
-    Evacuate { old: FrameId, slot: Home },
+    MapReadOnly {
+        frame: Option<FrameId>,
+    },
+    NewFrame {
+        old: Option<FrameId>,
+        copied: bool,
+    },
+    /// The frame's home moves to the faulting view page; `moved`: by UFFDIO_MOVE, so the
+    /// old home is already a hole.
+    Rehome {
+        frame: FrameId,
+        copied: bool,
+        moved: bool,
+    },
+    Evacuate {
+        old: FrameId,
+        slot: Home,
+    },
     MakeWritable,
 }
 
@@ -158,6 +178,21 @@ pub struct Resolution {
     space: SpaceId,
     page: usize,
     commit: Commit,
+}
+
+impl Resolution {
+    /// The same fault when the kernel refused to move the page: copy it instead (the old
+    /// home keeps its page until it is discarded as an ordinary unhomed slot).
+    pub fn fell_back(self) -> Resolution {
+        match (self.action, self.commit) {
+            (Action::Take { dst, src }, Commit::Rehome { frame, .. }) => Resolution {
+                action: Action::Fill { dst, src: Src::Addr(src), wp: false },
+                commit: Commit::Rehome { frame, copied: true, moved: false },
+                ..self
+            },
+            _ => self,
+        }
+    }
 }
 
 impl Resolution {
@@ -203,6 +238,9 @@ pub struct MmCounters {
     pub tables_reused: u64,
     pub bytes_copied: u64,
     pub bytes_reclaimed: u64,
+    /// Pages taken into a view by UFFDIO_MOVE instead of copied (write faults on exclusive
+    /// frames homed elsewhere).
+    pub pages_moved: u64,
 }
 
 /// Shared tables broken, by the operation that needed an exclusive table.
@@ -293,6 +331,9 @@ pub struct Mm<B> {
     bit_spares: Vec<bits::Chunk>,
     /// Override of the protect-or-freeze threshold of [`Mm::share_plan`] (tests, tuning).
     protect_limit: Option<usize>,
+    /// Resolve write faults on exclusive frames homed elsewhere with [`Action::Take`]
+    /// (the kernel offers UFFDIO_MOVE) rather than a copy.
+    take_exclusive: bool,
     /// Members of each fork family (the rmap walk's `anon_vma` chain).
     families: std::collections::HashMap<u32, Vec<SpaceId>>,
     /// View base address -> space, for the fault path's address lookup.
@@ -321,6 +362,7 @@ impl<B> Mm<B> {
             pool_next: 0,
             bit_spares: Vec::new(),
             protect_limit: None,
+            take_exclusive: false,
             reclaim: Reclaim::default(),
             counters: MmCounters::default(),
         }
@@ -466,6 +508,11 @@ impl<B> Mm<B> {
 
     /// Share by write-protecting when at most `pages` are writable, else freeze (`None`:
     /// the default, `max(256, pages/256)`).
+    /// See [`Action::Take`]: on when the kernel offers UFFDIO_MOVE.
+    pub fn set_take_exclusive(&mut self, on: bool) {
+        self.take_exclusive = on;
+    }
+
     pub fn set_protect_limit(&mut self, pages: Option<usize>) {
         self.protect_limit = pages;
     }
@@ -684,26 +731,31 @@ impl<B> Mm<B> {
         fr.refs -= 1;
         if fr.refs == 0 {
             let fr = self.frames.release(f);
-            self.unhome(fr.home);
+            self.unhome(fr.home, false);
         }
     }
 
     /// A frame leaves its home (it died or moved into a view).
-    fn unhome(&mut self, home: Home) {
+    /// `home` no longer holds a frame; `moved`: its page already left (UFFDIO_MOVE), so
+    /// there is nothing to discard.
+    fn unhome(&mut self, home: Home, moved: bool) {
         let r = self.region_mut(home.region);
         r.homes -= 1;
         match r.kind {
             RegionKind::View(sp) => {
+                debug_assert!(!moved, "a view page is never the source of a move");
                 self.space_mut(sp).vs.home.clear(home.page as usize);
             }
             RegionKind::Frozen => {
                 let addr = r.base + home.page as usize * PAGE_SIZE;
                 let dead = r.homes == 0 && self.pool != Some(home.region);
-                match self.reclaim.discard.last_mut() {
-                    Some((a, l)) if *a + *l == addr => *l += PAGE_SIZE,
-                    _ => self.reclaim.discard.push((addr, PAGE_SIZE)),
+                if !moved {
+                    match self.reclaim.discard.last_mut() {
+                        Some((a, l)) if *a + *l == addr => *l += PAGE_SIZE,
+                        _ => self.reclaim.discard.push((addr, PAGE_SIZE)),
+                    }
+                    self.counters.bytes_reclaimed += PAGE_SIZE as u64;
                 }
-                self.counters.bytes_reclaimed += PAGE_SIZE as u64;
                 if dead {
                     let r = self.regions.remove(home.region.0);
                     // No need to discard pages of a region about to be unmapped.
@@ -818,8 +870,13 @@ impl<B> Mm<B> {
                     let to = self.home_addr(slot);
                     done(Action::Evacuate { dst, to }, Commit::Evacuate { old: f, slot })
                 } else if fr.refs == 1 {
-                    let src = Src::Addr(self.home_addr(fr.home));
-                    done(fill_or_unprotect(src), Commit::Rehome { frame: f, copied: !present })
+                    let src = self.home_addr(fr.home);
+                    if !present && self.take_exclusive {
+                        done(Action::Take { dst, src }, Commit::Rehome { frame: f, copied: false, moved: true })
+                    } else {
+                        let action = fill_or_unprotect(Src::Addr(src));
+                        done(action, Commit::Rehome { frame: f, copied: !present, moved: false })
+                    }
                 } else {
                     let src = Src::Addr(self.home_addr(fr.home));
                     done(fill_or_unprotect(src), Commit::NewFrame { old: Some(f), copied: !present })
@@ -872,9 +929,12 @@ impl<B> Mm<B> {
                     FaultKind::WriteZero
                 }
             }
-            Commit::Rehome { frame, copied } => {
+            Commit::Rehome { frame, copied, moved } => {
                 let old_home = self.frames.get(frame).home;
-                self.unhome(old_home);
+                self.unhome(old_home, moved);
+                if moved {
+                    self.counters.pages_moved += 1;
+                }
                 self.frames.get_mut(frame).home = here;
                 self.region_mut(view).homes += 1;
                 self.set_entry_bits(sp, page, Pte::ACCESSED | Pte::DIRTY);

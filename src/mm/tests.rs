@@ -36,6 +36,10 @@ impl FakeKernel {
                 assert!(p.1, "evacuation of a writable page");
                 p.1 = false;
             }
+            Action::Take { dst, src } => {
+                let (v, _) = self.mem.remove(&src).expect("UFFDIO_MOVE from an unpopulated home");
+                assert!(self.mem.insert(dst, (v, false)).is_none(), "UFFDIO_MOVE onto a present page");
+            }
             Action::Unprotect { dst } => {
                 let p = self.mem.get_mut(&dst).expect("unprotect of a missing page");
                 assert!(p.1, "unprotect of a writable page");
@@ -79,11 +83,14 @@ struct Sim {
     mm: Mm<(usize, usize)>,
     k: FakeKernel,
     spaces: Vec<(SpaceId, Vec<u64>)>,
+    /// Every `refuse_moves`-th UFFDIO_MOVE is refused (the engine then copies); 0: never.
+    refuse_moves: u64,
+    moves: u64,
 }
 
 impl Sim {
     fn new() -> Sim {
-        Sim { mm: Mm::new(), k: FakeKernel::default(), spaces: Vec::new() }
+        Sim { mm: Mm::new(), k: FakeKernel::default(), spaces: Vec::new(), refuse_moves: 0, moves: 0 }
     }
     fn reclaim(&mut self) {
         let k = &mut self.k;
@@ -147,8 +154,14 @@ impl Sim {
                 break;
             }
             self.top_up(0);
-            let r = self.mm.resolve_fault(sp, page, write.is_some());
+            let mut r = self.mm.resolve_fault(sp, page, write.is_some());
             assert_ne!(r.action, Action::Wake, "fault resolved to nothing");
+            if let Action::Take { .. } = r.action {
+                self.moves += 1;
+                if self.refuse_moves != 0 && self.moves % self.refuse_moves == 0 {
+                    r = r.fell_back();
+                }
+            }
             self.k.run(r.action);
             self.mm.commit(r);
             self.reclaim();
@@ -302,9 +315,34 @@ fn exclusive_frame_is_reused_not_copied() {
     // Parent is alone again: its write reuses the table and takes the frozen frame over.
     s.access(0, 5, Some(6));
     assert_eq!(s.mm.counters.faults_write_reuse, 1);
+    assert_eq!(s.mm.counters.pages_moved, 0, "moves are off by default");
     assert_eq!(s.mm.counters.faults_write_cow, 0);
     assert_eq!(s.mm.frozen_regions(), 0, "the frozen region died with its last home");
     s.check();
+}
+
+#[test]
+fn exclusive_frame_is_taken_by_move_and_its_old_home_left_alone() {
+    for refuse in [false, true] {
+        let mut s = Sim::new();
+        s.mm.set_take_exclusive(true);
+        s.mm.set_protect_limit(Some(0)); // forks freeze: the parent's pages move out of its view
+        s.refuse_moves = refuse as u64;
+        s.create(512);
+        s.access(0, 5, Some(5));
+        s.fork(0);
+        s.access(1, 5, Some(50)); // the child's own copy: frame 5 is the parent's alone
+        s.access(0, 5, Some(6));
+        assert_eq!(s.mm.counters.faults_write_reuse, 1);
+        assert_eq!(s.mm.counters.pages_moved, !refuse as u64);
+        let copied = s.mm.counters.bytes_copied;
+        assert_eq!(copied, if refuse { 2 * PAGE_SIZE as u64 } else { PAGE_SIZE as u64 }, "refused={refuse}");
+        assert_eq!((s.access(0, 5, None), s.access(1, 5, None)), (6, 50));
+        s.check();
+        s.drop_space(1);
+        s.drop_space(0);
+        assert!(s.k.mem.is_empty(), "pages left mapped: {}", s.k.mem.len());
+    }
 }
 
 #[test]
@@ -327,11 +365,16 @@ fn everything_is_released() {
 
 #[test]
 fn model_random_sequences() {
+    let mut moved = 0;
     for seed in 1..=60u64 {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut s = Sim::new();
         // Alternate the fork strategy: always freeze, always protect, or the default.
         s.mm.set_protect_limit([Some(0), Some(usize::MAX), None][seed as usize % 3]);
+        // And how write faults on exclusive frames are served: copied, taken by
+        // UFFDIO_MOVE, or taken with every third move refused by the kernel.
+        s.mm.set_take_exclusive(seed % 4 != 0);
+        s.refuse_moves = if seed % 4 == 3 { 3 } else { 0 };
         let pages = 512 * (1 + rng.below(3)) + rng.below(3) * 7;
         s.create(pages);
         for step in 0..1500 {
@@ -395,5 +438,9 @@ fn model_random_sequences() {
         }
         assert_eq!((s.mm.frames_in_use(), s.mm.tables_in_use(), s.mm.frozen_regions()), (0, 0, 0), "seed {seed}");
         assert!(s.k.mem.is_empty(), "seed {seed}: pages left mapped");
+        if seed % 4 != 0 {
+            moved += s.mm.counters.pages_moved;
+        }
     }
+    assert!(moved > 0, "no write fault took an exclusive page: the Take path went untested");
 }

@@ -14,9 +14,11 @@ pub enum Point {
     UffdWriteprotect = 1,
     /// The start of every fault served (the armed errno is ignored: it panics).
     FaultPath = 2,
+    /// `UFFDIO_MOVE` (taking an exclusive frame's page into a view on a write fault).
+    UffdMove = 3,
 }
 
-const N: usize = 3;
+const N: usize = 4;
 static ERRNO: [AtomicI32; N] = [const { AtomicI32::new(0) }; N];
 static LEFT: [AtomicU32; N] = [const { AtomicU32::new(0) }; N];
 

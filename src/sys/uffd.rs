@@ -14,6 +14,12 @@ use crate::error::{Error, UffdBlock};
 const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
 /// `UFFDIO_WRITEPROTECT_MODE_WP` (bit 0); not exported by linux-raw-sys 0.12.
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+/// `_IOWR(UFFDIO, _UFFDIO_MOVE, struct uffdio_move)` (Linux 6.8+); linux-raw-sys 0.12 has
+/// the struct and `_UFFDIO_MOVE` but not the request number.
+const UFFDIO_MOVE: libc::c_ulong = (3 << 30)
+    | ((std::mem::size_of::<g::uffdio_move>() as libc::c_ulong) << 16)
+    | ((g::UFFDIO as libc::c_ulong) << 8)
+    | g::_UFFDIO_MOVE as libc::c_ulong;
 
 /// How this process obtained its userfaultfd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +68,7 @@ pub const FEATURE_WP: u64 = g::UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64;
 pub const FEATURE_EVENT_REMAP: u64 = g::UFFD_FEATURE_EVENT_REMAP as u64;
 pub const FEATURE_SIGBUS: u64 = g::UFFD_FEATURE_SIGBUS as u64;
 pub const FEATURE_THREAD_ID: u64 = g::UFFD_FEATURE_THREAD_ID as u64;
+pub const FEATURE_MOVE: u64 = g::UFFD_FEATURE_MOVE as u64;
 
 pub const PAGEFAULT_FLAG_WRITE: u64 = g::UFFD_PAGEFAULT_FLAG_WRITE as u64;
 pub const PAGEFAULT_FLAG_WP: u64 = g::UFFD_PAGEFAULT_FLAG_WP as u64;
@@ -241,6 +248,49 @@ impl Uffd {
             }
         }
         Ok(true)
+    }
+
+    /// UFFDIO_MOVE `len` bytes of pages from `src` to `dst` (Linux 6.8+, `FEATURE_MOVE`):
+    /// the pages themselves change address, nothing is copied; `dst` ends up mapped
+    /// writable and `src` a hole. Returns how many bytes moved before an error, with the
+    /// error: the kernel refuses pages it cannot move (EBUSY: shared with another process
+    /// after fork(2), pinned; EEXIST: `dst` populated) and the caller falls back to a copy
+    /// of what is left. EAGAIN (a pending REMAP, a racing fault) is retried here.
+    ///
+    /// # Safety
+    /// `src..src+len` must be populated anonymous pages nobody reads or writes during or
+    /// after the call (their bytes leave with the pages), and `dst..dst+len` unpopulated
+    /// pages of a range registered with this userfaultfd.
+    pub unsafe fn move_pages(&self, dst: usize, src: usize, len: usize) -> (usize, io::Result<()>) {
+        let mut done = 0usize;
+        while done < len {
+            let mut m = g::uffdio_move {
+                dst: (dst + done) as u64,
+                src: (src + done) as u64,
+                len: (len - done) as u64,
+                mode: 0,
+                move_: 0,
+            };
+            let r = match super::inject::hit(super::inject::Point::UffdMove) {
+                Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+                None => self.ioctl(UFFDIO_MOVE, &mut m as *mut _ as *mut libc::c_void),
+            };
+            match r {
+                Ok(()) => done = len,
+                Err(e) => {
+                    // `move` holds the bytes moved, or a negative errno.
+                    if m.move_ > 0 {
+                        done += m.move_ as usize;
+                        continue;
+                    }
+                    match e.raw_os_error() {
+                        Some(libc::EAGAIN) => std::thread::yield_now(),
+                        _ => return (done, Err(e)),
+                    }
+                }
+            }
+        }
+        (done, Ok(()))
     }
 
     /// Set (`wp`) or clear write protection on `[start, start+len)`; clearing wakes waiters.
