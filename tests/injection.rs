@@ -7,6 +7,9 @@
 use std::os::unix::process::ExitStatusExt;
 use std::sync::Mutex;
 
+mod common;
+
+use common::Watchdog;
 use cowarena::inject::{arm, disarm, Point};
 use cowarena::{Arena, Error, FaultMode, Space};
 
@@ -119,6 +122,30 @@ fn refused_move_falls_back_to_a_copy() {
         drop(s);
         assert_empty(&arena);
     }
+}
+
+/// The deadlock the W1 benchmark met: the signal handler asks for a refill after the last
+/// fault of a fill, the reader thread is scheduled late, and the filling thread meanwhile
+/// forks — holding the arena lock inside a freezing `mremap` that waits for the reader to
+/// read the REMAP event. A reader that blocked on the lock to refill never read it.
+#[test]
+fn late_refill_never_deadlocks_a_freezing_fork() {
+    let _g = serial();
+    let _wd = Watchdog::new("late_refill_never_deadlocks_a_freezing_fork", std::time::Duration::from_secs(60));
+    let arena = Arena::builder().fault_mode(FaultMode::Signal).build().unwrap();
+    for round in 0..20u8 {
+        let mut s = arena.space(64 * PAGE).unwrap();
+        s.as_mut_slice()[..32 * PAGE].fill(round); // page 63 stays beyond fault-around's reach
+        arm(Point::RefillDelay, 30, 1);
+        arm(Point::AskRefill, 0, 1);
+        s.as_mut_slice()[63 * PAGE] = round; // served; asks for a refill the reader takes late
+        let c = s.fork_with(cowarena::ForkStrategy::Freeze).unwrap(); // mremap under the lock
+        assert_eq!((c.as_slice()[0], c.as_slice()[40 * PAGE], c.as_slice()[63 * PAGE]), (round, 0, round));
+        let s = arena.stats();
+        assert!(s.freezes > u64::from(round), "the fork must freeze (mremap): {s:?}");
+        disarm();
+    }
+    assert_empty(&arena);
 }
 
 #[test]

@@ -348,3 +348,45 @@ fn pre_existing_sigbus_handler_is_chained() {
         out.status
     );
 }
+
+/// A freezing fork holds the arena lock while `mremap` waits for the engine's reader thread
+/// to read the REMAP event; the reader must never wait for that lock in turn, even when the
+/// signal handler has just asked it to refill the fault path's headroom. Each round fills a
+/// fresh space through its view (the handler uses up headroom and asks for a refill) and
+/// forks at once. A deadlock here hung the benchmark; the watchdog turns it into a failure.
+#[test]
+fn freezing_fork_right_after_faults_never_deadlocks() {
+    let _g = serial();
+    let rounds = env_u64("COWARENA_REFILL_ROUNDS", 300);
+    let _wd = Watchdog::new("freezing_fork_right_after_faults_never_deadlocks", Duration::from_secs(180));
+    let arena = Arena::builder().fault_mode(FaultMode::Signal).build().unwrap();
+    let pages = 1280; // more than the preallocated frames: at least one refill request per round
+                      // Busy threads on every CPU, so that the reader thread is often scheduled late: the
+                      // forking thread then takes the lock before the reader gets to its refill.
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for _ in 0..std::thread::available_parallelism().map_or(2, |n| n.get()) {
+            scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            });
+        }
+        rounds_of_fill_and_fork(&arena, pages, rounds);
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert_nothing_left(&arena, "after the rounds");
+}
+
+fn rounds_of_fill_and_fork(arena: &Arena, pages: usize, rounds: u64) {
+    for round in 0..rounds {
+        let s = arena.space(pages * PAGE).unwrap();
+        for p in 0..pages {
+            // SAFETY: in bounds of the view, which `s` keeps mapped; no references into it.
+            unsafe { std::ptr::write_volatile(s.as_mut_ptr().add(p * PAGE), (p ^ round as usize) as u8) };
+        }
+        let c = s.fork_with(cowarena::ForkStrategy::Freeze).unwrap();
+        assert_eq!(c.as_slice()[(pages - 1) * PAGE], ((pages - 1) ^ round as usize) as u8);
+        drop((s, c));
+    }
+}

@@ -103,6 +103,20 @@ impl Core {
         MmGuard { guard, owner: &self.owner }
     }
 
+    /// [`Core::lock`] if the lock is free right now (refilling the headroom as `lock`
+    /// does); `None` when someone holds it.
+    pub fn try_lock(&self) -> Option<MmGuard<'_>> {
+        let g = match self.mm.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        let mut mm = self.guard(g);
+        mm.reserve_headroom();
+        let _ = self.ensure_pool(&mut mm, 0);
+        Some(mm)
+    }
+
     pub fn lock(&self) -> MmGuard<'_> {
         // A panic while holding the lock leaves state we cannot trust; but the views must
         // stay served (a closed uffd would turn them into zero pages), so keep going with
@@ -478,15 +492,32 @@ impl Engine {
     }
 }
 
+/// The reader thread: reads userfaultfd messages (fault messages go to the worker; reading
+/// a REMAP event is the acknowledgement a freezing `mremap` waits for) and refills the fault
+/// path's headroom when the signal handler asks.
+///
+/// It must never block on the arena lock: the thread that holds it may be inside that very
+/// `mremap`, waiting for this thread to read the event — a deadlock (seen in the W1 bench).
+/// So a refill request meets `try_lock`; when the lock is busy the request stays pending
+/// and is retried every millisecond, while messages keep being read.
 fn reader_loop(core: &Core, stop: &EventFd, tx: mpsc::Sender<(u64, u64)>) {
     let mut msgs = Vec::with_capacity(64);
+    let mut refill_pending = false;
     loop {
-        match crate::sys::wake::poll3(core.uffd.raw_fd(), stop.raw_fd(), core.refill.raw_fd()) {
+        let timeout = if refill_pending { 1 } else { -1 };
+        match crate::sys::wake::poll3(core.uffd.raw_fd(), stop.raw_fd(), core.refill.raw_fd(), timeout) {
             Ok((_, true, _)) => return,
             Ok((uffd_ready, false, refill)) => {
                 if refill {
                     core.refill.clear();
-                    drop(core.lock()); // `lock` refills the headroom
+                    refill_pending = true;
+                    if let Some(ms) = crate::sys::inject::hit(crate::sys::inject::Point::RefillDelay) {
+                        std::thread::sleep(std::time::Duration::from_millis(ms as u64));
+                    }
+                }
+                if refill_pending {
+                    // `lock` refills the headroom; a busy lock means: try again shortly.
+                    refill_pending = core.try_lock().is_none();
                 }
                 if !uffd_ready {
                     continue;

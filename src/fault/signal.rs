@@ -62,7 +62,7 @@ fn serve_in(core: &Core, page_addr: usize, cpu_says_write: bool) -> Option<Outco
         let write = cpu_says_write || mm.is_present(sp, page);
         let served =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.fault_in_around(&mut mm, sp, page, write)));
-        if !mm.has_headroom() {
+        if !mm.has_headroom() || crate::sys::inject::hit(crate::sys::inject::Point::AskRefill).is_some() {
             let _ = core.refill.signal();
         }
         drop(mm);

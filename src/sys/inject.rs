@@ -16,9 +16,15 @@ pub enum Point {
     FaultPath = 2,
     /// `UFFDIO_MOVE` (taking an exclusive frame's page into a view on a write fault).
     UffdMove = 3,
+    /// The signal handler asks the engine to refill the fault path's headroom after the
+    /// fault it serves, needed or not (the armed errno is ignored).
+    AskRefill = 4,
+    /// The engine's reader thread waits before it refills the headroom: the armed "errno"
+    /// is the delay in milliseconds (a reader scheduled late, as on a loaded machine).
+    RefillDelay = 5,
 }
 
-const N: usize = 4;
+const N: usize = 6;
 static ERRNO: [AtomicI32; N] = [const { AtomicI32::new(0) }; N];
 static LEFT: [AtomicU32; N] = [const { AtomicU32::new(0) }; N];
 

@@ -40,11 +40,12 @@ impl EventFd {
     }
 }
 
-/// Wait until one of three descriptors is readable; returns which are.
-pub fn poll3(a: RawFd, b: RawFd, c: RawFd) -> io::Result<(bool, bool, bool)> {
+/// Wait until one of three descriptors is readable, or `timeout_ms` passed (-1: no
+/// limit); returns which are readable.
+pub fn poll3(a: RawFd, b: RawFd, c: RawFd, timeout_ms: i32) -> io::Result<(bool, bool, bool)> {
     let mut fds = [a, b, c].map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
     // SAFETY: `fds` is a live array of three pollfd structs.
-    let r = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout_ms) };
     if r < 0 {
         let e = io::Error::last_os_error();
         return if e.kind() == io::ErrorKind::Interrupted { Ok((false, false, false)) } else { Err(e) };
