@@ -216,6 +216,20 @@ impl Core {
         }
     }
 
+    /// UFFDIO_COPY onto view pages the core knows to be unpopulated: finding one populated
+    /// (EEXIST) is an error here, not a race.
+    ///
+    /// # Safety
+    /// As [`crate::sys::uffd::Uffd::copy`].
+    unsafe fn fill(&self, dst: usize, src: usize, len: usize, wp: bool) -> std::io::Result<()> {
+        // SAFETY: forwarded to the caller.
+        match unsafe { self.uffd.copy(dst, src, len, wp) } {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(std::io::Error::from_raw_os_error(libc::EEXIST)),
+            Err(e) => Err(e),
+        }
+    }
+
     fn exec(&self, action: Action) -> std::io::Result<usize> {
         self.exec_run(action, 1)
     }
@@ -232,17 +246,12 @@ impl Core {
                 // never touched again once the commit rehomes them) and `dst..dst+len`
                 // unpopulated pages of a registered view, all mapped under the lock.
                 let (moved, r) = unsafe { self.uffd.move_pages(dst, src, len) };
-                if let Err(e) = r {
+                if r.is_err() {
                     // EBUSY (pages shared with a fork(2) child or pinned) and the like: copy
                     // what did not move. Failing that, the fault fails as a copy would. (No
                     // log here: this may run in a signal handler.)
-                    let _ = e;
                     // SAFETY: as for `Fill`: the unmoved homes are populated and mapped.
-                    match unsafe { self.uffd.copy(dst + moved, src + moved, len - moved, false) } {
-                        Ok(true) => {}
-                        Ok(false) => return Err(std::io::Error::from_raw_os_error(libc::EEXIST)),
-                        Err(e) => return Err(e),
-                    }
+                    unsafe { self.fill(dst + moved, src + moved, len - moved, false) }?;
                 }
                 Ok(moved / PAGE_SIZE)
             }
@@ -254,11 +263,7 @@ impl Core {
                 };
                 // SAFETY: `src..src+len` is the static zero run or consecutive frame homes,
                 // which the core guarantees are populated and stay mapped under the lock.
-                match unsafe { self.uffd.copy(dst, src, len, wp) } {
-                    Ok(true) => Ok(0),
-                    Ok(false) => Err(std::io::Error::from_raw_os_error(libc::EEXIST)),
-                    Err(e) => Err(e),
-                }
+                unsafe { self.fill(dst, src, len, wp) }.map(|()| 0)
             }
             Action::Unprotect { dst } => self.uffd.writeprotect(dst, len, false).map(|()| 0),
             Action::Evacuate { dst, to } => {

@@ -193,9 +193,7 @@ impl Resolution {
             _ => self,
         }
     }
-}
 
-impl Resolution {
     /// Will committing this resolution allocate a new frame?
     pub fn allocates_frame(&self) -> bool {
         matches!(self.commit, Commit::NewFrame { .. })
@@ -506,13 +504,13 @@ impl<B> Mm<B> {
         }
     }
 
-    /// Share by write-protecting when at most `pages` are writable, else freeze (`None`:
-    /// the default, `max(256, pages/256)`).
     /// See [`Action::Take`]: on when the kernel offers UFFDIO_MOVE.
     pub fn set_take_exclusive(&mut self, on: bool) {
         self.take_exclusive = on;
     }
 
+    /// Share by write-protecting when at most `pages` are writable, else freeze (`None`:
+    /// the default, `max(256, pages/256)`).
     pub fn set_protect_limit(&mut self, pages: Option<usize>) {
         self.protect_limit = pages;
     }

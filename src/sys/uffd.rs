@@ -218,8 +218,7 @@ impl Uffd {
     /// # Safety
     /// `src..src+len` must be readable memory that stays mapped for the call.
     pub unsafe fn copy(&self, dst: usize, src: usize, len: usize, wp: bool) -> io::Result<bool> {
-        let mut done = 0usize;
-        while done < len {
+        let r = until_done(len, super::inject::Point::UffdCopy, |done| {
             let mut c = g::uffdio_copy {
                 dst: (dst + done) as u64,
                 src: (src + done) as u64,
@@ -227,27 +226,14 @@ impl Uffd {
                 mode: if wp { g::UFFDIO_COPY_MODE_WP as u64 } else { 0 },
                 copy: 0,
             };
-            let r = match super::inject::hit(super::inject::Point::UffdCopy) {
-                Some(errno) => Err(io::Error::from_raw_os_error(errno)),
-                None => self.ioctl(i::UFFDIO_COPY as _, &mut c as *mut _ as *mut libc::c_void),
-            };
-            match r {
-                Ok(()) => done = len,
-                Err(e) => {
-                    // `copy` holds the bytes copied, or a negative errno.
-                    if c.copy > 0 {
-                        done += c.copy as usize;
-                        continue;
-                    }
-                    match e.raw_os_error() {
-                        Some(libc::EAGAIN) => std::thread::yield_now(),
-                        Some(libc::EEXIST) if done == 0 => return Ok(false),
-                        _ => return Err(e),
-                    }
-                }
-            }
+            let r = self.ioctl(i::UFFDIO_COPY as _, &mut c as *mut _ as *mut libc::c_void);
+            (c.copy, r)
+        });
+        match r {
+            (_, Ok(())) => Ok(true),
+            (0, Err(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+            (_, Err(e)) => Err(e),
         }
-        Ok(true)
     }
 
     /// UFFDIO_MOVE `len` bytes of pages from `src` to `dst` (Linux 6.8+, `FEATURE_MOVE`):
@@ -262,8 +248,7 @@ impl Uffd {
     /// after the call (their bytes leave with the pages), and `dst..dst+len` unpopulated
     /// pages of a range registered with this userfaultfd.
     pub unsafe fn move_pages(&self, dst: usize, src: usize, len: usize) -> (usize, io::Result<()>) {
-        let mut done = 0usize;
-        while done < len {
+        until_done(len, super::inject::Point::UffdMove, |done| {
             let mut m = g::uffdio_move {
                 dst: (dst + done) as u64,
                 src: (src + done) as u64,
@@ -271,26 +256,9 @@ impl Uffd {
                 mode: 0,
                 move_: 0,
             };
-            let r = match super::inject::hit(super::inject::Point::UffdMove) {
-                Some(errno) => Err(io::Error::from_raw_os_error(errno)),
-                None => self.ioctl(UFFDIO_MOVE, &mut m as *mut _ as *mut libc::c_void),
-            };
-            match r {
-                Ok(()) => done = len,
-                Err(e) => {
-                    // `move` holds the bytes moved, or a negative errno.
-                    if m.move_ > 0 {
-                        done += m.move_ as usize;
-                        continue;
-                    }
-                    match e.raw_os_error() {
-                        Some(libc::EAGAIN) => std::thread::yield_now(),
-                        _ => return (done, Err(e)),
-                    }
-                }
-            }
-        }
-        (done, Ok(()))
+            let r = self.ioctl(UFFDIO_MOVE, &mut m as *mut _ as *mut libc::c_void);
+            (m.move_, r)
+        })
     }
 
     /// Set (`wp`) or clear write protection on `[start, start+len)`; clearing wakes waiters.
@@ -360,6 +328,33 @@ impl Uffd {
             Ok(())
         }
     }
+}
+
+/// Drive an ioctl that may do part of `len` bytes (UFFDIO_COPY, UFFDIO_MOVE) to the end:
+/// `step(done)` issues it for the bytes after `done` and returns the struct's progress field
+/// (bytes done, or a negative errno) with the ioctl's result. EAGAIN (a pending REMAP event,
+/// a racing fault) is retried; another error ends the loop. Returns the bytes done, and the
+/// error if any. Allocation-free: it runs in the signal handler. `point` is the fault
+/// injection hook, consulted before each attempt.
+fn until_done(
+    len: usize,
+    point: super::inject::Point,
+    mut step: impl FnMut(usize) -> (i64, io::Result<()>),
+) -> (usize, io::Result<()>) {
+    let mut done = 0usize;
+    while done < len {
+        let (progress, r) = match super::inject::hit(point) {
+            Some(errno) => (0, Err(io::Error::from_raw_os_error(errno))),
+            None => step(done),
+        };
+        match r {
+            Ok(()) => done = len,
+            Err(_) if progress > 0 => done += progress as usize,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => std::thread::yield_now(),
+            Err(e) => return (done, Err(e)),
+        }
+    }
+    (done, Ok(()))
 }
 
 fn api(fd: &OwnedFd, features: u64) -> io::Result<g::uffdio_api> {
