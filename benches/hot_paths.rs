@@ -127,7 +127,7 @@ fn read_write(c: &mut Criterion) {
         });
     });
     // Every page of `own` is private after the first pass: this is the steady-state write.
-    let own = written(&arena);
+    let mut own = written(&arena);
     let data = vec![0x5au8; PAGE];
     g.bench_function("Space::write", |b| {
         b.iter(|| {

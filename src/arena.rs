@@ -53,10 +53,17 @@ pub struct ArenaBuilder {
 }
 
 impl ArenaBuilder {
-    /// Limit the memory the arena's frames may use, in bytes. A write that needs a new
-    /// frame beyond it fails: [`Error::CapacityExhausted`] from the API, a loud fault
-    /// (SIGBUS in signal fault mode, SIGSEGV in thread mode, with the reason logged) from a
-    /// view access. Default: no limit.
+    /// Limit the memory the arena makes resident, in bytes: every page holding a frame
+    /// (written pages, and the frozen or pooled pages that keep shared contents alive)
+    /// *and* every read-only copy mapped into a view for reading. An access that needs one
+    /// more page beyond it fails — [`Error::CapacityExhausted`] from the API, a loud fault
+    /// (SIGBUS in signal fault mode, SIGSEGV in thread mode, with the reason on stderr)
+    /// from a view access — while rewriting pages a space already owns keeps working.
+    /// [`Space::read`](crate::Space::read) maps nothing and is never refused. Not counted:
+    /// the arena's bookkeeping (tables, bitmaps: a few bytes per page touched). Dropping
+    /// spaces, [`Space::discard`](crate::Space::discard) and resets give pages back. To
+    /// stay under a container limit, set it below the limit by your process's other memory.
+    /// Default: no limit (checking costs O(spaces) per fault when set).
     pub fn max_memory(mut self, bytes: u64) -> Self {
         self.max_memory = Some(bytes);
         self
@@ -113,10 +120,10 @@ impl ArenaBuilder {
             FaultMode::Signal => {
                 crate::sys::signal::install(crate::fault::signal::on_fault)
                     .map_err(|e| Error::os("sigaction(SIGBUS)", e))?;
-                Some(crate::fault::signal::register(&core).ok_or(Error::InvalidSize {
-                    size: crate::fault::signal::MAX_ARENAS,
-                    why: "too many live arenas in signal fault mode; drop some or use FaultMode::Thread",
-                })?)
+                Some(
+                    crate::fault::signal::register(&core)
+                        .ok_or(Error::TooManyArenas { limit: crate::fault::signal::MAX_ARENAS })?,
+                )
             }
         };
         Ok(Arena { inner: Arc::new(Inner { core, engine: Some(engine), signal_slot }) })
@@ -215,6 +222,11 @@ impl Arena {
             bytes_copied: c.bytes_copied,
             bytes_reclaimed: c.bytes_reclaimed,
             pages_moved: c.pages_moved,
+            aging: AgingStats {
+                clears: c.aging_clears,
+                referenced_cleared: c.referenced_cleared,
+                rearmed: c.aging_rearms,
+            },
         }
     }
 
@@ -235,7 +247,12 @@ impl Arena {
     }
 
     /// Clear the referenced bits of every space (aging), breaking no table. Returns how many
-    /// (space, page) entries were referenced.
+    /// distinct page-table entries were referenced: an entry of a table that several spaces
+    /// share has one bit for all of them and counts once (as with [`Space::clear_referenced`]
+    /// on each space in turn, where later sharers find the shared bits already clear).
+    ///
+    /// # Errors
+    /// [`Error::Os`] if re-arming a view (`MADV_DONTNEED`, `UFFDIO_WRITEPROTECT`) fails.
     pub fn clear_referenced(&self) -> Result<usize> {
         let core = &self.inner.core;
         let mut mm = core.lock();
@@ -297,7 +314,7 @@ impl Stats {
     /// ```
     /// # fn main() -> Result<(), cowarena::Error> {
     /// let arena = cowarena::Arena::new()?;
-    /// let s = arena.space(1 << 20)?;
+    /// let mut s = arena.space(1 << 20)?;
     /// s.write(0, b"x")?;
     /// drop(s.fork()?);
     /// drop(s);
@@ -311,6 +328,21 @@ impl Stats {
             && self.views_in_use == 0
             && self.frozen_regions == 0
     }
+}
+
+/// Aging ([`Space::clear_referenced`], [`Arena::clear_referenced`]): what clearing the
+/// referenced bits did. No table is ever broken by it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AgingStats {
+    /// Clear operations (one per space visited).
+    pub clears: u64,
+    /// Page-table entries whose referenced bit was set and is now clear (an entry shared
+    /// by several spaces counts once).
+    pub referenced_cleared: u64,
+    /// View pages unmapped (read-only copies) or write-protected (pages homed in the view)
+    /// so that the next access is seen.
+    pub rearmed: u64,
 }
 
 /// Shared tables broken (`break_cow_pte`), by the operation that needed them exclusive.
@@ -368,4 +400,6 @@ pub struct Stats {
     /// Pages a write fault took into a view with `UFFDIO_MOVE` instead of copying (see
     /// [`ArenaBuilder::uffd_move`]).
     pub pages_moved: u64,
+    /// Aging counters.
+    pub aging: AgingStats,
 }

@@ -64,14 +64,27 @@ pub enum Error {
 
     /// A configured limit of the arena has been reached.
     #[error(
-        "arena capacity exhausted: {what} would exceed the limit of {limit} bytes; drop spaces \
-         you no longer need or raise the limit with `Arena::builder().max_memory(..)`"
+        "arena memory limit reached: {what} would exceed the limit of {limit} bytes resident \
+         (written pages and read-only copies in views count); drop or discard spaces you no longer \
+         need, read with `Space::read` (it maps nothing), or raise `Arena::builder().max_memory(..)`"
     )]
     CapacityExhausted {
         /// What was being allocated.
         what: &'static str,
         /// The configured limit, in bytes.
         limit: u64,
+    },
+
+    /// Every slot of the SIGBUS handler's arena registry is taken: at most `limit` arenas
+    /// in [`FaultMode::Signal`](crate::FaultMode::Signal) may be alive at once.
+    #[error(
+        "too many live arenas in signal fault mode (the limit is {limit}): drop arenas you no longer \
+         need, create spaces of independent families from one arena (families never interact), \
+         or build further arenas with `.fault_mode(FaultMode::Thread)`"
+    )]
+    TooManyArenas {
+        /// The most signal-mode arenas alive at once.
+        limit: usize,
     },
 
     /// An offset that must be page-aligned is not.

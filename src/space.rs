@@ -30,13 +30,52 @@ pub enum ForkStrategy {
 /// without faulting. [`Space::fork`] returns a second space with identical contents that
 /// shares this one's page tables until a write breaks them.
 ///
-/// # Aliasing contract
-/// [`Space::as_mut_slice`] takes `&mut self`, so safe code cannot alias it. Threads that
-/// write one space concurrently use [`Space::as_mut_ptr`] and must not create overlapping
-/// references themselves; the library never creates references into a view, and its own
-/// writes ([`Space::write`]) copy through raw pointers under the arena lock. A fork taken
-/// while other threads write the parent captures each page either before or after each
-/// concurrent store, as with `fork(2)`.
+/// # Soundness contract
+/// The bytes of a view change only through `&mut Space` — [`Space::as_mut_slice`],
+/// [`Space::write`], [`Space::discard`], [`Space::reset_to`] — so a `&[u8]` from
+/// [`Space::as_slice`] never sees them change (memmap2's `MmapMut` rule). Every `&self`
+/// method keeps the bytes as they are (a fork, `clean`, `migrate` or aging may unmap and
+/// re-fault pages, with the same contents). Threads that write one space concurrently use
+/// [`Space::as_mut_ptr`]; raw-pointer stores are the caller's `unsafe` and must not overlap
+/// a live reference. A fork taken while other threads store through raw pointers captures
+/// each page before or after each store, as `fork(2)` does. The borrow checker rejects
+/// the mistakes this rules out:
+///
+/// ```compile_fail,E0502
+/// # fn main() -> Result<(), cowarena::Error> {
+/// let arena = cowarena::Arena::new()?;
+/// let mut s = arena.space(4096)?;
+/// let v = s.as_slice();
+/// s.write(0, b"x")?; // error: `s` is borrowed by `v`
+/// assert_eq!(v[0], b'x');
+/// # Ok(()) }
+/// ```
+///
+/// ```compile_fail,E0502
+/// # fn main() -> Result<(), cowarena::Error> {
+/// let arena = cowarena::Arena::new()?;
+/// let mut s = arena.space(3 * 4096)?;
+/// s.write(1, &s.as_slice()[..8192])?; // error: an overlapping copy; use `copy_within`
+/// # Ok(()) }
+/// ```
+///
+/// ```compile_fail,E0502
+/// # fn main() -> Result<(), cowarena::Error> {
+/// let arena = cowarena::Arena::new()?;
+/// let mut s = arena.space(4096)?;
+/// let v = s.as_slice();
+/// s.discard(0, 4096)?; // error: `s` is borrowed by `v`
+/// # let _ = v[0];
+/// # Ok(()) }
+/// ```
+///
+/// ```compile_fail,E0502
+/// # fn main() -> Result<(), cowarena::Error> {
+/// let arena = cowarena::Arena::new()?;
+/// let mut s = arena.space(4096)?;
+/// s.reset_to(&s)?; // error: a space cannot be reset to itself
+/// # Ok(()) }
+/// ```
 ///
 /// `Space` is `Send + Sync`; spaces and the arena may be dropped in any order.
 pub struct Space {
@@ -110,9 +149,9 @@ impl Space {
     /// ```
     /// # fn main() -> Result<(), cowarena::Error> {
     /// let arena = cowarena::Arena::new()?;
-    /// let a = arena.space(8192)?;
+    /// let mut a = arena.space(8192)?;
     /// a.write(0, b"parent")?;
-    /// let b = a.fork()?;
+    /// let mut b = a.fork()?;
     /// b.write(0, b"child!")?;
     /// let mut buf = [0u8; 6];
     /// a.read(0, &mut buf)?;
@@ -184,7 +223,36 @@ impl Space {
 
     /// Write `data` at `offset`, without faulting the view (the pages are made private to
     /// this space as a write fault would).
-    pub fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
+    ///
+    /// ```
+    /// # fn main() -> Result<(), cowarena::Error> {
+    /// let arena = cowarena::Arena::new()?;
+    /// let mut s = arena.space(8192)?;
+    /// s.write(4090, b"across a page")?;
+    /// assert_eq!(&s.as_slice()[4090..4103], b"across a page");
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`] when the range leaves the space; [`Error::CapacityExhausted`]
+    /// at the arena's memory limit; [`Error::Os`] when the kernel refuses a fill.
+    pub fn write(&mut self, offset: usize, data: &[u8]) -> Result<()> {
+        // SAFETY: `&mut self` excludes every reference into this view.
+        unsafe { self.write_unchecked(offset, data) }
+    }
+
+    /// [`Space::write`] through a shared handle, for threads that write one space
+    /// concurrently (as [`Space::as_mut_ptr`] stores do). The bytes are copied page by page
+    /// under the arena lock, each page atomically with respect to forks.
+    ///
+    /// # Safety
+    /// No reference into `offset..offset + data.len()` of this view (from
+    /// [`Space::as_slice`] or made from [`Space::as_ptr`]) may be alive during the call,
+    /// and `data` must not overlap that range (the copy is not a `memmove`).
+    ///
+    /// # Errors
+    /// As [`Space::write`].
+    pub unsafe fn write_unchecked(&self, offset: usize, data: &[u8]) -> Result<()> {
         self.check_range(offset, data.len())?;
         let core = &self.inner.core;
         // As in `read`: `data` may be view memory, so copy it out before taking the lock.
@@ -231,9 +299,15 @@ impl Space {
 /// breaks a shared table").
 impl Space {
     /// Pages `[first, end)` covering the byte range, after a bounds check.
+    /// An empty byte range gives an empty page range: it changes nothing (a zero-length
+    /// discard at an unaligned offset must not break the table around it).
     fn page_range(&self, offset: usize, len: usize) -> Result<(usize, usize)> {
         self.check_range(offset, len)?;
-        Ok((offset / PAGE_SIZE, (offset + len).div_ceil(PAGE_SIZE)))
+        let first = offset / PAGE_SIZE;
+        if len == 0 {
+            return Ok((first, first));
+        }
+        Ok((first, (offset + len).div_ceil(PAGE_SIZE)))
     }
 
     /// Discard `len` bytes at page-aligned `offset` (`MADV_DONTNEED`; `len` is rounded up to
@@ -243,19 +317,22 @@ impl Space {
     /// ```
     /// # fn main() -> Result<(), cowarena::Error> {
     /// let arena = cowarena::Arena::new()?;
-    /// let a = arena.space(4 << 20)?;
+    /// let mut a = arena.space(4 << 20)?;
     /// a.write(0, &[7; 8192])?;
-    /// let b = a.fork()?;
+    /// let mut b = a.fork()?;
     /// b.discard(0, 4096)?;
     /// assert_eq!(b.as_slice()[0], 0);
     /// assert_eq!(a.as_slice()[0], 7);
     /// # Ok(()) }
     /// ```
-    pub fn discard(&self, offset: usize, len: usize) -> Result<()> {
+    pub fn discard(&mut self, offset: usize, len: usize) -> Result<()> {
         if offset % PAGE_SIZE != 0 {
             return Err(Error::Unaligned { offset });
         }
         let (first, end) = self.page_range(offset, len)?;
+        if first == end {
+            return Ok(());
+        }
         let core = &self.inner.core;
         let mut mm = core.lock();
         let need = mm.shared_homes(self.id, first, end).len();
@@ -271,6 +348,9 @@ impl Space {
     /// of frames moved.
     pub fn migrate(&self, offset: usize, len: usize) -> Result<usize> {
         let (first, end) = self.page_range(offset, len)?;
+        if first == end {
+            return Ok(0);
+        }
         let core = &self.inner.core;
         let mut mm = core.lock();
         let frames = mm.frames_in(self.id, first, end);
@@ -285,7 +365,7 @@ impl Space {
     /// ```
     /// # fn main() -> Result<(), cowarena::Error> {
     /// let arena = cowarena::Arena::new()?;
-    /// let snap = arena.space(1 << 20)?;
+    /// let mut snap = arena.space(1 << 20)?;
     /// snap.write(0, b"pristine")?;
     /// let mut work = snap.fork()?;
     /// work.as_mut_slice()[..5].copy_from_slice(b"dirty");
@@ -293,7 +373,7 @@ impl Space {
     /// assert_eq!(&work.as_slice()[..8], b"pristine");
     /// # Ok(()) }
     /// ```
-    pub fn reset_to(&self, snapshot: &Space) -> Result<()> {
+    pub fn reset_to(&mut self, snapshot: &Space) -> Result<()> {
         if !Arc::ptr_eq(&self.inner, &snapshot.inner) {
             return Err(Error::NotRelated);
         }
@@ -323,6 +403,9 @@ impl Space {
     /// last fork) are not observed after a clear; their next write is.
     pub fn clear_referenced(&self, offset: usize, len: usize) -> Result<usize> {
         let (first, end) = self.page_range(offset, len)?;
+        if first == end {
+            return Ok(0);
+        }
         let core = &self.inner.core;
         let mut mm = core.lock();
         let mut ops = Vec::new();
@@ -343,6 +426,9 @@ impl Space {
     /// what changed. Later writes mark pages dirty again.
     pub fn clean(&self, offset: usize, len: usize) -> Result<Vec<usize>> {
         let (first, end) = self.page_range(offset, len)?;
+        if first == end {
+            return Ok(Vec::new());
+        }
         let core = &self.inner.core;
         let mut mm = core.lock();
         let mut ops = Vec::new();

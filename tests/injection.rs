@@ -32,7 +32,7 @@ fn assert_empty(arena: &Arena) {
 }
 
 fn bystander(arena: &Arena) -> Space {
-    let b = arena.space(4 * PAGE).unwrap();
+    let mut b = arena.space(4 * PAGE).unwrap();
     b.write(0, b"bystander").unwrap();
     b
 }
@@ -48,7 +48,7 @@ fn eagain_is_retried() {
         arm(Point::UffdCopy, libc::EAGAIN, 5);
         s.as_mut_slice()[PAGE] = 7; // view write: the fault path retries too
         arm(Point::UffdWriteprotect, libc::EAGAIN, 3);
-        let c = s.fork().unwrap();
+        let mut c = s.fork().unwrap();
         assert_eq!(c.as_slice()[PAGE], 7);
         c.write(PAGE, &[8]).unwrap(); // un-protect of the read-only copy, retried
         assert_eq!((&s.as_slice()[..3], s.as_slice()[PAGE], c.as_slice()[PAGE]), (&b"api"[..], 7, 8));
@@ -63,7 +63,7 @@ fn failing_copy_is_a_typed_error_and_leaks_nothing() {
     for errno in [libc::ENOMEM, libc::EEXIST, libc::EFAULT] {
         let arena = Arena::new().unwrap();
         let other = bystander(&arena);
-        let s = arena.space(8 * PAGE).unwrap();
+        let mut s = arena.space(8 * PAGE).unwrap();
         arm(Point::UffdCopy, errno, 1);
         match s.write(0, b"lost?") {
             Err(Error::Os { op: "UFFDIO_COPY", source }) => assert_eq!(source.raw_os_error(), Some(errno)),
@@ -152,9 +152,9 @@ fn late_refill_never_deadlocks_a_freezing_fork() {
 fn failing_unprotect_on_cow_is_a_typed_error() {
     let _g = serial();
     let arena = Arena::new().unwrap();
-    let a = arena.space(8 * PAGE).unwrap();
+    let mut a = arena.space(8 * PAGE).unwrap();
     a.write(0, b"parent").unwrap();
-    let b = a.fork().unwrap();
+    let mut b = a.fork().unwrap();
     assert_eq!(&b.as_slice()[..6], b"parent"); // read-only copy in b's view
     arm(Point::UffdWriteprotect, libc::ENOMEM, 1);
     assert!(matches!(b.write(0, b"child!"), Err(Error::Os { op: "UFFDIO_WRITEPROTECT", .. })));
@@ -172,7 +172,7 @@ fn panic_in_the_fault_path_is_a_typed_error_for_the_api() {
     let _g = serial();
     let arena = Arena::new().unwrap();
     let other = bystander(&arena);
-    let s = arena.space(8 * PAGE).unwrap();
+    let mut s = arena.space(8 * PAGE).unwrap();
     arm(Point::FaultPath, 0, 1);
     assert!(matches!(s.write(0, b"x"), Err(Error::Internal(_))));
     s.write(0, b"fine").unwrap();
@@ -220,5 +220,39 @@ fn unservable_view_faults_die_loudly() {
         assert!(!stdout.contains("SURVIVED"), "{what}: the access completed: {stdout}");
         assert_eq!(out.status.signal(), Some(signal), "{what}: {:?}\n{stderr}", out.status);
         assert!(stderr.contains("cowarena: cannot serve"), "{what}: no logged reason: {stderr}");
+    }
+}
+
+/// The fault path's failing calls (a refused UFFDIO_MOVE, an EAGAIN retried) set `errno`
+/// as libc does; the SIGBUS handler must restore the interrupted code's value (issue 10).
+/// Thread mode serves faults on another thread, so its errno is untouched by design.
+#[test]
+fn errno_survives_faults_whose_syscalls_fail() {
+    let _g = serial();
+    fn errno() -> i32 {
+        // SAFETY: this thread's errno slot is always valid.
+        unsafe { *libc::__errno_location() }
+    }
+    fn set_errno(v: i32) {
+        // SAFETY: as above.
+        unsafe { *libc::__errno_location() = v };
+    }
+    for mode in modes() {
+        let arena = Arena::builder().fault_mode(mode).build().unwrap();
+        let mut s = arena.space(8 * PAGE).unwrap();
+        s.write(0, &[3u8; 8 * PAGE]).unwrap();
+        drop(s.fork_with(cowarena::ForkStrategy::Freeze).unwrap()); // s's frames: exclusive, frozen
+        arm(Point::UffdMove, libc::EBUSY, 1);
+        set_errno(4321);
+        s.as_mut_slice()[PAGE] = 9; // the move is refused, the fault path copies instead
+        assert_eq!(errno(), 4321, "{mode:?}: errno after a fault whose UFFDIO_MOVE failed");
+        arm(Point::UffdCopy, libc::EAGAIN, 3);
+        set_errno(1234);
+        let v = std::hint::black_box(s.as_slice()[3 * PAGE]); // read fill, retried on EAGAIN
+        assert_eq!((v, errno()), (3, 1234), "{mode:?}: errno after a retried UFFDIO_COPY");
+        disarm();
+        set_errno(0);
+        drop(s);
+        assert_empty(&arena);
     }
 }

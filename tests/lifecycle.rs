@@ -218,7 +218,7 @@ fn syscalls_on_views_never_see_silent_zeros() {
     let _wd = Watchdog::new("syscalls_on_views_never_see_silent_zeros", Duration::from_secs(120));
     for mode in [FaultMode::Signal, FaultMode::Thread] {
         let arena = Arena::builder().fault_mode(mode).build().unwrap();
-        let a = arena.space(4 * PAGE).unwrap();
+        let mut a = arena.space(4 * PAGE).unwrap();
         a.write(0, &[0x5A; 4 * PAGE]).unwrap();
         let b = a.fork().unwrap(); // both views now empty of a's data (a frozen, b fresh)
         let mut fds = [0; 2];

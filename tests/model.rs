@@ -271,8 +271,19 @@ fn run_seed(seed: u64, mode: FaultMode, ops: usize) -> u64 {
             107..=108 => {
                 let (a, b) = (rng.below(live.len()), rng.below(live.len()));
                 trail.note(format!("reset_to #{a} <- #{b}"));
-                match live[a].space.reset_to(&live[b].space) {
-                    Ok(()) => live[a].model = live[b].model.clone(),
+                // A space cannot be reset to itself (the borrow checker rejects it).
+                if a == b {
+                    continue;
+                }
+                let (dst, src) = if a < b {
+                    let (l, r) = live.split_at_mut(b);
+                    (&mut l[a], &r[0])
+                } else {
+                    let (l, r) = live.split_at_mut(a);
+                    (&mut r[0], &l[b])
+                };
+                match dst.space.reset_to(&src.space) {
+                    Ok(()) => dst.model = src.model.clone(),
                     Err(cowarena::Error::NotRelated) => {}
                     Err(e) => panic!("seed {seed}: reset_to: {e}"),
                 }

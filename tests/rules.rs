@@ -16,7 +16,7 @@ fn byte(s: &Space, off: usize) -> u8 {
 #[test]
 fn migrate_breaks_exactly_the_shared_table_it_walks() {
     let arena = Arena::new().unwrap();
-    let a = arena.space(2 * TABLE).unwrap();
+    let mut a = arena.space(2 * TABLE).unwrap();
     a.write(0, b"first table").unwrap();
     a.write(TABLE, b"second table").unwrap();
     let b = a.fork().unwrap();
@@ -43,7 +43,7 @@ fn mkclean_breaks_the_table_and_tracks_new_writes() {
     assert_eq!(a.clean(0, 2 * TABLE).unwrap(), vec![3, 512]);
     assert_eq!(arena.stats().broken_by.mkclean, 0, "exclusive tables are not broken");
     assert!(a.dirty_pages(0, 2 * TABLE).unwrap().is_empty());
-    let b = a.fork().unwrap();
+    let mut b = a.fork().unwrap();
     // Writes after the clean are seen, through the view (write-protect re-armed) and the API.
     a.as_mut_slice()[5 * PAGE] = 9;
     b.write(7 * PAGE, &[1]).unwrap();
@@ -67,7 +67,7 @@ fn mkclean_breaks_the_table_and_tracks_new_writes() {
 #[test]
 fn aging_100_sharers_breaks_nothing_and_one_access_is_seen_by_all() {
     let arena = Arena::new().unwrap();
-    let root = arena.space(TABLE).unwrap();
+    let mut root = arena.space(TABLE).unwrap();
     root.write(0, &[42; PAGE]).unwrap();
     let forks: Vec<Space> = (0..99).map(|_| root.fork().unwrap()).collect();
     // Every fork reads page 0 through its view: read faults do not break.
@@ -94,9 +94,9 @@ fn aging_100_sharers_breaks_nothing_and_one_access_is_seen_by_all() {
 #[test]
 fn discard_drops_whole_tables_and_breaks_partial_ones() {
     let arena = Arena::new().unwrap();
-    let a = arena.space(2 * TABLE).unwrap();
+    let mut a = arena.space(2 * TABLE).unwrap();
     a.write(0, &[1; 2 * TABLE]).unwrap();
-    let b = a.fork().unwrap();
+    let mut b = a.fork().unwrap();
     assert_eq!(b.as_slice()[TABLE + 5], 1);
     b.discard(TABLE, TABLE).unwrap();
     let s = arena.stats();
@@ -139,7 +139,7 @@ fn dropping_a_family_and_compacting_returns_memory() {
             f.as_mut_slice()[p] = 0xEE;
         }
     }
-    let survivor = family.pop().unwrap();
+    let mut survivor = family.pop().unwrap();
     drop(family);
     drop(root);
     // The survivor still needs every frame: nothing can be returned yet but the dead forks.
@@ -170,7 +170,7 @@ fn dropping_a_family_and_compacting_returns_memory() {
 fn reset_to_restores_the_snapshot_and_keeps_clean_pages_mapped() {
     let arena = Arena::new().unwrap();
     let size = 4 * TABLE;
-    let snap = arena.space(size).unwrap();
+    let mut snap = arena.space(size).unwrap();
     for p in 0..size / PAGE {
         snap.write(p * PAGE, &[(p % 251) as u8 + 1]).unwrap();
     }

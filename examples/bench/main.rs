@@ -41,7 +41,7 @@ type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// W2's in-place reset of `work` (a fork of `snap`) to `snap`'s contents, keeping clean view
 /// pages mapped; `None` while the API is not built yet (the row then reads "n/a").
-fn reset_in_place(work: &Space, snap: &Space) -> Option<cowarena::Result<()>> {
+fn reset_in_place(work: &mut Space, snap: &Space) -> Option<cowarena::Result<()>> {
     Some(work.reset_to(snap))
 }
 
@@ -517,15 +517,15 @@ fn w2(cfg: &Config, rep: &mut Report) -> Res<()> {
     let fork_rate = per_sec(iters, t.elapsed());
 
     // Reset in place per iteration.
-    let work = snap.fork()?;
+    let mut work = snap.fork()?;
     let mut rng = Rng::new(0xf2);
     let mut reset_rate = None;
-    if reset_in_place(&work, &snap).is_some() {
+    if reset_in_place(&mut work, &snap).is_some() {
         let iters = 1000 * scale;
         let t = Instant::now();
         for it in 0..iters as u64 {
             std::hint::black_box(fuzz_iteration(&work, &mut rng, it + 1));
-            reset_in_place(&work, &snap).ok_or("reset vanished")??;
+            reset_in_place(&mut work, &snap).ok_or("reset vanished")??;
         }
         reset_rate = Some(per_sec(iters, t.elapsed()));
         // The reset must really restore the snapshot.

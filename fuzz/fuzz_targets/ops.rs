@@ -498,10 +498,14 @@ fn run(input: Input) {
             }
             Op::ResetTo { idx, snap } => {
                 let (Some(a), Some(b)) = (pick(&live, idx), pick(&live, snap)) else { continue };
-                let related = a != b && live[a].family == live[b].family && live[a].model.len() == live[b].model.len();
-                match (live[a].space.reset_to(&live[b].space), related) {
+                // A space cannot be reset to itself: the borrow checker rejects `s.reset_to(&s)`.
+                if a == b {
+                    continue;
+                }
+                let related = live[a].family == live[b].family && live[a].model.len() == live[b].model.len();
+                let (ea, eb) = two(&mut live, a, b);
+                match (ea.space.reset_to(&eb.space), related) {
                     (Ok(()), true) => {
-                        let (ea, eb) = two(&mut live, a, b);
                         ea.model.copy_from_slice(&eb.model);
                         ea.dirty.clear();
                     }

@@ -277,6 +277,11 @@ impl Core {
         }
     }
 
+    /// Is there a memory limit? (Without one, nothing counts resident pages: O(spaces).)
+    fn limited(&self) -> bool {
+        self.max_memory != u64::MAX
+    }
+
     /// Serve (or pre-serve) page `page` of `sp` under the lock. Does not wake anyone
     /// beyond what the ioctl does; the caller decides.
     pub fn fault_in(&self, mm: &mut Mm<Mapping>, sp: SpaceId, page: usize, write: bool) -> Result<FaultKind> {
@@ -284,10 +289,15 @@ impl Core {
             panic!("injected panic in the fault path");
         }
         let r = mm.resolve_fault(sp, page, write);
-        // Only a new frame counts against the limit: rewriting or taking over a frame the
-        // space already owns needs none.
-        if r.allocates_frame() && (mm.frames_in_use() as u64 + 1) * PAGE_SIZE as u64 > self.max_memory {
-            return Err(Error::CapacityExhausted { what: "a new frame", limit: self.max_memory });
+        // Only a page that adds to what the arena holds resident counts against the limit
+        // (a new frame, a read-only copy, an evacuation slot): rewriting or taking over a
+        // frame the space already owns, or un-protecting a copy, needs none.
+        if self.limited() && r.adds_resident() && (mm.resident_pages() as u64 + 1) * PAGE_SIZE as u64 > self.max_memory
+        {
+            return Err(Error::CapacityExhausted {
+                what: if write { "a page written" } else { "a page copied for reading" },
+                limit: self.max_memory,
+            });
         }
         let moved = self.exec(r.action).map_err(|e| Error::os(op_name(r.action), e))?;
         let kind = mm.commit(if moved == 1 { r } else { r.fell_back() });
@@ -296,11 +306,12 @@ impl Core {
     }
 
     /// Serve a fault through the view, then — when faults on this space run sequentially —
-    /// the pages just after it (fault-around): one trap then serves several pages. Pages
-    /// already mapped are skipped; the extra pages stop at the first one that cannot be
-    /// served without allocating or beyond the memory limit. A write fault-around maps the
-    /// pages ahead writable and marks them dirty (dirty tracking may over-report, never
-    /// miss).
+    /// map the pages just after it (fault-around): one trap then serves several pages.
+    /// Pages ahead are always mapped *read-only*, as for a read fault, even when the
+    /// faulting access writes: only a page actually written may be copied, made private or
+    /// marked dirty (`dirty_pages` promises "written"), so a write to a page ahead takes its
+    /// own (write-protect) fault, as with the kernel's fault-around. Pages already mapped
+    /// stop the window; so does the first one beyond the memory limit.
     pub fn fault_in_around(&self, mm: &mut Mm<Mapping>, sp: SpaceId, page: usize, write: bool) -> Result<FaultKind> {
         let kind = self.fault_in(mm, sp, page, write)?;
         let ahead = mm.fault_around(sp, page);
@@ -310,18 +321,19 @@ impl Core {
         // Decide the run of pages ahead (stopping at the first one already mapped), then
         // perform it in as few ioctls as the sources allow, committing what succeeded.
         let mut rs: [Option<Resolution>; FAULT_AROUND_MAX] = [None; FAULT_AROUND_MAX];
-        let (mut n, mut new_frames) = (0, 0u64);
+        let limited = self.limited();
+        let (mut n, mut resident) = (0, if limited { mm.resident_pages() as u64 } else { 0 });
         for q in ahead {
-            if (write && mm.is_writable(sp, q)) || (!write && mm.is_present(sp, q)) {
+            if mm.is_present(sp, q) {
                 break;
             }
-            let r = mm.resolve_fault(sp, q, write);
+            let r = mm.resolve_fault(sp, q, false);
             if r.action == Action::Wake {
                 break;
             }
-            if r.allocates_frame() {
-                new_frames += 1;
-                if (mm.frames_in_use() as u64 + new_frames) * PAGE_SIZE as u64 > self.max_memory {
+            if limited && r.adds_resident() {
+                resident += 1;
+                if resident * PAGE_SIZE as u64 > self.max_memory {
                     break;
                 }
             }

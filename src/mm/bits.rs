@@ -13,11 +13,13 @@ const CHUNK_BITS: usize = CHUNK_WORDS * 64;
 #[derive(Clone, Debug, Default)]
 pub struct Bits {
     chunks: Vec<Option<Chunk>>,
+    /// Invariant: the number of bits set (so [`Bits::count`] is O(1)).
+    ones: usize,
 }
 
 impl Bits {
     pub fn new(bits: usize) -> Bits {
-        Bits { chunks: vec![None; bits.div_ceil(CHUNK_BITS)] }
+        Bits { chunks: vec![None; bits.div_ceil(CHUNK_BITS)], ones: 0 }
     }
 
     /// A fresh chunk for [`Bits::set_with`]'s supply.
@@ -44,7 +46,9 @@ impl Bits {
             c.fill(0);
             c
         });
-        c[i % CHUNK_BITS / 64] |= 1 << (i % 64);
+        let w = &mut c[i % CHUNK_BITS / 64];
+        self.ones += usize::from(*w >> (i % 64) & 1 == 0);
+        *w |= 1 << (i % 64);
     }
 
     /// Set bit `i`, allocating its chunk if absent (not for signal context).
@@ -54,7 +58,9 @@ impl Bits {
 
     pub fn clear(&mut self, i: usize) {
         if let Some(c) = &mut self.chunks[i / CHUNK_BITS] {
-            c[i % CHUNK_BITS / 64] &= !(1 << (i % 64));
+            let w = &mut c[i % CHUNK_BITS / 64];
+            self.ones -= usize::from(*w >> (i % 64) & 1 != 0);
+            *w &= !(1 << (i % 64));
         }
     }
 
@@ -65,10 +71,17 @@ impl Bits {
     /// Clear every bit and release the chunks (not for signal context).
     pub fn clear_all(&mut self) {
         self.chunks.iter_mut().for_each(|c| *c = None);
+        self.ones = 0;
     }
 
+    /// Bits set, in O(1).
     pub fn count(&self) -> usize {
-        self.chunks.iter().flatten().flat_map(|c| c.iter()).map(|w| w.count_ones() as usize).sum()
+        debug_assert_eq!(
+            self.ones,
+            self.chunks.iter().flatten().flat_map(|c| c.iter()).map(|w| w.count_ones() as usize).sum::<usize>(),
+            "Bits::ones out of step"
+        );
+        self.ones
     }
 
     /// Indices in `[start, end)` that are set, by scanning words.

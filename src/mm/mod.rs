@@ -87,9 +87,10 @@ pub struct SpaceMm {
     /// Fork family: every space descending from one root shares it (the `anon_vma`).
     pub family: u32,
     pub vs: ViewState,
-    /// The last page faulted through the view and the length of the run of consecutive
-    /// faults ending there: the fault-around detector (like readahead).
-    last_fault: usize,
+    /// The last page faulted through the view (`None` before the first fault) and the
+    /// length of the run of consecutive faults ending there: the fault-around detector
+    /// (like readahead).
+    last_fault: Option<usize>,
     streak: u32,
 }
 
@@ -194,9 +195,16 @@ impl Resolution {
         }
     }
 
-    /// Will committing this resolution allocate a new frame?
-    pub fn allocates_frame(&self) -> bool {
-        matches!(self.commit, Commit::NewFrame { .. })
+    /// Will performing this resolution add a page to what the arena holds resident? A
+    /// fill of a read-only copy or of a new frame does, and so does an evacuation (a pool
+    /// slot); un-protecting a page already mapped, or taking or re-homing a frame the
+    /// space already owns (the old page is released), does not.
+    pub fn adds_resident(&self) -> bool {
+        match (self.action, self.commit) {
+            (_, Commit::Rehome { .. }) => false,
+            (Action::Fill { .. } | Action::Evacuate { .. }, _) => true,
+            _ => false,
+        }
     }
 }
 
@@ -239,6 +247,11 @@ pub struct MmCounters {
     /// Pages taken into a view by UFFDIO_MOVE instead of copied (write faults on exclusive
     /// frames homed elsewhere).
     pub pages_moved: u64,
+    /// Aging: `clear_referenced` operations, entries whose ACCESSED bit they cleared, and
+    /// view pages zapped or write-protected to re-arm detection.
+    pub aging_clears: u64,
+    pub referenced_cleared: u64,
+    pub aging_rearms: u64,
 }
 
 /// Shared tables broken, by the operation that needed an exclusive table.
@@ -371,6 +384,13 @@ impl<B> Mm<B> {
     pub fn frames_in_use(&self) -> usize {
         self.frames.in_use()
     }
+    /// Pages the arena holds resident: every frame's home, plus the read-only copies
+    /// mapped in views (present view pages that are not homes). What
+    /// `ArenaBuilder::max_memory` bounds. O(spaces).
+    pub fn resident_pages(&self) -> usize {
+        let copies: usize = self.spaces.iter().map(|(_, s)| s.vs.present.count() - s.vs.home.count()).sum();
+        self.frames.in_use() + copies
+    }
     pub fn tables_in_use(&self) -> usize {
         self.tables.in_use()
     }
@@ -414,13 +434,14 @@ impl<B> Mm<B> {
     /// the run (up to [`FAULT_AROUND_MAX`]) and stays inside the page's 2 MiB table.
     pub fn fault_around(&mut self, sp: SpaceId, page: usize) -> std::ops::Range<usize> {
         let s = self.space_mut(sp);
-        let sequential = s.last_fault.wrapping_add(1) == page;
+        // The first fault of a space starts no run (page 0 is not "after" anything).
+        let sequential = s.last_fault.is_some_and(|l| l + 1 == page);
         s.streak = if sequential { s.streak.saturating_add(1) } else { 0 };
         let ahead = if s.streak == 0 { 0 } else { (1usize << s.streak.min(8)).min(FAULT_AROUND_MAX) };
         let table_end = (page / PTRS_PER_PTE + 1) * PTRS_PER_PTE;
         let end = (page + 1 + ahead).min(table_end).min(s.pages);
         // The next fault, if the run continues, lands just past the window.
-        s.last_fault = end - 1;
+        s.last_fault = Some(end - 1);
         self.counters.faults_around += (end - page - 1) as u64;
         page + 1..end
     }
@@ -478,7 +499,7 @@ impl<B> Mm<B> {
             view: region,
             family,
             vs: ViewState::new(pages),
-            last_fault: usize::MAX,
+            last_fault: None,
             streak: 0,
         }));
         self.region_mut(region).kind = RegionKind::View(sp);

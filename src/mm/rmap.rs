@@ -177,6 +177,7 @@ impl<B> Mm<B> {
     /// Returns how many pages were referenced.
     pub fn clear_referenced(&mut self, sp: SpaceId, first: usize, end: usize, ops: &mut Vec<KernelOp>) -> usize {
         let mut count = 0;
+        let mut rearmed = 0u64;
         let family = self.space(sp).family;
         let members = self.families.get(&family).cloned().unwrap_or_default();
         let mut ti = first / PTRS_PER_PTE;
@@ -205,16 +206,21 @@ impl<B> Mm<B> {
                             if vs.writable.get(p) {
                                 vs.writable.clear(p);
                                 push_page(ops, false, base, p);
+                                rearmed += 1;
                             }
                         } else {
                             vs.present.clear(p);
                             push_page(ops, true, base, p);
+                            rearmed += 1;
                         }
                     }
                 }
             }
             ti += 1;
         }
+        self.counters.aging_clears += 1;
+        self.counters.referenced_cleared += count as u64;
+        self.counters.aging_rearms += rearmed;
         count
     }
 

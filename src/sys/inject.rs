@@ -43,7 +43,8 @@ pub fn disarm() {
     }
 }
 
-/// Consume one armed failure at `point`, if any: the errno to fail with.
+/// Consume one armed failure at `point`, if any: the errno to fail with. Like the failing
+/// libc call it stands for, it also leaves that value in this thread's `errno`.
 #[inline]
 pub fn hit(point: Point) -> Option<i32> {
     if !cfg!(feature = "fault-injection") {
@@ -53,7 +54,13 @@ pub fn hit(point: Point) -> Option<i32> {
     let mut n = left.load(Ordering::SeqCst);
     while n > 0 {
         match left.compare_exchange(n, n - 1, Ordering::SeqCst, Ordering::SeqCst) {
-            Ok(_) => return Some(ERRNO[point as usize].load(Ordering::SeqCst)),
+            Ok(_) => {
+                let errno = ERRNO[point as usize].load(Ordering::SeqCst);
+                // SAFETY: `__errno_location` returns this thread's errno slot, always valid;
+                // writing it is async-signal-safe.
+                unsafe { *libc::__errno_location() = errno };
+                return Some(errno);
+            }
             Err(cur) => n = cur,
         }
     }

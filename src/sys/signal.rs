@@ -92,7 +92,28 @@ pub fn yield_now() {
     unsafe { libc::sched_yield() };
 }
 
+/// Restores the interrupted code's `errno` when dropped: the fault path's ioctls, madvise
+/// and eventfd writes may fail and set it, and the code we interrupted (between a libc call
+/// and its `errno` check, say) must not see that (as signal-hook-registry's `ErrnoGuard`).
+struct ErrnoGuard(libc::c_int);
+
+impl ErrnoGuard {
+    fn new() -> ErrnoGuard {
+        // SAFETY: `__errno_location` returns this thread's errno slot, always valid;
+        // reading it is async-signal-safe.
+        ErrnoGuard(unsafe { *libc::__errno_location() })
+    }
+}
+
+impl Drop for ErrnoGuard {
+    fn drop(&mut self) {
+        // SAFETY: as in `new`; writing this thread's own errno slot.
+        unsafe { *libc::__errno_location() = self.0 };
+    }
+}
+
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    let _errno = ErrnoGuard::new();
     let Some(inst) = INSTALLED.get() else { return };
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let addr = unsafe { (*info).si_addr() } as usize;

@@ -1,0 +1,166 @@
+//! Regression tests for defects found by review (issue 10): each failed on the code before
+//! its fix. (The soundness defect — a `&[u8]` from `as_slice` seeing `write` change it — is
+//! now a compile error; see the `compile_fail` examples on `Space`.)
+
+mod common;
+
+use common::{PAGE, TABLE};
+use cowarena::{Arena, FaultMode, ForkStrategy};
+
+fn modes() -> [FaultMode; 2] {
+    [FaultMode::Signal, FaultMode::Thread]
+}
+
+fn errno() -> i32 {
+    // SAFETY: this thread's errno slot is always valid.
+    unsafe { *libc::__errno_location() }
+}
+
+fn set_errno(v: i32) {
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = v };
+}
+
+/// Write fault-around used to resolve up to 16 pages *ahead* of a write as writes: shared
+/// pages were copied and marked dirty though never written, and the detector's start value
+/// wrapped, so a one-byte write to page 0 of a fresh fork reported dirty [0, 1, 2] and made
+/// three copies. Only pages actually written may be copied or dirtied.
+#[test]
+fn fault_around_never_dirties_or_copies_unwritten_pages() {
+    for mode in modes() {
+        for strategy in [ForkStrategy::KeepWarm, ForkStrategy::Freeze] {
+            let arena = Arena::builder().fault_mode(mode).build().unwrap();
+            let mut parent = arena.space(TABLE).unwrap();
+            parent.write(0, &vec![7u8; 128 * PAGE]).unwrap();
+            parent.clean(0, TABLE).unwrap();
+            let mut child = parent.fork_with(strategy).unwrap();
+            assert_eq!(child.dirty_pages(0, TABLE).unwrap(), Vec::<usize>::new());
+            let before = arena.stats();
+            child.as_mut_slice()[0] = 1;
+            let s = arena.stats();
+            assert_eq!(child.dirty_pages(0, TABLE).unwrap(), vec![0], "{mode:?} {strategy:?}: one write");
+            assert_eq!(s.faults.write_cow - before.faults.write_cow, 1, "{mode:?} {strategy:?}: copies");
+            assert_eq!(s.frames_in_use - before.frames_in_use, 1, "{mode:?} {strategy:?}: new frames");
+            // A sequential sweep writing every other page: fault-around may map the pages
+            // ahead for reading, but only the written ones become private and dirty.
+            let written: Vec<usize> = (10..100).step_by(2).collect();
+            for &p in &written {
+                child.as_mut_slice()[p * PAGE + 1] = 2;
+            }
+            let mut want = vec![0];
+            want.extend(&written);
+            assert_eq!(child.dirty_pages(0, TABLE).unwrap(), want, "{mode:?} {strategy:?}: sweep");
+            let s = arena.stats();
+            assert_eq!(s.faults.write_cow - before.faults.write_cow, want.len() as u64, "{mode:?} {strategy:?}");
+            assert_eq!(s.frames_in_use - before.frames_in_use, want.len() as u64, "{mode:?} {strategy:?}");
+            // Every page reads right in both spaces.
+            let mut expect = vec![0u8; TABLE];
+            expect[..128 * PAGE].fill(7);
+            assert!(parent.as_slice() == &expect[..], "{mode:?} {strategy:?}: parent");
+            expect[0] = 1;
+            for &p in &written {
+                expect[p * PAGE + 1] = 2;
+            }
+            assert!(child.as_slice() == &expect[..], "{mode:?} {strategy:?}: child");
+            arena.check_invariants().unwrap();
+        }
+    }
+}
+
+/// A fresh space's first sequential writes: one frame per page written, dirty exactly those.
+#[test]
+fn first_touch_sweep_dirties_only_what_it_writes() {
+    for mode in modes() {
+        let arena = Arena::builder().fault_mode(mode).build().unwrap();
+        let mut s = arena.space(TABLE).unwrap();
+        for p in 0..64 {
+            s.as_mut_slice()[p * PAGE] = 1;
+        }
+        assert_eq!(s.dirty_pages(0, TABLE).unwrap(), (0..64).collect::<Vec<_>>(), "{mode:?}");
+        assert_eq!(arena.stats().frames_in_use, 64, "{mode:?}");
+        assert_eq!(arena.stats().faults.write_zero, 64, "{mode:?}");
+    }
+}
+
+/// A zero-length discard at an offset not on a 2 MiB boundary broke the shared table
+/// around it (`tables_broken` 0 -> 1). Every range-taking call with an empty range must
+/// change nothing.
+#[test]
+fn empty_ranges_change_nothing() {
+    let arena = Arena::new().unwrap();
+    let mut a = arena.space(2 * TABLE).unwrap();
+    a.write(0, &vec![3u8; 2 * TABLE]).unwrap();
+    let mut b = a.fork().unwrap();
+    let _ = b.as_slice()[5 * PAGE]; // one read-only copy in b's view
+    b.referenced(0, 2 * TABLE).unwrap();
+    let before = arena.stats();
+    for off in [0, PAGE, 5 * PAGE, 5 * PAGE + 7, TABLE + 3 * PAGE, 2 * TABLE] {
+        if off % PAGE == 0 {
+            b.discard(off, 0).unwrap();
+        } else {
+            assert!(matches!(b.discard(off, 0), Err(cowarena::Error::Unaligned { .. })));
+        }
+        assert_eq!(b.migrate(off, 0).unwrap(), 0, "migrate at {off:#x}");
+        assert_eq!(b.clean(off, 0).unwrap(), Vec::<usize>::new(), "clean at {off:#x}");
+        assert_eq!(b.clear_referenced(off, 0).unwrap(), 0, "clear_referenced at {off:#x}");
+        assert_eq!(b.referenced(off, 0).unwrap(), Vec::<usize>::new(), "referenced at {off:#x}");
+        assert_eq!(b.dirty_pages(off, 0).unwrap(), Vec::<usize>::new(), "dirty_pages at {off:#x}");
+        b.populate(off, 0, true).unwrap();
+        b.write(off, &[]).unwrap();
+        b.read(off, &mut []).unwrap();
+    }
+    let s = arena.stats();
+    assert_eq!(s.tables_broken, before.tables_broken, "an empty range broke a table: {s:?}");
+    assert_eq!(s.tables_shared_now, before.tables_shared_now);
+    assert_eq!(s.frames_migrated, before.frames_migrated);
+    assert_eq!(s.tables_dropped, before.tables_dropped);
+    assert_eq!(s.aging.referenced_cleared, before.aging.referenced_cleared);
+    assert_eq!(s.faults, before.faults);
+    assert!(b.as_slice().iter().all(|&x| x == 3));
+    arena.check_invariants().unwrap();
+}
+
+/// A value in `errno` before a faulting access is still there after it, in both fault
+/// modes (the SIGBUS handler's syscalls must not leak theirs into the interrupted code).
+#[test]
+fn errno_survives_view_faults() {
+    for mode in modes() {
+        let arena = Arena::builder().fault_mode(mode).build().unwrap();
+        let mut a = arena.space(64 * PAGE).unwrap();
+        for p in 0..16 {
+            set_errno(1000 + p as i32);
+            a.as_mut_slice()[p * 3 * PAGE] = 1; // first-touch write fault
+            assert_eq!(errno(), 1000 + p as i32, "{mode:?}: write fault");
+        }
+        let mut b = a.fork_with(ForkStrategy::Freeze).unwrap();
+        for p in 0..16 {
+            set_errno(2000 + p as i32);
+            let v = std::hint::black_box(b.as_slice()[p * 3 * PAGE]); // read fault (copy)
+            assert_eq!((v, errno()), (1, 2000 + p as i32), "{mode:?}: read fault");
+            set_errno(3000 + p as i32);
+            b.as_mut_slice()[p * 3 * PAGE + 1] = 2; // write-protect fault (COW)
+            assert_eq!(errno(), 3000 + p as i32, "{mode:?}: COW fault");
+        }
+        set_errno(0);
+    }
+}
+
+/// `Arena::clear_referenced` counts distinct entries: one shared by 4 spaces counts once.
+#[test]
+fn arena_clear_referenced_counts_distinct_entries_and_aging_is_counted() {
+    let arena = Arena::new().unwrap();
+    let mut root = arena.space(TABLE).unwrap();
+    root.write(0, &vec![1u8; 8 * PAGE]).unwrap();
+    let kids: Vec<_> = (0..3).map(|_| root.fork().unwrap()).collect();
+    arena.clear_referenced().unwrap();
+    for k in &kids {
+        let _ = std::hint::black_box(k.as_slice()[2 * PAGE]);
+    }
+    let before = arena.stats().aging;
+    assert_eq!(arena.clear_referenced().unwrap(), 1, "one shared entry, referenced by three spaces");
+    let after = arena.stats().aging;
+    assert_eq!(after.clears - before.clears, 4, "one clear per space");
+    assert_eq!(after.referenced_cleared - before.referenced_cleared, 1);
+    assert!(after.rearmed - before.rearmed >= 3, "each reader's copy is unmapped to re-arm: {after:?}");
+    assert_eq!(arena.stats().tables_broken, 0, "aging never breaks a table");
+}
