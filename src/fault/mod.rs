@@ -305,17 +305,19 @@ impl Core {
         Ok(kind)
     }
 
-    /// Serve a fault through the view, then — when faults on this space run sequentially —
-    /// map the pages just after it (fault-around): one trap then serves several pages.
-    /// Pages ahead are always mapped *read-only*, as for a read fault, even when the
-    /// faulting access writes: only a page actually written may be copied, made private or
-    /// marked dirty (`dirty_pages` promises "written"), so a write to a page ahead takes its
-    /// own (write-protect) fault, as with the kernel's fault-around. Pages already mapped
-    /// stop the window; so does the first one beyond the memory limit.
+    /// Serve a fault through the view, then — when *read* faults on this space run
+    /// sequentially — map the pages just after it read-only (fault-around): one trap then
+    /// serves several pages. Write faults serve only their own page, as the kernel's
+    /// anonymous write faults do: a page ahead made writable would be marked dirty (and a
+    /// shared one copied) without ever being written, and `dirty_pages` promises
+    /// "written". (Mapping the pages ahead of a write read-only was measured too: it saves
+    /// nothing — each page still takes its write-protect fault — and it defeats the
+    /// zero-copy `UFFDIO_MOVE` of exclusive pages.) Pages already mapped stop the window;
+    /// so does the first one beyond the memory limit.
     pub fn fault_in_around(&self, mm: &mut Mm<Mapping>, sp: SpaceId, page: usize, write: bool) -> Result<FaultKind> {
         let kind = self.fault_in(mm, sp, page, write)?;
         let ahead = mm.fault_around(sp, page);
-        if ahead.is_empty() || !mm.has_headroom_for(FAULT_AROUND_MAX + 2) {
+        if write || ahead.is_empty() || !mm.has_headroom_for(FAULT_AROUND_MAX + 2) {
             return Ok(kind);
         }
         // Decide the run of pages ahead (stopping at the first one already mapped), then
