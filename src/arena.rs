@@ -46,6 +46,7 @@ impl Drop for Inner {
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, Default)]
+#[must_use = "a builder does nothing until `.build()`"]
 pub struct ArenaBuilder {
     max_memory: Option<u64>,
     fault_mode: Option<FaultMode>,
@@ -90,6 +91,13 @@ impl ArenaBuilder {
 
     /// Open userfaultfd (the most capable access available), negotiate features and start
     /// the fault engine.
+    ///
+    /// # Errors
+    /// [`Error::UffdUnavailable`] when this process may not use userfaultfd (the message
+    /// names the remedy: seccomp profile, device permission, sysctl);
+    /// [`Error::MissingFeature`] on kernels without write-protect support;
+    /// [`Error::TooManyArenas`] past the signal-mode arena limit; [`Error::Os`] when an
+    /// eventfd, a thread or the SIGBUS handler cannot be set up.
     pub fn build(self) -> Result<Arena> {
         let (_, offered) = Uffd::probe()?;
         let mode = self.fault_mode.unwrap_or(if offered & uffd::FEATURE_SIGBUS != 0 {
@@ -157,6 +165,9 @@ impl std::fmt::Debug for Arena {
 
 impl Arena {
     /// An arena with default settings; see [`Arena::builder`].
+    ///
+    /// # Errors
+    /// As [`ArenaBuilder::build`].
     pub fn new() -> Result<Arena> {
         ArenaBuilder::default().build()
     }
@@ -168,6 +179,10 @@ impl Arena {
 
     /// Map a new zero-filled space of `len` bytes in this process. The view is rounded up
     /// to whole pages; [`Space::len`] is `len`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSize`] for a zero length or one above 1 TiB; [`Error::Os`] when the
+    /// view cannot be mapped or registered (address space, `vm.max_map_count`).
     pub fn space(&self, len: usize) -> Result<Space> {
         if len == 0 {
             return Err(Error::InvalidSize { size: len, why: "a space needs at least one byte" });
@@ -185,6 +200,7 @@ impl Arena {
     }
 
     /// A snapshot of the arena's counters.
+    #[must_use]
     pub fn stats(&self) -> Stats {
         let mm = self.inner.core.lock();
         let c = mm.counters;
@@ -239,6 +255,9 @@ impl Arena {
     /// Compact frozen memory: move the surviving frames of frozen regions that are at most
     /// half full into one new region (a migration under the seed's rules: shared tables on
     /// the way are broken), so the sparse regions are unmapped. Returns frames moved.
+    ///
+    /// # Errors
+    /// [`Error::Os`] when the new region cannot be mapped or a page cannot be protected.
     pub fn compact(&self) -> Result<usize> {
         let core = &self.inner.core;
         let mut mm = core.lock();
@@ -287,6 +306,7 @@ pub(crate) fn new_view(core: &Core, pages: usize) -> Result<Mapping> {
 
 /// Faults served, by kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FaultStats {
     /// Reads of never-written pages (filled with zeros, write-protected).
     pub read_zero: u64,
@@ -321,6 +341,7 @@ impl Stats {
     /// assert!(arena.stats().is_idle());
     /// # Ok(()) }
     /// ```
+    #[must_use]
     pub fn is_idle(&self) -> bool {
         self.spaces_in_use == 0
             && self.frames_in_use == 0
@@ -347,6 +368,7 @@ pub struct AgingStats {
 
 /// Shared tables broken (`break_cow_pte`), by the operation that needed them exclusive.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BrokenBy {
     /// A write through a view or [`Space::write`].
     pub write: u64,
@@ -360,6 +382,7 @@ pub struct BrokenBy {
 
 /// Counters and gauges of an arena; see [`Arena::stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
     /// Forks performed.
     pub forks: u64,

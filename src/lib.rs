@@ -1,11 +1,16 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "cowarena supports Linux only: it serves page faults through userfaultfd(2) (Linux 5.11+) \
+     and moves page tables with mremap(MREMAP_DONTUNMAP)"
+);
+
 pub mod arena;
 pub mod error;
 mod fault;
-#[doc(hidden)]
-pub mod mm;
+pub(crate) mod mm;
 pub mod probe;
 pub mod space;
 mod sync;
@@ -21,3 +26,14 @@ pub mod inject {
 pub use arena::{AgingStats, Arena, ArenaBuilder, BrokenBy, FaultMode, FaultStats, Stats, UffdAccess};
 pub use error::{Error, Result, UffdBlock};
 pub use space::{ForkStrategy, Space};
+
+// Compile-time guarantees of the documented thread-safety: `Arena` and `Space` are
+// `Send + Sync` (spaces move between threads and are shared by reference).
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Arena>();
+    send_sync::<Space>();
+    send_sync::<ArenaBuilder>();
+    send_sync::<Stats>();
+    send_sync::<Error>();
+};

@@ -26,6 +26,7 @@ pub const DEVICE: &str = "/dev/userfaultfd";
 
 /// A userfaultfd feature (or THP) and whether this kernel offers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Feature {
     /// Short name, e.g. `WP`.
     pub name: &'static str,
@@ -39,6 +40,7 @@ pub struct Feature {
 
 /// What opening `/dev/userfaultfd` with read-write access gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DeviceState {
     /// The device node does not exist (kernel older than 6.1, or not passed to the container).
     Absent,
@@ -50,6 +52,7 @@ pub enum DeviceState {
 
 /// What the `userfaultfd(2)` system call gave, tried without side effects (the fd is closed).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SyscallState {
     /// The call returned a file descriptor.
     Allowed,
@@ -59,6 +62,7 @@ pub enum SyscallState {
 
 /// The result of the tiny end-to-end run through the public API.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RoundTrip {
     /// `Arena::new`, a space, a fork, writes through views and the API, reads: all correct.
     Passed {
@@ -75,6 +79,7 @@ pub enum RoundTrip {
 
 /// Everything `cowarena doctor` reports.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Report {
     /// `/proc/sys/kernel/osrelease`, e.g. `6.18.44`.
     pub kernel: String,

@@ -10,6 +10,7 @@ use crate::mm::{SpaceId, Src, PAGE_SIZE};
 /// What a fork does with the parent's pages written since its previous fork (they must
 /// stop being writable before their frames are shared).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum ForkStrategy {
     /// Write-protect them when few, freeze the view when many (default): the fastest fork.
     #[default]
@@ -101,6 +102,7 @@ impl Space {
     }
 
     /// Length in bytes, as requested at creation.
+    #[must_use]
     pub fn len(&self) -> usize {
         self.len
     }
@@ -121,6 +123,7 @@ impl Space {
     }
 
     /// The view as a byte slice; first reads of each page fault into the engine.
+    #[must_use]
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: the view is a live mapping of at least `len` bytes owned by this space
         // until it drops; concurrent raw-pointer writers are covered by the documented
@@ -158,12 +161,19 @@ impl Space {
     /// assert_eq!(&buf, b"parent");
     /// # Ok(()) }
     /// ```
+    ///
+    /// # Errors
+    /// [`Error::Os`] when the child's view cannot be mapped or registered, or the parent's
+    /// pages cannot be protected or frozen; the parent is unchanged then.
     pub fn fork(&self) -> Result<Space> {
         self.fork_with(ForkStrategy::Auto)
     }
 
     /// [`Space::fork`] with an explicit choice of what happens to this space's pages written
     /// since its last fork; see [`ForkStrategy`].
+    ///
+    /// # Errors
+    /// As [`Space::fork`].
     pub fn fork_with(&self, strategy: ForkStrategy) -> Result<Space> {
         let core = &self.inner.core;
         let pages = self.len.div_ceil(PAGE_SIZE);
@@ -185,7 +195,11 @@ impl Space {
         Ok(Space::new(self.inner.clone(), child, base, self.len))
     }
 
-    /// Copy `buf.len()` bytes at `offset` into `buf`, without faulting the view.
+    /// Copy `buf.len()` bytes at `offset` into `buf`, without faulting the view. Maps
+    /// nothing, so it is never refused by the memory limit.
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`] when the range leaves the space.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len())?;
         // Bytes go through a bounce buffer: `buf` may itself be view memory that faults,
@@ -281,6 +295,10 @@ impl Space {
     /// Populate the view pages covering `offset..offset+len` (writable when `write`), so
     /// that syscalls may touch them even where only user-mode faults are served
     /// (see [`crate::UffdAccess::UserModeOnly`]).
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`]; [`Error::CapacityExhausted`] at the memory limit (reading
+    /// maps a copy, writing a frame); [`Error::Os`] when the kernel refuses a fill.
     pub fn populate(&self, offset: usize, len: usize, write: bool) -> Result<()> {
         self.check_range(offset, len)?;
         if len == 0 {
@@ -313,6 +331,11 @@ impl Space {
     /// Discard `len` bytes at page-aligned `offset` (`MADV_DONTNEED`; `len` is rounded up to
     /// whole pages): they read as zero in this space only. A wholly covered 2 MiB table is
     /// dropped from this space without copying it; a partly covered shared one is broken.
+    /// An empty range changes nothing.
+    ///
+    /// # Errors
+    /// [`Error::Unaligned`] for an offset that is not a multiple of 4096;
+    /// [`Error::OutOfRange`]; [`Error::Os`] when `MADV_DONTNEED` or the pool mapping fails.
     ///
     /// ```
     /// # fn main() -> Result<(), cowarena::Error> {
@@ -346,6 +369,9 @@ impl Space {
     /// every entry naming them, in every space of the family, is updated through an rmap
     /// walk that breaks shared tables on the way. Contents are unchanged. Returns the number
     /// of frames moved.
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`]; [`Error::Os`] when the new region cannot be mapped.
     pub fn migrate(&self, offset: usize, len: usize) -> Result<usize> {
         let (first, end) = self.page_range(offset, len)?;
         if first == end {
@@ -360,7 +386,12 @@ impl Space {
     /// Reset this space to the current contents of `snapshot` (a space of the same family
     /// and size — typically the parent it was forked from), in place: only the 2 MiB tables
     /// this space changed are replaced, and view pages it did not change stay mapped, so the
-    /// next iteration of a fuzz loop does not fault on its clean working set again.
+    /// next iteration of a fuzz loop does not fault on its clean working set again. (A
+    /// space cannot be reset to itself: the borrow checker rejects `s.reset_to(&s)`.)
+    ///
+    /// # Errors
+    /// [`Error::NotRelated`] when `snapshot` is of another arena, family or size;
+    /// [`Error::Os`] when the snapshot's pages cannot be protected or frozen.
     ///
     /// ```
     /// # fn main() -> Result<(), cowarena::Error> {
@@ -392,6 +423,9 @@ impl Space {
     }
 
     /// Pages (indices) in the byte range referenced since the last clear.
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`].
     pub fn referenced(&self, offset: usize, len: usize) -> Result<Vec<usize>> {
         let (first, end) = self.page_range(offset, len)?;
         Ok(self.inner.core.lock().referenced(self.id, first, end))
@@ -401,6 +435,9 @@ impl Space {
     /// any shared table (one bit serves every sharer). Returns how many pages were
     /// referenced. Reads of pages whose bytes live in this view (written since this space's
     /// last fork) are not observed after a clear; their next write is.
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`]; [`Error::Os`] when re-arming the views fails.
     pub fn clear_referenced(&self, offset: usize, len: usize) -> Result<usize> {
         let (first, end) = self.page_range(offset, len)?;
         if first == end {
@@ -415,7 +452,10 @@ impl Space {
     }
 
     /// Pages (indices) in the byte range written since the last [`Space::clean`] (or
-    /// inherited dirty from the parent at fork).
+    /// inherited dirty from the parent at fork). Exact: a page is listed only if written.
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`].
     pub fn dirty_pages(&self, offset: usize, len: usize) -> Result<Vec<usize>> {
         let (first, end) = self.page_range(offset, len)?;
         Ok(self.inner.core.lock().dirty_pages(self.id, first, end))
@@ -424,6 +464,9 @@ impl Space {
     /// Return the pages written since the last clean and mark them clean (mkclean: breaks
     /// the shared tables that hold dirty entries), so that an incremental snapshot saves only
     /// what changed. Later writes mark pages dirty again.
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`]; [`Error::Os`] when re-protecting written pages fails.
     pub fn clean(&self, offset: usize, len: usize) -> Result<Vec<usize>> {
         let (first, end) = self.page_range(offset, len)?;
         if first == end {

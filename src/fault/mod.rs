@@ -23,6 +23,7 @@ pub(crate) mod signal;
 
 /// How view faults reach the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum FaultMode {
     /// The faulting thread serves its own fault in a SIGBUS handler
     /// (`UFFD_FEATURE_SIGBUS`): ≈5 µs per fault on our machines, against ≈55 µs for a

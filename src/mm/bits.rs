@@ -52,6 +52,7 @@ impl Bits {
     }
 
     /// Set bit `i`, allocating its chunk if absent (not for signal context).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn set(&mut self, i: usize) {
         self.set_with(i, &mut Vec::new());
     }

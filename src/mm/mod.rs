@@ -16,7 +16,9 @@ mod table;
 pub use rmap::KernelOp;
 
 pub use bits::Bits;
+#[allow(unused_imports)] // the whole vocabulary, for tests and readers
 pub use frame::{Frame, FrameId, FrameStore, Home};
+#[allow(unused_imports)]
 pub use table::{Pte, PteTable, TableId, TableStore, PTRS_PER_PTE};
 
 /// Bytes per page.
@@ -446,11 +448,6 @@ impl<B> Mm<B> {
         page + 1..end
     }
 
-    /// Is `page` of `sp` mapped writable in its view?
-    pub fn is_writable(&self, sp: SpaceId, page: usize) -> bool {
-        self.space(sp).vs.writable.get(page)
-    }
-
     /// Is `page` of `sp` mapped in its view (read-only or writable)?
     pub fn is_present(&self, sp: SpaceId, page: usize) -> bool {
         self.space(sp).vs.present.get(page)
@@ -532,6 +529,7 @@ impl<B> Mm<B> {
 
     /// Share by write-protecting when at most `pages` are writable, else freeze (`None`:
     /// the default, `max(256, pages/256)`).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn set_protect_limit(&mut self, pages: Option<usize>) {
         self.protect_limit = pages;
     }

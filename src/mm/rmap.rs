@@ -64,6 +64,7 @@ impl<B> Mm<B> {
     }
 
     /// Release a pool region that received no frame (e.g. nothing needed migrating).
+    #[allow(dead_code)]
     pub fn release_if_empty(&mut self, r: RegionId) {
         if self.region(r).homes == 0 {
             let reg = self.regions.remove(r.0);
