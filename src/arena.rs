@@ -27,6 +27,16 @@ pub(crate) struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        if self.core.check_process().is_err() {
+            // A fork(2) child dropping its inherited copy: the engine threads do not exist
+            // here, the stop eventfd and the userfaultfd are shared with the parent (a stop
+            // signal would end the *parent's* reader), and the mappings the core owns are
+            // not mapped in the child (unmapping them could hit the child's own memory).
+            // Leak it all: touching nothing is the only safe way out.
+            std::mem::forget(self.engine.take());
+            std::mem::forget(self.core.clone());
+            return;
+        }
         // Every space holds an `Arc<Inner>`, so no view is live here: stopping is safe.
         self.core.stopping.store(true, Ordering::Relaxed);
         if let Some(slot) = self.signal_slot {
@@ -99,6 +109,7 @@ impl ArenaBuilder {
     /// [`Error::TooManyArenas`] past the signal-mode arena limit; [`Error::Os`] when an
     /// eventfd, a thread or the SIGBUS handler cannot be set up.
     pub fn build(self) -> Result<Arena> {
+        crate::sys::process::init();
         let (_, offered) = Uffd::probe()?;
         let mode = self.fault_mode.unwrap_or(if offered & uffd::FEATURE_SIGBUS != 0 {
             FaultMode::Signal
@@ -120,6 +131,7 @@ impl ArenaBuilder {
             mode,
             refill: crate::sys::wake::EventFd::new().map_err(|e| Error::os("eventfd", e))?,
             owner: std::sync::atomic::AtomicI32::new(0),
+            pid: crate::sys::process::pid(),
         });
         drop(core.lock()); // preallocate the fault path's headroom
         let engine = Engine::start(core.clone())?;
@@ -190,11 +202,13 @@ impl Arena {
         if len > MAX_SPACE {
             return Err(Error::InvalidSize { size: len, why: "larger than the 1 TiB maximum space" });
         }
-        let pages = len.div_ceil(PAGE_SIZE);
         let core = &self.inner.core;
+        core.check_process()?;
+        core.check_sigmask()?;
+        let pages = len.div_ceil(PAGE_SIZE);
         let view = new_view(core, pages)?;
         let base = view.addr();
-        let id = core.lock().new_space(pages, base, view);
+        let id = core.lock().new_space(pages, base, view); // (the guard drops here: no event under it)
         tracing::debug!(space = id.0, len, "space created");
         Ok(Space::new(self.inner.clone(), id, base, len))
     }
@@ -202,6 +216,9 @@ impl Arena {
     /// A snapshot of the arena's counters.
     #[must_use]
     pub fn stats(&self) -> Stats {
+        if self.inner.core.check_process().is_err() {
+            return Stats::default(); // a fork(2) child: see `Error::ForkedProcess`
+        }
         let mm = self.inner.core.lock();
         let c = mm.counters;
         Stats {
@@ -260,9 +277,15 @@ impl Arena {
     /// [`Error::Os`] when the new region cannot be mapped or a page cannot be protected.
     pub fn compact(&self) -> Result<usize> {
         let core = &self.inner.core;
+        core.check_process()?;
         let mut mm = core.lock();
         let frames = mm.sparse_frozen_frames();
-        crate::space::migrate_frames(core, &mut mm, frames)
+        let r = crate::space::migrate_frames(core, &mut mm, frames);
+        drop(mm);
+        if let Ok(n) = r {
+            tracing::debug!(frames = n, "compacted");
+        }
+        r
     }
 
     /// Clear the referenced bits of every space (aging), breaking no table. Returns how many
@@ -274,6 +297,7 @@ impl Arena {
     /// [`Error::Os`] if re-arming a view (`MADV_DONTNEED`, `UFFDIO_WRITEPROTECT`) fails.
     pub fn clear_referenced(&self) -> Result<usize> {
         let core = &self.inner.core;
+        core.check_process()?;
         let mut mm = core.lock();
         let mut n = 0;
         for sp in mm.space_ids() {
@@ -293,6 +317,7 @@ impl Arena {
     /// Check every internal invariant (O(everything); for tests and debugging).
     #[doc(hidden)]
     pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        self.inner.core.check_process().map_err(|e| e.to_string())?;
         self.inner.core.lock().check()
     }
 }

@@ -87,6 +87,32 @@ pub enum Error {
         limit: usize,
     },
 
+    /// The arena was created by another process: this is a `fork(2)` child, which inherits
+    /// the arena's memory but not its views, threads or address space. Nothing is done.
+    #[error(
+        "this arena belongs to process {owner} and this is its fork(2) child {current}: the child \
+         inherits neither the views (MADV_DONTFORK) nor the fault engine, and the inherited \
+         userfaultfd still serves the parent; create a new Arena in the child (dropping the \
+         inherited handles is safe: it does nothing)"
+    )]
+    ForkedProcess {
+        /// The process that created the arena.
+        owner: i32,
+        /// This process.
+        current: i32,
+    },
+
+    /// The calling thread blocks SIGBUS, but the arena serves view faults in a SIGBUS
+    /// handler ([`FaultMode::Signal`](crate::FaultMode::Signal)): the first view fault of
+    /// this thread would kill the process, silently.
+    #[error(
+        "SIGBUS is blocked in this thread, and this arena serves view faults in a SIGBUS handler \
+         (FaultMode::Signal): a view fault here would kill the process without a message. Unblock \
+         SIGBUS in threads that touch views (pthread_sigmask: it is a synchronous fault signal, \
+         not one for a signal-handling thread), or build the arena with `.fault_mode(FaultMode::Thread)`"
+    )]
+    SigbusBlocked,
+
     /// An offset that must be page-aligned is not.
     #[error("offset {offset:#x} is not a multiple of the 4096-byte page size; discard whole pages")]
     Unaligned {

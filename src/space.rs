@@ -138,6 +138,13 @@ impl Space {
         unsafe { std::slice::from_raw_parts_mut(self.as_mut_ptr(), self.len) }
     }
 
+    /// The arena's core, after checking that this is the process that created it (a
+    /// `fork(2)` child gets [`Error::ForkedProcess`] from every fallible call).
+    fn core(&self) -> Result<&crate::fault::Core> {
+        self.inner.core.check_process()?;
+        Ok(&self.inner.core)
+    }
+
     fn check_range(&self, offset: usize, len: usize) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len => Ok(()),
@@ -175,7 +182,8 @@ impl Space {
     /// # Errors
     /// As [`Space::fork`].
     pub fn fork_with(&self, strategy: ForkStrategy) -> Result<Space> {
-        let core = &self.inner.core;
+        let core = self.core()?;
+        core.check_sigmask()?;
         let pages = self.len.div_ceil(PAGE_SIZE);
         // Mapping and registering the child's view needs no lock.
         let view = new_view(core, pages)?;
@@ -202,6 +210,7 @@ impl Space {
     /// [`Error::OutOfRange`] when the range leaves the space.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len())?;
+        let core = self.core()?;
         // Bytes go through a bounce buffer: `buf` may itself be view memory that faults,
         // and nothing may fault while the arena lock is held. Up to 16 pages per lock hold.
         const BATCH: usize = 16 * PAGE_SIZE;
@@ -211,7 +220,7 @@ impl Space {
             let chunk = (buf.len() - done).min(bounce.len() - PAGE_SIZE).max(1);
             let mut filled = 0;
             {
-                let mut mm = self.inner.core.lock();
+                let mut mm = core.lock();
                 while filled < chunk {
                     let at = offset + done + filled;
                     let (page, off) = (at / PAGE_SIZE, at % PAGE_SIZE);
@@ -268,7 +277,7 @@ impl Space {
     /// As [`Space::write`].
     pub unsafe fn write_unchecked(&self, offset: usize, data: &[u8]) -> Result<()> {
         self.check_range(offset, data.len())?;
-        let core = &self.inner.core;
+        let core = self.core()?;
         // As in `read`: `data` may be view memory, so copy it out before taking the lock.
         let mut bounce = [0u8; PAGE_SIZE];
         let mut done = 0;
@@ -304,7 +313,8 @@ impl Space {
         if len == 0 {
             return Ok(());
         }
-        let core = &self.inner.core;
+        let core = self.core()?;
+        core.check_sigmask()?;
         let mut mm = core.lock();
         for page in offset / PAGE_SIZE..=(offset + len - 1) / PAGE_SIZE {
             core.fault_in_api(&mut mm, self.id, page, write)?;
@@ -356,7 +366,7 @@ impl Space {
         if first == end {
             return Ok(());
         }
-        let core = &self.inner.core;
+        let core = self.core()?;
         let mut mm = core.lock();
         let need = mm.shared_homes(self.id, first, end).len();
         core.ensure_pool(&mut mm, need)?;
@@ -377,10 +387,15 @@ impl Space {
         if first == end {
             return Ok(0);
         }
-        let core = &self.inner.core;
+        let core = self.core()?;
         let mut mm = core.lock();
         let frames = mm.frames_in(self.id, first, end);
-        migrate_frames(core, &mut mm, frames)
+        let r = migrate_frames(core, &mut mm, frames);
+        drop(mm);
+        if let Ok(n) = r {
+            tracing::debug!(space = self.id.0, frames = n, "migrated");
+        }
+        r
     }
 
     /// Reset this space to the current contents of `snapshot` (a space of the same family
@@ -408,7 +423,7 @@ impl Space {
         if !Arc::ptr_eq(&self.inner, &snapshot.inner) {
             return Err(Error::NotRelated);
         }
-        let core = &self.inner.core;
+        let core = self.core()?;
         let mut mm = core.lock();
         if !mm.resettable(self.id, snapshot.id) {
             return Err(Error::NotRelated);
@@ -428,7 +443,7 @@ impl Space {
     /// [`Error::OutOfRange`].
     pub fn referenced(&self, offset: usize, len: usize) -> Result<Vec<usize>> {
         let (first, end) = self.page_range(offset, len)?;
-        Ok(self.inner.core.lock().referenced(self.id, first, end))
+        Ok(self.core()?.lock().referenced(self.id, first, end))
     }
 
     /// Clear the referenced bits of the byte range and re-arm detection, without breaking
@@ -443,7 +458,7 @@ impl Space {
         if first == end {
             return Ok(0);
         }
-        let core = &self.inner.core;
+        let core = self.core()?;
         let mut mm = core.lock();
         let mut ops = Vec::new();
         let n = mm.clear_referenced(self.id, first, end, &mut ops);
@@ -458,7 +473,7 @@ impl Space {
     /// [`Error::OutOfRange`].
     pub fn dirty_pages(&self, offset: usize, len: usize) -> Result<Vec<usize>> {
         let (first, end) = self.page_range(offset, len)?;
-        Ok(self.inner.core.lock().dirty_pages(self.id, first, end))
+        Ok(self.core()?.lock().dirty_pages(self.id, first, end))
     }
 
     /// Return the pages written since the last clean and mark them clean (mkclean: breaks
@@ -472,7 +487,7 @@ impl Space {
         if first == end {
             return Ok(Vec::new());
         }
-        let core = &self.inner.core;
+        let core = self.core()?;
         let mut mm = core.lock();
         let mut ops = Vec::new();
         let dirty = mm.mkclean(self.id, first, end, &mut ops);
@@ -497,17 +512,21 @@ pub(crate) fn migrate_frames(
         mm.migrate_frame(*f, region, slot, &mut ops);
     }
     core.run_ops(mm, &ops)?;
-    tracing::debug!(frames = frames.len(), "migrated");
     Ok(frames.len())
 }
 
 impl Drop for Space {
     fn drop(&mut self) {
-        let core = &self.inner.core;
+        // In a fork(2) child: nothing to do, and nothing may be touched (see
+        // `Error::ForkedProcess`); the arena's own drop leaks the inherited state.
+        let Ok(core) = self.core() else { return };
         let mut mm = core.lock();
         // Unmaps under the lock, so the address cannot be handed to a new view while a stale
         // fault on it is being looked up.
-        if let Err(e) = core.drop_space(&mut mm, self.id) {
+        let r = core.drop_space(&mut mm, self.id);
+        drop(mm);
+        // Events only after the lock is released: a subscriber may touch view memory.
+        if let Err(e) = r {
             // Only a view holding homes of shared frames is frozen on drop; if that mremap
             // fails we cannot move the bytes out, so the view stays mapped (memory is kept,
             // data is never lost).

@@ -303,7 +303,47 @@ fn root_writer(sh: &Shared, seed: u64) {
     }
 }
 
+/// With `fork_children`: a thread that keeps `fork(2)`ing the process while everything else
+/// runs. Each child tries the API on the shared root (it must be refused with
+/// `ForkedProcess`), drops a fork it inherited and an arena of its own, and exits; the
+/// parent's threads must not notice (issue 11).
+fn process_forker(arena: &Arena, sh: &Shared) -> u64 {
+    let mut children = 0;
+    while !sh.stop.load(Ordering::Relaxed) {
+        let victim = sh.root.fork().unwrap();
+        let own = Arena::builder().fault_mode(arena.fault_mode()).build().unwrap();
+        let own_space = own.space(PAGE).unwrap();
+        // SAFETY: the child only calls cowarena entry points (which check the pid before
+        // touching a lock), drops handles and `_exit`s.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let refused =
+                matches!(unsafe { sh.root.write_unchecked(0, b"child") }, Err(cowarena::Error::ForkedProcess { .. }))
+                    && matches!(sh.root.fork(), Err(cowarena::Error::ForkedProcess { .. }))
+                    && matches!(arena.space(PAGE), Err(cowarena::Error::ForkedProcess { .. }));
+            drop(victim);
+            drop(own_space);
+            drop(own);
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(if refused { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "fork(2) child: status {status:#x}");
+        drop((victim, own_space, own));
+        children += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    children
+}
+
 fn stress(mode: FaultMode, dur: Duration, workers: usize, seed: u64) {
+    stress_with(mode, dur, workers, seed, false)
+}
+
+fn stress_with(mode: FaultMode, dur: Duration, workers: usize, seed: u64, fork_children: bool) {
     let _wd = Watchdog::new("stress", dur + Duration::from_secs(120));
     let arena = Arena::builder().fault_mode(mode).build().unwrap();
     let mut root = arena.space(ROOT_LEN).unwrap();
@@ -325,8 +365,17 @@ fn stress(mode: FaultMode, dur: Duration, workers: usize, seed: u64) {
         drop(txs);
         let sh = &sh;
         s.spawn(move || root_writer(sh, seed * 100));
+        let forker = fork_children.then(|| {
+            let arena = &arena;
+            s.spawn(move || process_forker(arena, sh))
+        });
         std::thread::sleep(dur);
         sh.stop.store(true, Ordering::Relaxed);
+        if let Some(f) = forker {
+            let n = f.join().unwrap();
+            println!("stress {mode:?}: {n} fork(2) children used and dropped their inherited arena");
+            assert!(n > 0);
+        }
     });
     let elapsed = t0.elapsed();
     arena.check_invariants().unwrap();
@@ -361,6 +410,12 @@ fn seed() -> u64 {
 #[test]
 fn stress_signal_mode() {
     stress(FaultMode::Signal, stress_duration(12), 3, seed());
+}
+
+#[test]
+fn stress_with_fork2_children() {
+    stress_with(FaultMode::Signal, stress_duration(12) / 2, 2, seed() + 2, true);
+    stress_with(FaultMode::Thread, stress_duration(12) / 4, 2, seed() + 3, true);
 }
 
 #[test]

@@ -31,6 +31,15 @@ pub enum FaultMode {
     /// view page fails with EFAULT instead of waiting (e.g. `write(fd, view)`); call
     /// `Space::populate` on the range first, use `Space::read`/`Space::write`, or choose
     /// [`FaultMode::Thread`]. The default when the kernel offers it.
+    ///
+    /// Every thread that touches a view must leave SIGBUS *unblocked* (a common "all
+    /// signals to one thread" setup blocks it everywhere else): a fault in a thread that
+    /// blocks it is fatal — the kernel unblocks the signal, resets its action to the
+    /// default and kills the process without running any handler, so not even a message
+    /// can be written. `Arena::space`, `Space::fork` and `Space::populate` check the
+    /// calling thread and return [`Error::SigbusBlocked`](crate::Error::SigbusBlocked);
+    /// other threads are the program's to check. Use [`FaultMode::Thread`] for such
+    /// programs.
     #[default]
     Signal,
     /// A handler thread serves every fault; syscalls on view memory are served too (unless
@@ -59,6 +68,8 @@ pub(crate) struct Core {
     /// Thread id of the lock holder (0: none): a fault taken while the faulting thread
     /// itself holds the lock would spin forever; the handler checks and dies loudly instead.
     pub owner: AtomicI32,
+    /// The process that created the arena (see `crate::sys::process`).
+    pub pid: i32,
 }
 
 /// The arena lock, held; records its owner thread for the self-deadlock check.
@@ -99,6 +110,34 @@ fn this_tid() -> i32 {
 }
 
 impl Core {
+    /// `Err` in a `fork(2)` child: every API entry point checks this before touching the
+    /// arena (its lock may have been held by a parent thread at the fork, its userfaultfd
+    /// acts on the parent's address space).
+    pub fn check_process(&self) -> Result<()> {
+        let current = crate::sys::process::pid();
+        if current == self.pid {
+            Ok(())
+        } else {
+            Err(Error::ForkedProcess { owner: self.pid, current })
+        }
+    }
+
+    /// In signal mode, `Err` when the calling thread blocks SIGBUS (its first view fault
+    /// would kill the process silently). Checked where the library can: space creation,
+    /// fork, populate.
+    pub fn check_sigmask(&self) -> Result<()> {
+        if self.mode == FaultMode::Signal && crate::sys::signal::sigbus_blocked() {
+            Err(Error::SigbusBlocked)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Is this the process that created the arena (cheap, signal-safe: atfork-tracked)?
+    pub fn in_owner_process(&self) -> bool {
+        crate::sys::process::pid_cached() == self.pid
+    }
+
     fn guard<'a>(&'a self, guard: MutexGuard<'a, Mm<Mapping>>) -> MmGuard<'a> {
         self.owner.store(this_tid(), Ordering::Release);
         MmGuard { guard, owner: &self.owner }

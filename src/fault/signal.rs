@@ -46,6 +46,11 @@ pub fn on_fault(addr: usize, cpu_says_write: bool) -> Outcome {
 
 /// Serve the fault if `addr` is in one of `core`'s views; `None` when it is not.
 fn serve_in(core: &Core, page_addr: usize, cpu_says_write: bool) -> Option<Outcome> {
+    // An arena inherited through fork(2) has no view mapped here (and its lock may be held
+    // by a thread that does not exist in this process): never ours.
+    if !core.in_owner_process() {
+        return None;
+    }
     loop {
         let Some(mut mm) = core.lock_spin() else {
             core.faults_failed.fetch_add(1, Ordering::Relaxed);

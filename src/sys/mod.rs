@@ -3,6 +3,7 @@
 
 pub mod inject;
 pub mod mem;
+pub mod process;
 pub mod signal;
 pub mod uffd;
 pub mod wake;

@@ -78,6 +78,19 @@ fn fault_was_write(ctx: *mut libc::c_void) -> bool {
     }
 }
 
+/// Is SIGBUS blocked in the calling thread? A view fault in signal mode is then fatal: the
+/// kernel unblocks it, resets the action to the default and kills the process, without
+/// running any handler (so nothing can be logged).
+pub fn sigbus_blocked() -> bool {
+    // SAFETY: a zeroed sigset_t is a valid output buffer; SIG_BLOCK with a null set only
+    // reads the current mask into `old`.
+    unsafe {
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut old) == 0
+            && libc::sigismember(&old, libc::SIGBUS) == 1
+    }
+}
+
 /// Write a message to stderr without allocating.
 pub fn write_stderr(parts: &[&str]) {
     for p in parts {
