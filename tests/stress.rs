@@ -318,10 +318,12 @@ fn process_forker(arena: &Arena, sh: &Shared) -> u64 {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
-            let refused =
-                matches!(unsafe { sh.root.write_unchecked(0, b"child") }, Err(cowarena::Error::ForkedProcess { .. }))
-                    && matches!(sh.root.fork(), Err(cowarena::Error::ForkedProcess { .. }))
-                    && matches!(arena.space(PAGE), Err(cowarena::Error::ForkedProcess { .. }));
+            // SAFETY: no reference into the root's view is held by this (only) thread of
+            // the child; the call is refused before it could write anything.
+            let api_write = unsafe { sh.root.write_unchecked(0, b"child") };
+            let refused = matches!(api_write, Err(cowarena::Error::ForkedProcess { .. }))
+                && matches!(sh.root.fork(), Err(cowarena::Error::ForkedProcess { .. }))
+                && matches!(arena.space(PAGE), Err(cowarena::Error::ForkedProcess { .. }));
             drop(victim);
             drop(own_space);
             drop(own);
