@@ -215,6 +215,9 @@ impl Arena {
             bytes_copied: c.bytes_copied,
             bytes_reclaimed: c.bytes_reclaimed,
             pages_moved: c.pages_moved,
+            frames_rehomed: c.frames_rehomed,
+            drops_deferred: c.drops_deferred,
+            drops_pending: mm.drops_pending() as u64,
         }
     }
 
@@ -230,6 +233,7 @@ impl Arena {
     pub fn compact(&self) -> Result<usize> {
         let core = &self.inner.core;
         let mut mm = core.lock();
+        core.housekeeping(&mut mm); // retries deferred drops first
         let frames = mm.sparse_frozen_frames();
         crate::space::migrate_frames(core, &mut mm, frames)
     }
@@ -368,4 +372,13 @@ pub struct Stats {
     /// Pages a write fault took into a view with `UFFDIO_MOVE` instead of copying (see
     /// [`ArenaBuilder::uffd_move`]).
     pub pages_moved: u64,
+    /// Frames whose home was copied into the pool without breaking any table: survivors of
+    /// a dropped view (instead of freezing it) and of sparse frozen regions (automatic
+    /// compaction; see DESIGN.md, "Long fork chains").
+    pub frames_rehomed: u64,
+    /// Drops whose freeze failed (e.g. at `vm.max_map_count`): the space's memory was kept
+    /// and its drop retried at later forks, drops and [`Arena::compact`].
+    pub drops_deferred: u64,
+    /// Dropped spaces still waiting for that retry (their memory is still in use).
+    pub drops_pending: u64,
 }
