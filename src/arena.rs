@@ -252,6 +252,7 @@ impl Arena {
             spaces_in_use: mm.spaces_in_use() as u64,
             views_in_use: mm.views_in_use() as u64,
             frozen_regions: mm.frozen_regions() as u64,
+            pool_regions: mm.pool_regions() as u64,
             bytes_copied: c.bytes_copied,
             bytes_reclaimed: c.bytes_reclaimed,
             pages_moved: c.pages_moved,
@@ -260,6 +261,9 @@ impl Arena {
                 referenced_cleared: c.referenced_cleared,
                 rearmed: c.aging_rearms,
             },
+            frames_rehomed: c.frames_rehomed,
+            drops_deferred: c.drops_deferred,
+            drops_pending: mm.drops_pending() as u64,
         }
     }
 
@@ -279,6 +283,7 @@ impl Arena {
         let core = &self.inner.core;
         core.check_process()?;
         let mut mm = core.lock();
+        core.housekeeping(&mut mm); // retries deferred drops first
         let frames = mm.sparse_frozen_frames();
         let r = crate::space::migrate_frames(core, &mut mm, frames);
         drop(mm);
@@ -353,8 +358,8 @@ pub struct FaultStats {
 }
 
 impl Stats {
-    /// Nothing in use: no space, frame, table, view or frozen region (what every space
-    /// dropping must lead to).
+    /// Nothing in use: no space, frame, table, view, frozen or pool region (what every
+    /// space dropping must lead to).
     ///
     /// ```
     /// # fn main() -> Result<(), cowarena::Error> {
@@ -373,6 +378,7 @@ impl Stats {
             && self.tables_in_use == 0
             && self.views_in_use == 0
             && self.frozen_regions == 0
+            && self.pool_regions == 0
     }
 }
 
@@ -439,8 +445,13 @@ pub struct Stats {
     pub spaces_in_use: u64,
     /// Views mapped now.
     pub views_in_use: u64,
-    /// Frozen regions (left behind by forks) mapped now.
+    /// Frozen regions mapped now: pages a fork (or the drop of a view other spaces still
+    /// read) moved out of a view, kept while frames live there.
     pub frozen_regions: u64,
+    /// Pool regions mapped now, besides the one kept ready for the fault path: slots
+    /// holding frames that were evacuated from views, re-homed out of sparse frozen
+    /// regions, migrated ([`Space::migrate`]) or compacted ([`Arena::compact`]).
+    pub pool_regions: u64,
     /// Bytes of page data copied (fills of written pages and copy-on-write).
     pub bytes_copied: u64,
     /// Bytes of frozen memory given back to the OS.
@@ -450,4 +461,13 @@ pub struct Stats {
     pub pages_moved: u64,
     /// Aging counters.
     pub aging: AgingStats,
+    /// Frames whose home was copied into the pool without breaking any table: survivors of
+    /// a dropped view (instead of freezing it) and of sparse frozen regions (automatic
+    /// compaction; see DESIGN.md, "Long fork chains").
+    pub frames_rehomed: u64,
+    /// Drops whose freeze failed (e.g. at `vm.max_map_count`): the space's memory was kept
+    /// and its drop retried at later forks, drops and [`Arena::compact`].
+    pub drops_deferred: u64,
+    /// Dropped spaces still waiting for that retry (their memory is still in use).
+    pub drops_pending: u64,
 }

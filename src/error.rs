@@ -139,6 +139,23 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// The process reached a mapping limit: an `mmap`/`mremap` failed with ENOMEM, which
+    /// for cowarena's (unpopulated) mappings means `vm.max_map_count` or the address space
+    /// (RLIMIT_AS, or the 128 TiB user address space) is exhausted.
+    #[error(
+        "{op} failed: {source}: the process has run out of mappings (`vm.max_map_count`, see \
+         /proc/sys/vm/max_map_count) or of address space (RLIMIT_AS / `ulimit -v`, or the 128 TiB \
+         user address space); drop spaces you no longer need, call `Arena::compact`, or raise the \
+         limit (`sysctl -w vm.max_map_count=262144`, `ulimit -v unlimited`)"
+    )]
+    MappingLimit {
+        /// The operation, e.g. `mmap view`.
+        op: &'static str,
+        /// The OS error (ENOMEM).
+        #[source]
+        source: io::Error,
+    },
+
     /// The arena's fault engine has stopped (a previous fatal error); no new work is accepted.
     #[error("the arena's fault engine has stopped after a fatal error: {0}; create a new Arena")]
     EngineStopped(String),
@@ -175,6 +192,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub(crate) fn os(op: &'static str, source: io::Error) -> Self {
+        let mapping = op.starts_with("mmap") || op.starts_with("mremap");
+        if mapping && source.raw_os_error() == Some(libc::ENOMEM) {
+            return Error::MappingLimit { op, source };
+        }
         Error::Os { op, source }
     }
 }

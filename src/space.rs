@@ -529,8 +529,9 @@ impl Drop for Space {
         if let Err(e) = r {
             // Only a view holding homes of shared frames is frozen on drop; if that mremap
             // fails we cannot move the bytes out, so the view stays mapped (memory is kept,
-            // data is never lost).
-            tracing::error!(space = self.id.0, error = %e, "cowarena: could not freeze a dropped view; keeping it mapped");
+            // data is never lost) and the drop is retried at later forks, drops and
+            // `Arena::compact` (counted in `Stats::drops_deferred` / `drops_pending`).
+            tracing::warn!(space = self.id.0, error = %e, "cowarena: could not freeze a dropped view; kept mapped, drop deferred and retried later");
         }
         tracing::debug!(space = self.id.0, "space dropped");
     }

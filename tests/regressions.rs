@@ -164,3 +164,22 @@ fn arena_clear_referenced_counts_distinct_entries_and_aging_is_counted() {
     assert!(after.rearmed - before.rearmed >= 3, "each reader's copy is unmapped to re-arm: {after:?}");
     assert_eq!(arena.stats().tables_broken, 0, "aging never breaks a table");
 }
+
+/// `frozen_regions` counted migration and compaction targets too; those are
+/// `pool_regions` now, and both return to zero when everything drops.
+#[test]
+fn frozen_and_pool_regions_are_counted_apart() {
+    let arena = Arena::new().unwrap();
+    let mut a = arena.space(4 * TABLE).unwrap();
+    a.write(0, &vec![1u8; 4 * TABLE]).unwrap();
+    let b = a.fork_with(ForkStrategy::Freeze).unwrap();
+    let s = arena.stats();
+    assert_eq!((s.frozen_regions, s.pool_regions), (1, 0), "a freezing fork leaves one frozen region: {s:?}");
+    assert_eq!(b.migrate(0, 8 * PAGE).unwrap(), 8);
+    let s = arena.stats();
+    assert_eq!((s.frozen_regions, s.pool_regions), (1, 1), "a migration target is a pool: {s:?}");
+    drop((a, b));
+    let s = arena.stats();
+    assert_eq!((s.frozen_regions, s.pool_regions), (0, 0), "{s:?}");
+    assert!(s.is_idle());
+}

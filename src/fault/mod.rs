@@ -47,6 +47,14 @@ pub enum FaultMode {
     Thread,
 }
 
+/// Most frames one housekeeping step re-homes out of sparse frozen regions (4 MiB of copies,
+/// ~0.5 ms).
+pub(crate) const COMPACT_BUDGET: usize = 1024;
+/// Free pool slots kept for the fault path.
+const POOL_MARGIN: usize = 64;
+/// Most frame slots one housekeeping step examines.
+pub(crate) const COMPACT_SCAN: usize = 1 << 16;
+
 /// A page of zeros, the source of zero fills.
 #[repr(C, align(4096))]
 struct ZeroPage([u8; PAGE_SIZE * FAULT_AROUND_MAX]);
@@ -171,11 +179,10 @@ impl Core {
     /// Keep the pool (homes for frames evacuated from views) stocked with at least
     /// `extra` free slots plus a margin for the fault path.
     pub fn ensure_pool(&self, mm: &mut Mm<Mapping>, extra: usize) -> Result<()> {
-        const MARGIN: usize = 64;
-        if mm.pool_free() >= MARGIN + extra {
+        if mm.pool_free() >= POOL_MARGIN + extra {
             return Ok(());
         }
-        let pages = (MARGIN + extra).max(512).next_multiple_of(512);
+        let pages = (POOL_MARGIN + extra).max(512).next_multiple_of(512);
         let pool = Mapping::anon(pages * PAGE_SIZE).map_err(|e| Error::os("mmap pool", e))?;
         mm.add_pool(pool.addr(), pages, pool);
         self.reclaim(mm);
@@ -186,6 +193,7 @@ impl Core {
     /// its few writable pages, or freeze its view. Returns whether it froze.
     pub fn prepare_share(&self, mm: &mut Mm<Mapping>, sp: SpaceId, strategy: crate::ForkStrategy) -> Result<bool> {
         use crate::mm::SharePlan;
+        self.housekeeping(mm);
         let plan = match (mm.share_plan(sp), strategy) {
             (SharePlan::Ready, _) => SharePlan::Ready,
             (plan, crate::ForkStrategy::Auto) => plan,
@@ -220,19 +228,66 @@ impl Core {
         Ok(())
     }
 
-    /// Drop a space; a view that still holds homes of shared frames is frozen, not unmapped.
+    /// Drop a space. Homes in its view that other spaces still need are copied to the pool
+    /// when few (no frozen region is left behind for them), else the view is frozen. If
+    /// that freeze fails (e.g. `vm.max_map_count` or the address space is exhausted), the
+    /// space is kept, counted in `drops_deferred`, and its drop is retried by the next
+    /// [`Core::housekeeping`]; the error is returned for the caller to report.
     pub fn drop_space(&self, mm: &mut Mm<Mapping>, sp: SpaceId) -> Result<()> {
+        self.housekeeping(mm);
+        if let crate::mm::DropPlan::Evacuate(n) = mm.drop_plan(sp) {
+            // Without pool slots, fall back to freezing.
+            if self.ensure_pool(mm, n).is_ok() {
+                let mut ops = Vec::new();
+                mm.evacuate_survivors(sp, &mut ops);
+                self.run_ops(mm, &ops)?; // copies only: cannot fail
+            }
+        }
+        self.finish_drop(mm, sp, true)
+    }
+
+    /// Release `sp`'s tables and unmap its view, freezing it first if it still holds homes
+    /// of frames others need; on a failed freeze, keep it pending (`first`: count it).
+    fn finish_drop(&self, mm: &mut Mm<Mapping>, sp: SpaceId, first: bool) -> Result<()> {
         let view = match mm.drop_space(sp) {
             crate::mm::Dropped::Unmap(view) => view,
-            crate::mm::Dropped::Freeze => {
-                let frozen = self.freeze(mm, sp)?;
-                let base = frozen.addr();
-                mm.drop_frozen(sp, base, frozen)
-            }
+            crate::mm::Dropped::Freeze => match self.freeze(mm, sp) {
+                Ok(frozen) => {
+                    let base = frozen.addr();
+                    mm.drop_frozen(sp, base, frozen)
+                }
+                Err(e) => {
+                    mm.defer_drop(sp, first);
+                    return Err(e);
+                }
+            },
         };
         self.reclaim(mm);
         drop(view);
         Ok(())
+    }
+
+    /// Bounded upkeep, run under the lock by every fork and drop (never in the fault path):
+    /// retry the drops whose freeze failed, and one step of automatic compaction of sparse
+    /// frozen regions (at most [`COMPACT_BUDGET`] page copies over [`COMPACT_SCAN`] frame
+    /// slots; nothing at all while no region is sparse).
+    pub fn housekeeping(&self, mm: &mut Mm<Mapping>) {
+        for sp in mm.take_pending_drops() {
+            let _ = self.finish_drop(mm, sp, false);
+        }
+        mm.queue_excess_frozen();
+        if !mm.compaction_pending() {
+            return;
+        }
+        // Use the pool's free slots beyond the fault path's margin; map a fresh pool only
+        // when the current one is nearly full (so no half-empty pool is retired for this).
+        if mm.pool_free() < 2 * POOL_MARGIN && self.ensure_pool(mm, COMPACT_BUDGET).is_err() {
+            return;
+        }
+        let budget = mm.pool_free().saturating_sub(POOL_MARGIN).min(COMPACT_BUDGET);
+        let mut ops = Vec::new();
+        mm.compact_step(budget, COMPACT_SCAN, &mut ops);
+        let _ = self.run_ops(mm, &ops); // copies only: cannot fail
     }
 
     /// Take the lock without blocking in the kernel (signal context): spin on `try_lock`.

@@ -88,7 +88,10 @@ impl Bits {
     /// Indices in `[start, end)` that are set, by scanning words.
     pub fn ones(&self, start: usize, end: usize) -> impl Iterator<Item = usize> + '_ {
         let (w0, w1) = (start / 64, end.div_ceil(64).min(self.words()));
-        (w0..w1)
+        // Skip absent chunks whole: a huge, sparsely touched view costs O(chunks).
+        (w0 / CHUNK_WORDS..w1.div_ceil(CHUNK_WORDS))
+            .filter(move |c| self.chunks[*c].is_some())
+            .flat_map(move |c| (c * CHUNK_WORDS).max(w0)..((c + 1) * CHUNK_WORDS).min(w1))
             .flat_map(move |wi| {
                 let mut w = self.word(wi);
                 std::iter::from_fn(move || {

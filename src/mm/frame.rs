@@ -67,6 +67,16 @@ impl FrameStore {
         self.slots[id.0 as usize].as_mut().expect("use of a free frame")
     }
 
+    /// The frame in slot `id`, if that slot is in use.
+    pub fn try_get(&self, id: FrameId) -> Option<&Frame> {
+        self.slots.get(id.0 as usize).and_then(|f| f.as_ref())
+    }
+
+    /// Slots (in use or free): the range of frame ids.
+    pub fn slots_len(&self) -> usize {
+        self.slots.len()
+    }
+
     pub fn in_use(&self) -> usize {
         self.in_use
     }

@@ -51,6 +51,15 @@ pub struct Region<B> {
     /// Invariant: the number of live frames whose home is in this region. A frozen region
     /// is released when it reaches zero.
     pub homes: usize,
+    /// The most homes this region held (set when it is frozen, or its slot count for a
+    /// pool): a frozen region whose `homes` fall to a quarter of it is *sparse* and queued
+    /// for automatic compaction ([`Mm::compact_step`]).
+    pub peak: usize,
+    /// Queued in [`Mm`]'s sparse list (each region at most once: frozen homes only leave).
+    pub queued: bool,
+    /// A pool (slots filled one page at a time: evacuations, re-homes, migrations) rather
+    /// than pages frozen out of a view; both are `RegionKind::Frozen` (immutable homes).
+    pub pool: bool,
     pub backing: B,
 }
 
@@ -109,6 +118,32 @@ pub enum SharePlan {
     /// Freeze the view (`mremap`), then [`Mm::freeze_view`].
     Freeze,
 }
+
+/// What dropping a space needs, decided before its tables are released; see
+/// [`Mm::drop_plan`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum DropPlan {
+    /// No frame homed in the view outlives the drop: unmap it.
+    Unmap,
+    /// A few homes outlive it: copy them to this many pool slots
+    /// ([`Mm::evacuate_survivors`]), then unmap the view.
+    Evacuate(usize),
+    /// Many homes outlive it: freeze the view (one `mremap`, O(tables)).
+    Freeze,
+}
+
+/// A dropped view whose surviving homes are at most this many is evacuated to the pool
+/// (one 4 KiB copy each) instead of frozen: no frozen region (one mapping, the whole
+/// view's address space) is left behind for a few pages.
+pub const EVACUATE_MAX: usize = 1024;
+/// ... or at most this many when they fill less than 1/16 of the view.
+pub const EVACUATE_SPARSE_MAX: usize = 1 << 16;
+
+/// Frozen regions allowed before the sparsest (by address space) are compacted regardless
+/// of their peak; see [`Mm::queue_excess_frozen`].
+pub const FROZEN_SOFT_MAX: usize = 128;
+/// ... or before the address space they reserve exceeds this (1 TiB).
+pub const FROZEN_SOFT_BYTES: usize = 1 << 40;
 
 /// The outcome of [`Mm::drop_space`].
 pub enum Dropped<B> {
@@ -254,6 +289,12 @@ pub struct MmCounters {
     pub aging_clears: u64,
     pub referenced_cleared: u64,
     pub aging_rearms: u64,
+    /// Frames whose home was copied out of a sparse frozen region (or a dropped view) into
+    /// the pool, without touching any entry (no table broken).
+    pub frames_rehomed: u64,
+    /// Drops whose freeze failed (e.g. `vm.max_map_count` reached): the space was kept on
+    /// the pending list and is retried at the next fork or drop.
+    pub drops_deferred: u64,
 }
 
 /// Shared tables broken, by the operation that needed an exclusive table.
@@ -352,6 +393,13 @@ pub struct Mm<B> {
     /// View base address -> space, for the fault path's address lookup.
     views: std::collections::BTreeMap<usize, SpaceId>,
     reclaim: Reclaim<B>,
+    /// Sparse frozen regions waiting for [`Mm::compact_step`] (capacity kept for the fault
+    /// path, which may queue one per frame it re-homes).
+    sparse: Vec<RegionId>,
+    /// Where the next [`Mm::compact_step`] resumes its sweep of the frame store.
+    compact_cursor: usize,
+    /// Dropped spaces whose view could not be frozen yet (retried by the engine).
+    pending_drops: Vec<SpaceId>,
     pub counters: MmCounters,
 }
 
@@ -377,6 +425,9 @@ impl<B> Mm<B> {
             protect_limit: None,
             take_exclusive: false,
             reclaim: Reclaim::default(),
+            sparse: Vec::new(),
+            compact_cursor: 0,
+            pending_drops: Vec::new(),
             counters: MmCounters::default(),
         }
     }
@@ -402,9 +453,15 @@ impl<B> Mm<B> {
     pub fn views_in_use(&self) -> usize {
         self.views.len()
     }
+    /// Regions of pages frozen out of views by forks (and dropped views), mapped now.
     pub fn frozen_regions(&self) -> usize {
-        // The active pool is reserved address space, not a frozen region left behind.
-        self.regions.len - self.views.len() - usize::from(self.pool.is_some())
+        self.regions.iter().filter(|(_, r)| r.kind == RegionKind::Frozen && !r.pool).count()
+    }
+    /// Pool regions mapped now besides the active one (which is reserved for the fault
+    /// path): they hold homes of evacuated, re-homed, migrated or compacted frames.
+    pub fn pool_regions(&self) -> usize {
+        let active = usize::from(self.pool.is_some());
+        self.regions.iter().filter(|(_, r)| r.pool).count() - active
     }
     /// Tables currently shared by more than one space.
     pub fn tables_shared_now(&self) -> usize {
@@ -488,6 +545,9 @@ impl<B> Mm<B> {
             pages,
             kind: RegionKind::Frozen, // fixed below once the space id is known
             homes: 0,
+            peak: 0,
+            queued: false,
+            pool: false,
             backing: view,
         }));
         let sp = SpaceId(self.spaces.insert(SpaceMm {
@@ -559,10 +619,20 @@ impl<B> Mm<B> {
             if self.region(old).homes == 0 {
                 let r = self.regions.remove(old.0);
                 self.reclaim.dead.push(r.backing);
+            } else {
+                self.queue_if_sparse(old);
             }
         }
-        self.pool =
-            Some(RegionId(self.regions.insert(Region { base, pages, kind: RegionKind::Frozen, homes: 0, backing })));
+        self.pool = Some(RegionId(self.regions.insert(Region {
+            base,
+            pages,
+            kind: RegionKind::Frozen,
+            homes: 0,
+            peak: pages,
+            queued: false,
+            pool: true,
+            backing,
+        })));
         self.pool_next = 0;
     }
 
@@ -600,6 +670,170 @@ impl<B> Mm<B> {
             .collect()
     }
 
+    // ---- automatic compaction: sparse frozen regions and dropped views ----------------
+    //
+    // A frozen home is immutable (its frame is shared or only its pool/frozen copy is
+    // read), and entries name frames, not addresses: copying the bytes of such a home to a
+    // pool slot and re-pointing `Frame::home` changes no entry of any table, so no shared
+    // table needs breaking. View pages holding read-only copies stay right (same bytes).
+    // This is not the user-facing migration (`migrate_frame`), which replaces the frame
+    // and so must break every shared table on the way (`broken_by.migrate`).
+
+    /// Queue frozen region `r` for [`Mm::compact_step`] if it became sparse: its live homes
+    /// fell to a quarter of its peak. Never the active pool, never twice (frozen regions
+    /// only lose homes). Does not allocate when [`Mm::has_headroom`] holds.
+    fn queue_if_sparse(&mut self, r: RegionId) {
+        if self.pool == Some(r) {
+            return;
+        }
+        let reg = self.region_mut(r);
+        if reg.kind == RegionKind::Frozen && !reg.queued && reg.homes > 0 && reg.homes * 4 <= reg.peak {
+            reg.queued = true;
+            self.sparse.push(r);
+        }
+    }
+
+    /// Bound the number of frozen regions that reserve far more address space than they
+    /// hold (e.g. a chain of freezing forks that each wrote a page: every region is one
+    /// mapping the size of the view, holding one page): past [`FROZEN_SOFT_MAX`] such
+    /// regions (frozen regions holding less than 1/16 of their pages), or past
+    /// [`FROZEN_SOFT_BYTES`] of address space reserved by them, queue the least dense for
+    /// compaction. O(regions), and only while over the bound; at most one per call (one per
+    /// fork or drop), so the copying is bounded by the pages those regions hold. Dense
+    /// regions (pool regions among them) are never forced: their address space is at most
+    /// 16 times the memory they hold.
+    pub fn queue_excess_frozen(&mut self) -> bool {
+        if self.frozen_regions().saturating_sub(self.sparse.len()) <= 16 {
+            return false; // the common case: no scan
+        }
+        let pool = self.pool;
+        let (mut count, mut bytes, mut pick) = (0, 0, None::<(u32, usize, usize)>);
+        for (i, r) in self.regions.iter() {
+            if r.kind != RegionKind::Frozen || r.queued || pool == Some(RegionId(i)) || r.homes * 16 >= r.pages {
+                continue;
+            }
+            count += 1;
+            bytes += r.pages * PAGE_SIZE;
+            // The least dense: homes/pages smallest.
+            if pick.map_or(true, |(_, h, p)| (r.homes as u128 * p as u128) < (h as u128 * r.pages as u128)) {
+                pick = Some((i, r.homes, r.pages));
+            }
+        }
+        if count <= FROZEN_SOFT_MAX && bytes <= FROZEN_SOFT_BYTES {
+            return false;
+        }
+        let Some((r, _, _)) = pick else { return false };
+        let r = RegionId(r);
+        self.region_mut(r).queued = true;
+        self.sparse.push(r);
+        true
+    }
+
+    /// Are sparse regions waiting for [`Mm::compact_step`]?
+    pub fn compaction_pending(&self) -> bool {
+        !self.sparse.is_empty()
+    }
+
+    /// Sparse frozen regions queued for compaction now.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn sparse_regions(&self) -> usize {
+        self.sparse.len()
+    }
+
+    /// Bounded, amortised compaction: resume the sweep of the frame store for at most
+    /// `scan` slots and copy (re-home, see above) up to `budget` frames homed in queued
+    /// sparse regions into pool slots. The pool must hold `budget` free slots. Copies to
+    /// perform are appended to `ops` (before the reclaim that discards the old pages); a
+    /// region whose last home leaves is unmapped by the usual reclaim. Every queued region
+    /// is empty after one full sweep (it never gains homes), and a region is queued only
+    /// after losing 3/4 of its peak, so the copying is at most a third of the frame deaths
+    /// that made it sparse. Returns the frames re-homed.
+    pub fn compact_step(&mut self, budget: usize, scan: usize, ops: &mut Vec<KernelOp>) -> usize {
+        let slots = self.frames.slots_len();
+        let mut moved = 0;
+        for _ in 0..scan.min(slots) {
+            if moved == budget || self.sparse.is_empty() || self.pool_free() == 0 {
+                break;
+            }
+            if self.compact_cursor >= slots {
+                self.compact_cursor = 0;
+            }
+            let f = FrameId(self.compact_cursor as u32);
+            self.compact_cursor += 1;
+            let Some(fr) = self.frames.try_get(f) else { continue };
+            if !self.region(fr.home.region).queued {
+                continue;
+            }
+            self.rehome_to_pool(f, ops);
+            moved += 1;
+        }
+        moved
+    }
+
+    /// Copy frame `f`'s (immutable) home to a pool slot and re-point its home; no entry
+    /// changes. The old page is discarded (or its region unmapped) by the next reclaim.
+    fn rehome_to_pool(&mut self, f: FrameId, ops: &mut Vec<KernelOp>) {
+        let old = self.frames.get(f).home;
+        debug_assert!(matches!(self.region(old.region).kind, RegionKind::Frozen));
+        let slot = self.alloc_pool_slot();
+        ops.push(KernelOp::CopyPage { dst: self.home_addr(slot), src: self.home_addr(old) });
+        self.frames.get_mut(f).home = slot;
+        self.region_mut(slot.region).homes += 1;
+        self.unhome(old, false);
+        self.counters.frames_rehomed += 1;
+    }
+
+    /// What dropping `sp` needs (decide before [`Mm::drop_space`] releases its tables): its
+    /// view holds no home that outlives the drop, a few (evacuate them: one copy each,
+    /// cheaper than a frozen region that reserves the whole view's address space and one
+    /// mapping for them), or many (freeze). O(homes in the view) when few.
+    pub fn drop_plan(&self, sp: SpaceId) -> DropPlan {
+        let s = self.space(sp);
+        let homes = self.region(s.view).homes;
+        if homes == 0 {
+            return DropPlan::Unmap;
+        }
+        if homes <= EVACUATE_MAX || (homes <= EVACUATE_SPARSE_MAX && homes * 16 <= s.pages) {
+            return match self.shared_homes(sp, 0, s.pages).len() {
+                0 => DropPlan::Unmap,
+                n => DropPlan::Evacuate(n),
+            };
+        }
+        DropPlan::Freeze
+    }
+
+    /// Before dropping `sp`: move every home in its view that outlives the drop (see
+    /// [`Mm::shared_homes`]) to a pool slot (the pool must have that many free). The copies
+    /// are appended to `ops`; perform them before unmapping the view. Then
+    /// [`Mm::drop_space`] returns [`Dropped::Unmap`].
+    pub fn evacuate_survivors(&mut self, sp: SpaceId, ops: &mut Vec<KernelOp>) {
+        let pages = self.space(sp).pages;
+        for (p, f) in self.shared_homes(sp, 0, pages) {
+            let op = self.evacuate(sp, p, f);
+            ops.push(op);
+            self.counters.frames_rehomed += 1;
+        }
+    }
+
+    /// A drop whose freeze failed: keep `sp` (tables released, view still holding the
+    /// homes others need) for a retry; counted once in `drops_deferred`.
+    pub fn defer_drop(&mut self, sp: SpaceId, first: bool) {
+        if first {
+            self.counters.drops_deferred += 1;
+        }
+        self.pending_drops.push(sp);
+    }
+
+    /// Take the dropped spaces waiting for a retry of their freeze.
+    pub fn take_pending_drops(&mut self) -> Vec<SpaceId> {
+        std::mem::take(&mut self.pending_drops)
+    }
+
+    /// Dropped spaces waiting for a retry now.
+    pub fn drops_pending(&self) -> usize {
+        self.pending_drops.len()
+    }
+
     /// The view of `sp` was moved to `frozen_base` (`mremap(MREMAP_DONTUNMAP)`), and its
     /// old address stays mapped but empty. Re-homes every frame of the view in O(1): the
     /// view's region becomes the frozen region. Read-only copies that moved along are not
@@ -611,12 +845,16 @@ impl<B> Mm<B> {
         let r = self.region_mut(old);
         r.kind = RegionKind::Frozen;
         r.base = frozen_base;
+        r.peak = r.homes;
         let view_backing = std::mem::replace(&mut r.backing, frozen);
         let new = RegionId(self.regions.insert(Region {
             base: view_base,
             pages,
             kind: RegionKind::View(sp),
             homes: 0,
+            peak: 0,
+            queued: false,
+            pool: false,
             backing: view_backing,
         }));
         let s = self.space_mut(sp);
@@ -712,6 +950,7 @@ impl<B> Mm<B> {
             && self.reclaim.dead.capacity() - self.reclaim.dead.len() >= 2
             && self.regions.free.capacity() - self.regions.free.len() >= 2
             && self.pool_free() >= n
+            && self.sparse.capacity() - self.sparse.len() >= n
             && self.bit_spares.len() >= 6
     }
 
@@ -723,6 +962,7 @@ impl<B> Mm<B> {
         self.reclaim.discard.reserve(N);
         self.reclaim.dead.reserve(16);
         self.regions.free.reserve(16);
+        self.sparse.reserve(4 * N);
         while self.bit_spares.len() < 64 {
             self.bit_spares.push(Bits::new_chunk());
         }
@@ -765,6 +1005,7 @@ impl<B> Mm<B> {
             }
             RegionKind::Frozen => {
                 let addr = r.base + home.page as usize * PAGE_SIZE;
+                let queued = r.queued;
                 let dead = r.homes == 0 && self.pool != Some(home.region);
                 if !moved {
                     match self.reclaim.discard.last_mut() {
@@ -773,7 +1014,12 @@ impl<B> Mm<B> {
                     }
                     self.counters.bytes_reclaimed += PAGE_SIZE as u64;
                 }
-                if dead {
+                if !dead {
+                    self.queue_if_sparse(home.region);
+                } else {
+                    if queued {
+                        self.sparse.retain(|q| *q != home.region);
+                    }
                     let r = self.regions.remove(home.region.0);
                     // No need to discard pages of a region about to be unmapped.
                     let (lo, hi) = (r.base, r.base + r.pages * PAGE_SIZE);
@@ -1063,7 +1309,7 @@ impl<B> Mm<B> {
                 if !s.vs.home.get(p) || !s.vs.present.get(p) {
                     return Err(format!("frame {id:?} homed at view page {p} of {sp:?} not marked present+home"));
                 }
-                if self.lookup(sp, p).frame() != Some(id) {
+                if self.lookup(sp, p).frame() != Some(id) && !self.pending_drops.contains(&sp) {
                     return Err(format!("frame {id:?} homed in {sp:?} page {p} whose entry names another frame"));
                 }
                 if s.vs.writable.get(p) && f.refs != 1 {
@@ -1079,6 +1325,22 @@ impl<B> Mm<B> {
             if r.kind == RegionKind::Frozen && r.homes == 0 && self.pool != Some(RegionId(rid)) {
                 return Err(format!("frozen region {rid} is empty but not released"));
             }
+            let active = self.pool == Some(RegionId(rid));
+            let frozen = r.kind == RegionKind::Frozen && !active;
+            let sparse = frozen && r.homes * 4 <= r.peak;
+            let queue_ok = (!sparse || r.queued) && (!r.queued || frozen);
+            if !queue_ok || r.queued != self.sparse.contains(&RegionId(rid)) {
+                return Err(format!(
+                    "region {rid}: homes {} of peak {}, queued {} (in queue: {})",
+                    r.homes,
+                    r.peak,
+                    r.queued,
+                    self.sparse.contains(&RegionId(rid))
+                ));
+            }
+        }
+        if let Some(q) = self.sparse.iter().find(|q| self.regions.get(q.0).is_none()) {
+            return Err(format!("dead region {q:?} queued for compaction"));
         }
         for (sid, s) in self.spaces.iter() {
             let sp = SpaceId(sid);

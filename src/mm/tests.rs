@@ -86,11 +86,24 @@ struct Sim {
     /// Every `refuse_moves`-th UFFDIO_MOVE is refused (the engine then copies); 0: never.
     refuse_moves: u64,
     moves: u64,
+    /// Drops evacuate their few surviving homes to the pool (the engine's choice) rather
+    /// than always freezing.
+    evacuate_drops: bool,
+    /// Frames re-homed by automatic compaction steps.
+    compacted: usize,
 }
 
 impl Sim {
     fn new() -> Sim {
-        Sim { mm: Mm::new(), k: FakeKernel::default(), spaces: Vec::new(), refuse_moves: 0, moves: 0 }
+        Sim {
+            mm: Mm::new(),
+            k: FakeKernel::default(),
+            spaces: Vec::new(),
+            refuse_moves: 0,
+            moves: 0,
+            evacuate_drops: true,
+            compacted: 0,
+        }
     }
     fn reclaim(&mut self) {
         let k = &mut self.k;
@@ -108,6 +121,20 @@ impl Sim {
             self.mm.add_pool(base, n, (base, n));
             self.reclaim();
         }
+    }
+    /// What the engine's housekeeping does at every fork and drop: queue an excess sparse
+    /// region, then one small compaction step (small budgets, to exercise partial steps).
+    fn housekeep(&mut self) {
+        self.mm.queue_excess_frozen();
+        if !self.mm.compaction_pending() {
+            return;
+        }
+        self.top_up(8);
+        let budget = self.mm.pool_free().saturating_sub(8).min(7);
+        let mut ops = Vec::new();
+        self.compacted += self.mm.compact_step(budget, 40, &mut ops);
+        self.k.ops(ops);
+        self.reclaim();
     }
     /// Make `i`'s tables shareable: protect its few writable pages or freeze its view.
     fn prepare_share(&mut self, sp: SpaceId) {
@@ -136,6 +163,7 @@ impl Sim {
     fn fork(&mut self, i: usize) {
         let (p, model) = (self.spaces[i].0, self.spaces[i].1.clone());
         let pages = model.len();
+        self.housekeep();
         self.prepare_share(p);
         let base = self.k.map();
         let c = self.mm.fork(p, base, (base, pages));
@@ -237,6 +265,13 @@ impl Sim {
     }
     fn drop_space(&mut self, i: usize) {
         let (sp, _) = self.spaces.swap_remove(i);
+        self.housekeep();
+        if let (DropPlan::Evacuate(n), true) = (self.mm.drop_plan(sp), self.evacuate_drops) {
+            self.top_up(n);
+            let mut ops = Vec::new();
+            self.mm.evacuate_survivors(sp, &mut ops);
+            self.k.ops(ops);
+        }
         let (base, pages) = match self.mm.drop_space(sp) {
             Dropped::Unmap(b) => b,
             Dropped::Freeze => {
@@ -365,7 +400,7 @@ fn everything_is_released() {
 
 #[test]
 fn model_random_sequences() {
-    let mut moved = 0;
+    let (mut moved, mut compacted) = (0, 0);
     for seed in 1..=60u64 {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut s = Sim::new();
@@ -375,6 +410,8 @@ fn model_random_sequences() {
         // UFFDIO_MOVE, or taken with every third move refused by the kernel.
         s.mm.set_take_exclusive(seed % 4 != 0);
         s.refuse_moves = if seed % 4 == 3 { 3 } else { 0 };
+        // Drops evacuate their few survivors, or always freeze (then compaction cleans up).
+        s.evacuate_drops = seed % 5 < 3;
         let pages = 512 * (1 + rng.below(3)) + rng.below(3) * 7;
         s.create(pages);
         for step in 0..1500 {
@@ -441,6 +478,88 @@ fn model_random_sequences() {
         if seed % 4 != 0 {
             moved += s.mm.counters.pages_moved;
         }
+        compacted += s.compacted;
     }
+    assert!(compacted > 0, "no automatic compaction step re-homed a frame: the path went untested");
     assert!(moved > 0, "no write fault took an exclusive page: the Take path went untested");
+}
+
+/// A fork chain: every generation writes one page, forks and drops its parent. With
+/// either fork strategy, the frozen regions (mappings the size of the space) and the
+/// address space stay bounded, and every byte stays right.
+#[test]
+fn fork_chains_stay_bounded() {
+    for (limit, evacuate) in [(None, true), (Some(0), true), (Some(0), false), (None, false)] {
+        let mut s = Sim::new();
+        s.mm.set_protect_limit(limit);
+        s.evacuate_drops = evacuate;
+        let pages = 4096;
+        s.create(pages);
+        let mut most = 0;
+        for g in 0..1500 {
+            let page = (g * 7) % pages;
+            s.access(0, page, Some(g as u64 + 1));
+            s.fork(0);
+            s.drop_space(0); // the parent (swap_remove puts the child at 0)
+            most = most.max(s.mm.frozen_regions());
+            if g % 100 == 0 {
+                s.check();
+            }
+        }
+        s.check();
+        for g in 0..1500 {
+            let page = (g * 7) % pages;
+            assert_eq!(s.api_read(0, page), g as u64 + 1, "{limit:?}/{evacuate}: generation {g}");
+        }
+        // Pool regions are dense (16 slots each here, retired with at least 8 used);
+        // frozen regions left by forks or drops are compacted once they are sparse or
+        // past the bound.
+        let frozen_max = FROZEN_SOFT_MAX + 1500 / 8 + 8;
+        assert!(most <= frozen_max, "{limit:?}/{evacuate}: {most} frozen regions (bound {frozen_max})");
+        let c = s.mm.counters;
+        assert_eq!(c.broken_by.migrate, 0, "re-homing breaks no table");
+        if limit == Some(0) || !evacuate {
+            assert!(c.frames_rehomed > 0, "{limit:?}/{evacuate}: nothing re-homed");
+        }
+        s.drop_space(0);
+        assert_eq!((s.mm.frames_in_use(), s.mm.frozen_regions()), (0, 0));
+        assert!(s.k.mem.is_empty());
+    }
+}
+
+/// A frozen region whose homes fall to a quarter of its peak is queued and compacted by
+/// bounded steps, without breaking tables; the last home leaving unmaps it.
+#[test]
+fn sparse_frozen_region_is_compacted_in_bounded_steps() {
+    let mut s = Sim::new();
+    s.mm.set_protect_limit(Some(0)); // forks freeze
+    s.create(1024);
+    for p in 0..1024 {
+        s.access(0, p, Some(p as u64 + 1));
+    }
+    s.fork(0); // 1024 homes frozen, shared with the child
+    assert_eq!(s.mm.frozen_regions(), 1);
+    // Both overwrite 800 pages: the frozen region falls below a quarter of its peak.
+    for p in 0..800 {
+        s.access(0, p, Some(5000 + p as u64));
+        s.access(1, p, Some(9000 + p as u64));
+    }
+    assert_eq!(s.mm.sparse_regions(), 1);
+    let tables_before = s.mm.counters.tables_broken;
+    let mut steps = 0;
+    while s.mm.compaction_pending() {
+        s.housekeep();
+        s.check();
+        steps += 1;
+        assert!(steps < 1000);
+    }
+    assert!(steps > 1, "bounded steps: {steps}");
+    assert_eq!(s.mm.counters.tables_broken, tables_before, "re-homing breaks no table");
+    assert_eq!(s.mm.counters.frames_rehomed, 224);
+    for p in 0..1024 {
+        let (a, b) = if p < 800 { (5000 + p as u64, 9000 + p as u64) } else { (p as u64 + 1, p as u64 + 1) };
+        assert_eq!((s.api_read(0, p), s.api_read(1, p)), (a, b));
+        assert_eq!((s.access(0, p, None), s.access(1, p, None)), (a, b));
+    }
+    s.check();
 }

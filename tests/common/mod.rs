@@ -111,8 +111,8 @@ pub fn stress_duration(default_secs: u64) -> Duration {
 pub fn assert_nothing_left(arena: &Arena, ctx: &str) {
     let s: Stats = arena.stats();
     assert_eq!(
-        (s.spaces_in_use, s.frames_in_use, s.tables_in_use, s.views_in_use, s.frozen_regions),
-        (0, 0, 0, 0, 0),
+        (s.spaces_in_use, s.frames_in_use, s.tables_in_use, s.views_in_use, s.frozen_regions, s.pool_regions),
+        (0, 0, 0, 0, 0, 0),
         "{ctx}: something leaked after every space dropped: {s:?}"
     );
     arena.check_invariants().unwrap_or_else(|e| panic!("{ctx}: invariants broken after all drops: {e}"));
