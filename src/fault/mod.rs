@@ -6,6 +6,7 @@
 //! `mremap` (while holding the lock) until the event is read. Page faults are handed to a
 //! *worker* that takes the lock and serves them.
 
+use std::os::fd::AsFd;
 use std::sync::atomic::AtomicI32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -510,7 +511,7 @@ fn reader_loop(core: &Core, stop: &EventFd, tx: mpsc::Sender<(u64, u64)>) {
     let mut refill_pending = false;
     loop {
         let timeout = if refill_pending { 1 } else { -1 };
-        match crate::sys::wake::poll3(core.uffd.raw_fd(), stop.raw_fd(), core.refill.raw_fd(), timeout) {
+        match crate::sys::wake::poll3(core.uffd.as_fd(), stop.as_fd(), core.refill.as_fd(), timeout) {
             Ok((_, true, _)) => return,
             Ok((uffd_ready, false, refill)) => {
                 if refill {
