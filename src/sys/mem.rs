@@ -30,6 +30,13 @@ impl Mapping {
     /// memory at a 2 MiB-aligned address, excluded from `fork(2)` (MADV_DONTFORK: a forked
     /// child would otherwise read zeros where the view is unregistered) and from
     /// transparent huge pages.
+    ///
+    /// The mapping is never populated, even under `mlockall(MCL_FUTURE)`: that makes every
+    /// new mapping locked and populated at mmap time, which would fill a view with zero
+    /// pages before it is registered with userfaultfd (its accesses would then never
+    /// fault: silent zeros). So the range is mapped `PROT_NONE` first (populating skips
+    /// inaccessible mappings), unlocked (`munlock` clears `VM_LOCKED`, so that the
+    /// `mprotect` that follows does not populate it either), then made read-write.
     pub fn anon(len: usize) -> io::Result<Mapping> {
         let padded = len.checked_add(TABLE_SPAN).ok_or_else(|| io::Error::from(rustix::io::Errno::NOMEM))?;
         // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases nothing.
@@ -37,7 +44,7 @@ impl Mapping {
             mm::mmap_anonymous(
                 std::ptr::null_mut(),
                 padded,
-                ProtFlags::READ | ProtFlags::WRITE,
+                ProtFlags::empty(),
                 MapFlags::PRIVATE | MapFlags::NORESERVE,
             )
         }? as usize;
@@ -54,6 +61,11 @@ impl Mapping {
             }
         }
         let m = Mapping { addr, len };
+        // SAFETY: the range is this fresh, inaccessible mapping; nothing references it.
+        unsafe {
+            mm::munlock(ptr(addr), len)?;
+            mm::mprotect(ptr(addr), len, MprotectFlags::READ | MprotectFlags::WRITE)?;
+        }
         m.advise(0, len, Advice::LinuxDontFork)?;
         m.advise(0, len, Advice::LinuxNoHugepage)?;
         Ok(m)
