@@ -473,7 +473,7 @@ pub(crate) struct Engine {
 
 impl Engine {
     pub fn start(core: Arc<Core>) -> Result<Engine> {
-        let stop = Arc::new(EventFd::new().map_err(|e| Error::os("eventfd", e))?);
+        let stop = Arc::new(EventFd::new().map_err(|e| Error::open_fd("eventfd", "an eventfd", e))?);
         let (tx, rx) = mpsc::channel::<(u64, u64)>();
         let reader = {
             let (core, stop) = (core.clone(), stop.clone());

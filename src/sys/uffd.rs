@@ -172,6 +172,11 @@ fn dev_open(flags: rustix::mm::UserfaultfdFlags) -> io::Result<OwnedFd> {
     Ok(unsafe { rustix::ioctl::ioctl(&dev, IocNew(flags.bits())) }?)
 }
 
+/// Is this the error of a process (EMFILE) or system (ENFILE) out of file descriptors?
+pub fn out_of_fds(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
 /// Open a userfaultfd fd with the most capable access available, without the handshake.
 fn open_fd() -> Result<(OwnedFd, UffdAccess), Error> {
     let flags = UFFD_FLAGS;
@@ -190,6 +195,11 @@ fn open_fd() -> Result<(OwnedFd, UffdAccess), Error> {
     let full_err = full.unwrap_err();
     let umo_err = umo.unwrap_err();
     let dev_err = dev.unwrap_err();
+    // Out of descriptors is no permission problem (root meets it too): say so.
+    if let Some(e) = [&dev_err, &full_err, &umo_err].into_iter().find(|e| out_of_fds(e)) {
+        let source = io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EMFILE));
+        return Err(Error::TooManyOpenFiles { what: "a userfaultfd", source });
+    }
     let cause = match umo_err.raw_os_error() {
         Some(libc::ENOSYS) => UffdBlock::NoKernelSupport,
         // User-mode-only is allowed to everyone since 5.11 unless something filters it.
