@@ -18,6 +18,13 @@ pub mod inject {
     pub use crate::sys::inject::{arm, disarm, Point};
 }
 
+/// The userfaultfd layer, for the benchmark's baselines (`examples/bench`) only: not part
+/// of the API, no stability promise.
+#[doc(hidden)]
+pub mod __bench {
+    pub use crate::sys::uffd::{Uffd, UffdMsg, FEATURE_WP, PAGEFAULT_FLAG_WP};
+}
+
 pub use arena::{Arena, ArenaBuilder, BrokenBy, FaultMode, FaultStats, Stats, UffdAccess};
 pub use error::{Error, Result, UffdBlock};
 pub use space::{ForkStrategy, Space};

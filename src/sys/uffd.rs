@@ -243,9 +243,17 @@ impl Uffd {
 
     /// Register `[start, start+len)` for MISSING and WP faults.
     pub fn register(&self, start: usize, len: usize) -> io::Result<()> {
+        self.register_modes(start, len, true, true)
+    }
+
+    /// Register `[start, start+len)` for MISSING faults (`missing`) and/or write-protect
+    /// faults (`wp`); the engine always takes both ([`Uffd::register`]).
+    pub fn register_modes(&self, start: usize, len: usize, missing: bool, wp: bool) -> io::Result<()> {
+        let mode =
+            if missing { g::UFFDIO_REGISTER_MODE_MISSING } else { 0 } | if wp { g::UFFDIO_REGISTER_MODE_WP } else { 0 };
         let mut r = g::uffdio_register {
             range: g::uffdio_range { start: start as u64, len: len as u64 },
-            mode: (g::UFFDIO_REGISTER_MODE_MISSING | g::UFFDIO_REGISTER_MODE_WP) as u64,
+            mode: mode as u64,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_REGISTER takes a `struct uffdio_register`; registering a range
