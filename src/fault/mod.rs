@@ -91,8 +91,7 @@ fn this_tid() -> i32 {
     thread_local! { static TID: std::cell::Cell<i32> = const { std::cell::Cell::new(0) }; }
     TID.with(|t| {
         if t.get() == 0 {
-            // SAFETY: gettid has no preconditions.
-            t.set(unsafe { libc::gettid() });
+            t.set(rustix::thread::gettid().as_raw_nonzero().get());
         }
         t.get()
     })
