@@ -16,7 +16,7 @@
 
 use std::process::Command;
 
-use cowarena::{Arena, FaultMode};
+use cowarena::{Arena, FaultMode, Space};
 
 const ENV: &str = "COWARENA_MLOCK_CHILD";
 const PAGE: usize = 4096;
@@ -29,6 +29,11 @@ fn resident(p: *const u8, len: usize) -> usize {
     let r = unsafe { libc::mincore(p as *mut libc::c_void, len, vec.as_mut_ptr()) };
     assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
     vec.iter().filter(|b| **b & 1 != 0).count()
+}
+
+/// `Space::write` (through `&mut`, whether the method takes `&self` or `&mut self`).
+fn api_write(s: &mut Space, offset: usize, data: &[u8]) {
+    s.write(offset, data).expect("Space::write");
 }
 
 fn scenario(mode: FaultMode) {
@@ -48,19 +53,19 @@ fn scenario(mode: FaultMode) {
     assert_eq!(one[0], 0x5a, "{mode:?}: Space::read of a byte written through the view");
 
     // A fork sees them, through the API and through its view.
-    let child = root.fork().expect("fork");
+    let mut child = root.fork().expect("fork");
     child.read(0, &mut buf).expect("child read");
     assert_eq!(&buf, b"hello", "{mode:?}: the fork reads zeros where the parent wrote");
     assert_eq!(&child.as_slice()[..5], b"hello", "{mode:?}: the fork's view");
     assert_eq!(child.as_slice()[100 * PAGE + 7], 0x5a, "{mode:?}: the fork's view");
 
     // Space::write works and is seen through views and the API; the parent is unchanged.
-    child.write(2 * PAGE + 3, b"world").expect("Space::write");
+    api_write(&mut child, 2 * PAGE + 3, b"world");
     assert_eq!(&child.as_slice()[2 * PAGE + 3..2 * PAGE + 8], b"world", "{mode:?}: view after Space::write");
     child.read(2 * PAGE + 3, &mut buf).expect("read");
     assert_eq!(&buf, b"world", "{mode:?}: Space::read after Space::write");
     assert_eq!(&root.as_slice()[2 * PAGE + 3..2 * PAGE + 8], &[0; 5], "{mode:?}: the parent changed");
-    root.write(0, b"HELLO").expect("Space::write on the parent");
+    api_write(&mut root, 0, b"HELLO");
     assert_eq!(&root.as_slice()[..5], b"HELLO");
     assert_eq!(&child.as_slice()[..5], b"hello", "{mode:?}: the fork changed with its parent");
 
