@@ -129,7 +129,7 @@ impl ArenaBuilder {
             faults_failed: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             mode,
-            refill: crate::sys::wake::EventFd::new().map_err(|e| Error::os("eventfd", e))?,
+            refill: crate::sys::wake::EventFd::new().map_err(|e| Error::open_fd("eventfd", "an eventfd", e))?,
             owner: std::sync::atomic::AtomicI32::new(0),
             pid: crate::sys::process::pid(),
         });

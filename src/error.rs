@@ -156,6 +156,20 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// The process (or the system) has no file descriptor left (EMFILE/ENFILE): an arena
+    /// needs a few (one userfaultfd, two eventfds).
+    #[error(
+        "too many open files while opening {what} (RLIMIT_NOFILE reached): close descriptors \
+         or raise the limit (`ulimit -n`)"
+    )]
+    TooManyOpenFiles {
+        /// What was being opened, e.g. `a userfaultfd`.
+        what: &'static str,
+        /// The OS error (EMFILE or ENFILE).
+        #[source]
+        source: io::Error,
+    },
+
     /// The arena's fault engine has stopped (a previous fatal error); no new work is accepted.
     #[error("the arena's fault engine has stopped after a fatal error: {0}; create a new Arena")]
     EngineStopped(String),
@@ -197,5 +211,14 @@ impl Error {
             return Error::MappingLimit { op, source };
         }
         Error::Os { op, source }
+    }
+
+    /// As [`Error::os`] for a call that opens a descriptor: EMFILE/ENFILE become
+    /// [`Error::TooManyOpenFiles`] naming `what`.
+    pub(crate) fn open_fd(op: &'static str, what: &'static str, source: io::Error) -> Self {
+        match source.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE) => Error::TooManyOpenFiles { what, source },
+            _ => Error::Os { op, source },
+        }
     }
 }

@@ -16,6 +16,13 @@ pub mod space;
 mod sync;
 pub(crate) mod sys;
 
+/// The userfaultfd layer, for the benchmark's baselines (`examples/bench`) only: not part
+/// of the API, no stability promise.
+#[doc(hidden)]
+pub mod __bench {
+    pub use crate::sys::uffd::{Uffd, UffdMsg, FEATURE_WP, PAGEFAULT_FLAG_WP};
+}
+
 /// Fault injection for tests (cargo feature `fault-injection`).
 #[cfg(feature = "fault-injection")]
 #[doc(hidden)]

@@ -23,16 +23,11 @@ use std::sync::{Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use linux_raw_sys::general as uapi;
-use linux_raw_sys::ioctl as uioctl;
+use cowarena::__bench::{Uffd, UffdMsg, FEATURE_WP, PAGEFAULT_FLAG_WP};
 
 /// The page size every baseline works in.
 pub const PAGE: usize = 4096;
 
-/// `UFFDIO_WRITEPROTECT_MODE_WP` (not exported by linux-raw-sys 0.12).
-const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
-/// `USERFAULTFD_IOC_NEW` = `_IO(0xAA, 0x00)`: make a userfaultfd from `/dev/userfaultfd`.
-const USERFAULTFD_IOC_NEW: libc::Ioctl = 0xAA00;
 /// How long a process waits for its children's hand-shakes before giving up.
 const CHILD_TIMEOUT_MS: libc::c_int = 30_000;
 
@@ -587,133 +582,43 @@ pub fn kernel_first_touch_rate(bytes: usize, threads: usize) -> io::Result<f64> 
 // 4: naive uffd-wp snapshot
 // ---------------------------------------------------------------------------------------
 
-/// Opens a non-blocking, close-on-exec userfaultfd: `userfaultfd(2)`, then
-/// `/dev/userfaultfd` when the syscall is refused (EPERM: a seccomp profile, or
-/// `vm.unprivileged_userfaultfd=0`), then the syscall with `UFFD_USER_MODE_ONLY`.
-fn open_userfaultfd() -> io::Result<OwnedFd> {
-    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
-    let from_raw = |fd: libc::c_long| -> io::Result<OwnedFd> {
-        let fd = RawFd::try_from(fd).map_err(|_| io::Error::other("fd out of range"))?;
-        // SAFETY: `fd` is a descriptor the kernel just returned to us and no one else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-    };
-    // SAFETY: userfaultfd(2) takes one flags word and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
-    if fd >= 0 {
-        return from_raw(fd);
-    }
-    let sys_err = io::Error::last_os_error();
-    if sys_err.raw_os_error() != Some(libc::EPERM) {
-        return Err(sys_err);
-    }
-    let dev_err = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/userfaultfd") {
-        Ok(dev) => {
-            // SAFETY: USERFAULTFD_IOC_NEW takes the new descriptor's flags as its integer
-            // argument and returns a new descriptor or -1.
-            let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags) };
-            if fd >= 0 {
-                return from_raw(fd.into());
-            }
-            io::Error::last_os_error()
-        }
-        Err(e) => e,
-    };
-    let user_flags = flags | uapi::UFFD_USER_MODE_ONLY as libc::c_int;
-    // SAFETY: as above.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, user_flags) };
-    if fd >= 0 {
-        return from_raw(fd);
-    }
-    Err(io::Error::new(
-        sys_err.kind(),
-        format!(
-            "userfaultfd unavailable: syscall: {sys_err}; /dev/userfaultfd: {dev_err}; \
-             UFFD_USER_MODE_ONLY: {}",
-            io::Error::last_os_error()
-        ),
-    ))
-}
+// The userfaultfd calls are cowarena's own sys layer (`cowarena::__bench`), so the
+// baseline and the engine issue the same ioctls the same way.
 
-/// `UFFDIO_API` handshake asking for `features`; returns the features granted.
-fn uffd_api(fd: &OwnedFd, features: u64) -> io::Result<u64> {
-    let mut api = uapi::uffdio_api { api: uapi::UFFD_API.into(), features, ioctls: 0 };
-    // SAFETY: UFFDIO_API reads and writes one `uffdio_api`, which outlives the call.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), uioctl::UFFDIO_API as libc::Ioctl, &mut api) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(api.features)
-}
-
-fn uffd_register(fd: &OwnedFd, m: &Mapping, mode: u64) -> io::Result<()> {
-    let mut reg =
-        uapi::uffdio_register { range: uapi::uffdio_range { start: m.ptr as u64, len: m.len as u64 }, mode, ioctls: 0 };
-    // SAFETY: UFFDIO_REGISTER reads and writes one `uffdio_register`; the range is a mapping
-    // we own.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), uioctl::UFFDIO_REGISTER as libc::Ioctl, &mut reg) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Write-protects (`protect`) or un-protects and wakes (`!protect`) `[start, start+len)`.
-fn uffd_writeprotect(fd: RawFd, start: usize, len: usize, protect: bool) -> io::Result<()> {
-    let mut wp = uapi::uffdio_writeprotect {
-        range: uapi::uffdio_range { start: start as u64, len: len as u64 },
-        mode: if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
-    };
-    // SAFETY: UFFDIO_WRITEPROTECT reads one `uffdio_writeprotect` that outlives the call;
-    // it changes page protection only, which cannot invalidate Rust references.
-    if unsafe { libc::ioctl(fd, uioctl::UFFDIO_WRITEPROTECT as libc::Ioctl, &mut wp) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+fn uffd_err(e: cowarena::Error) -> io::Error {
+    io::Error::other(e)
 }
 
 /// The handler thread of the uffd-wp snapshot: for each write-protect fault, copy the
 /// page's old contents to the snapshot, then un-protect it (which wakes the writer).
 /// Returns the number of faults served.
-fn wp_handler(fd: RawFd, base: usize, len: usize, snap: usize, stop: &AtomicBool) -> io::Result<usize> {
-    let msg_size = std::mem::size_of::<uapi::uffd_msg>();
-    // SAFETY: `uffd_msg` is plain old data (integers and unions of integers), so the
-    // all-zero bit pattern is a valid value.
-    let mut msgs: [uapi::uffd_msg; 32] = unsafe { std::mem::zeroed() };
+fn wp_handler(uffd: &Uffd, base: usize, len: usize, snap: usize, stop: &AtomicBool) -> io::Result<usize> {
+    let mut msgs = Vec::with_capacity(64);
     let mut served = 0;
+    let timeout = rustix::event::Timespec { tv_sec: 0, tv_nsec: 5_000_000 };
     loop {
-        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: polls one pollfd that lives for the call.
-        let r = unsafe { libc::poll(&mut pfd, 1, 5) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        let mut pfd = [rustix::event::PollFd::new(uffd, rustix::event::PollFlags::IN)];
+        let r = match rustix::event::poll(&mut pfd, Some(&timeout)) {
+            Ok(r) => r,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
         if r == 0 {
             if stop.load(Ordering::Acquire) {
                 return Ok(served);
             }
             continue;
         }
-        // SAFETY: reads at most `size_of_val(&msgs)` bytes into the local array.
-        let n = unsafe { libc::read(fd, msgs.as_mut_ptr().cast(), std::mem::size_of_val(&msgs)) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+        msgs.clear();
+        match uffd.read_msgs(&mut msgs) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         }
-        for msg in &msgs[..n as usize / msg_size] {
-            let event = msg.event;
-            if u32::from(event) != uapi::UFFD_EVENT_PAGEFAULT {
-                continue;
-            }
-            let arg = msg.arg;
-            // SAFETY: the kernel fills the `pagefault` member for PAGEFAULT events.
-            let pf = unsafe { arg.pagefault };
-            let (flags, address) = (pf.flags, pf.address as usize);
-            if flags & u64::from(uapi::UFFD_PAGEFAULT_FLAG_WP) == 0 || address < base || address >= base + len {
+        for msg in &msgs {
+            let UffdMsg::PageFault { address, flags, .. } = *msg else { continue };
+            let address = address as usize;
+            if flags & PAGEFAULT_FLAG_WP == 0 || address < base || address >= base + len {
                 continue;
             }
             let page = address & !(PAGE - 1);
@@ -721,7 +626,7 @@ fn wp_handler(fd: RawFd, base: usize, len: usize, snap: usize, stop: &AtomicBool
             // offset is inside the snapshot buffer (same length); the writer that faulted
             // on it is blocked until the un-protect below, so nothing writes it meanwhile.
             unsafe { ptr::copy_nonoverlapping(page as *const u8, (snap + (page - base)) as *mut u8, PAGE) };
-            uffd_writeprotect(fd, page, PAGE, false)?;
+            uffd.writeprotect(page, PAGE, false)?;
             served += 1;
         }
     }
@@ -740,28 +645,25 @@ pub fn uffd_wp_snapshot(bytes: usize, write_fraction: f64) -> io::Result<UffdWpR
     let pages = region.pages();
     let targets = distinct_pages(&mut Rng::new(0x5eed_0004), pages, fraction_of(pages, write_fraction));
 
-    let uffd = open_userfaultfd()?;
-    let wp = u64::from(uapi::UFFD_FEATURE_PAGEFAULT_FLAG_WP);
-    if uffd_api(&uffd, wp)? & wp == 0 {
-        return Err(io::Error::new(io::ErrorKind::Unsupported, "userfaultfd write-protect is not supported"));
-    }
+    // Fails (MissingFeature) when userfaultfd write-protect is not supported.
+    let uffd = Uffd::open(FEATURE_WP, 0).map_err(uffd_err)?;
     let t = Instant::now();
-    uffd_register(&uffd, &region, uapi::UFFDIO_REGISTER_MODE_WP.into())?;
+    uffd.register_modes(region.ptr as usize, len, false, true)?;
     let register = t.elapsed();
     let t = Instant::now();
-    uffd_writeprotect(uffd.as_raw_fd(), region.ptr as usize, len, true)?;
+    uffd.writeprotect(region.ptr as usize, len, true)?;
     let protect = t.elapsed();
 
-    let fd = uffd.as_raw_fd();
+    let uffd = &uffd;
     let (base, snap) = (region.ptr as usize, snapshot.ptr as usize);
     let stop = AtomicBool::new(false);
     let (write_time, handled) = thread::scope(|s| -> io::Result<(Duration, usize)> {
         let stop = &stop;
         let handler = thread::Builder::new().name("baseline-uffd-wp".into()).spawn_scoped(s, move || {
-            let r = wp_handler(fd, base, len, snap, stop);
+            let r = wp_handler(uffd, base, len, snap, stop);
             if r.is_err() {
                 // Best effort: release any writer still blocked on a fault.
-                let _ = uffd_writeprotect(fd, base, len, false);
+                let _ = uffd.writeprotect(base, len, false);
             }
             r
         })?;
@@ -774,7 +676,6 @@ pub fn uffd_wp_snapshot(bytes: usize, write_fraction: f64) -> io::Result<UffdWpR
         let handled = handler.join().map_err(|_| io::Error::other("uffd handler thread panicked"))??;
         Ok((write_time, handled))
     })?;
-    drop(uffd);
     let faults = targets.len();
     Ok(UffdWpReport {
         pages,

@@ -1090,89 +1090,56 @@ fn print_summary(rep: &Report, header: &str) {
     }
 }
 
-fn json_str(s: &str) -> String {
-    let mut o = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            '\n' => o.push_str("\\n"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(o, "\\u{:04x}", c as u32);
-            }
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
-
-fn json_num(v: Option<f64>) -> String {
-    match v {
-        Some(v) if v.is_finite() => format!("{v}"),
-        _ => "null".into(),
-    }
-}
-
+/// The report as JSON (serde_json with `preserve_order`: keys in the order written here).
+/// Non-finite numbers become `null`.
 fn to_json(rep: &Report, meta: &[(&str, String)]) -> String {
-    let mut o = String::from("{\n");
+    use serde_json::{json, Map, Value};
+    let mut o = Map::new();
     for (k, v) in meta {
-        let _ = writeln!(o, "  {}: {},", json_str(k), json_str(v));
+        o.insert((*k).to_owned(), Value::from(v.as_str()));
     }
-    o.push_str("  \"ratio_orientation\": \"> 1 means cowarena wins (cowarena/baseline for rates, baseline/cowarena for times and memory)\",\n");
-    o.push_str("  \"rows\": [\n");
-    for (i, r) in rep.rows.iter().enumerate() {
-        let _ = write!(
-            o,
-            "    {{\"workload\": {}, \"metric\": {}, \"unit\": {}, \"cowarena\": {}, \"baseline\": {}, \"baseline_value\": {}, \"ratio\": {}}}",
-            json_str(r.workload),
-            json_str(&r.metric),
-            json_str(r.unit.name()),
-            json_num(r.cowarena),
-            json_str(&r.baseline_name),
-            json_num(r.baseline),
-            json_num(r.ratio())
-        );
-        o.push_str(if i + 1 < rep.rows.len() { ",\n" } else { "\n" });
-    }
-    o.push_str("  ],\n  \"targets\": [\n");
-    for (i, t) in rep.targets.iter().enumerate() {
-        let pass = match t.pass() {
-            Some(p) => p.to_string(),
-            None => "null".into(),
-        };
-        let _ = write!(
-            o,
-            "    {{\"workload\": {}, \"target\": {}, \"value\": {}, \"threshold\": {}, \"comparison\": {}, \"unit\": {}, \"pass\": {pass}}}",
-            json_str(t.id),
-            json_str(&t.text),
-            json_num(t.value),
-            json_num(Some(t.threshold)),
-            json_str(if t.at_least { ">=" } else { "<=" }),
-            json_str(t.unit.name())
-        );
-        o.push_str(if i + 1 < rep.targets.len() { ",\n" } else { "\n" });
-    }
-    o.push_str("  ],\n  \"w1_fork_latency_seconds\": [\n");
-    for (i, p) in rep.w1.iter().enumerate() {
-        let _ = write!(
-            o,
-            "    {{\"size_mib\": {}, \"cowarena\": {}, \"kernel_fork\": {}, \"uffd_wp\": {}, \"memcpy\": {}}}",
-            mib(p.size),
-            json_num(Some(p.cowarena)),
-            json_num(Some(p.kernel)),
-            json_num(Some(p.uffd_wp)),
-            json_num(Some(p.memcpy))
-        );
-        o.push_str(if i + 1 < rep.w1.len() { ",\n" } else { "\n" });
-    }
-    o.push_str("  ],\n  \"notes\": [\n");
-    for (i, n) in rep.notes.iter().enumerate() {
-        let _ = write!(o, "    {}", json_str(n));
-        o.push_str(if i + 1 < rep.notes.len() { ",\n" } else { "\n" });
-    }
-    o.push_str("  ]\n}\n");
-    o
+    o.insert(
+        "ratio_orientation".into(),
+        "> 1 means cowarena wins (cowarena/baseline for rates, baseline/cowarena for times and memory)".into(),
+    );
+    let rows = rep.rows.iter().map(|r| {
+        json!({
+            "workload": r.workload,
+            "metric": r.metric,
+            "unit": r.unit.name(),
+            "cowarena": r.cowarena,
+            "baseline": r.baseline_name,
+            "baseline_value": r.baseline,
+            "ratio": r.ratio(),
+        })
+    });
+    o.insert("rows".into(), rows.collect());
+    let targets = rep.targets.iter().map(|t| {
+        json!({
+            "workload": t.id,
+            "target": t.text,
+            "value": t.value,
+            "threshold": t.threshold,
+            "comparison": if t.at_least { ">=" } else { "<=" },
+            "unit": t.unit.name(),
+            "pass": t.pass(),
+        })
+    });
+    o.insert("targets".into(), targets.collect());
+    let w1 = rep.w1.iter().map(|p| {
+        json!({
+            "size_mib": mib(p.size),
+            "cowarena": p.cowarena,
+            "kernel_fork": p.kernel,
+            "uffd_wp": p.uffd_wp,
+            "memcpy": p.memcpy,
+        })
+    });
+    o.insert("w1_fork_latency_seconds".into(), w1.collect());
+    o.insert("notes".into(), rep.notes.iter().map(|n| Value::from(n.as_str())).collect());
+    let mut text = serde_json::to_string_pretty(&Value::Object(o)).expect("a JSON value serialises");
+    text.push('\n');
+    text
 }
 
 fn time_label(s: f64) -> String {

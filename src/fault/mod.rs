@@ -6,6 +6,7 @@
 //! `mremap` (while holding the lock) until the event is read. Page faults are handed to a
 //! *worker* that takes the lock and serves them.
 
+use std::os::fd::AsFd;
 use std::sync::atomic::AtomicI32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -110,8 +111,7 @@ fn this_tid() -> i32 {
     thread_local! { static TID: std::cell::Cell<i32> = const { std::cell::Cell::new(0) }; }
     TID.with(|t| {
         if t.get() == 0 {
-            // SAFETY: gettid has no preconditions.
-            t.set(unsafe { libc::gettid() });
+            t.set(rustix::thread::gettid().as_raw_nonzero().get());
         }
         t.get()
     })
@@ -581,7 +581,7 @@ pub(crate) struct Engine {
 
 impl Engine {
     pub fn start(core: Arc<Core>) -> Result<Engine> {
-        let stop = Arc::new(EventFd::new().map_err(|e| Error::os("eventfd", e))?);
+        let stop = Arc::new(EventFd::new().map_err(|e| Error::open_fd("eventfd", "an eventfd", e))?);
         let (tx, rx) = mpsc::channel::<(u64, u64)>();
         let reader = {
             let (core, stop) = (core.clone(), stop.clone());
@@ -619,7 +619,7 @@ fn reader_loop(core: &Core, stop: &EventFd, tx: mpsc::Sender<(u64, u64)>) {
     let mut refill_pending = false;
     loop {
         let timeout = if refill_pending { 1 } else { -1 };
-        match crate::sys::wake::poll3(core.uffd.raw_fd(), stop.raw_fd(), core.refill.raw_fd(), timeout) {
+        match crate::sys::wake::poll3(core.uffd.as_fd(), stop.as_fd(), core.refill.as_fd(), timeout) {
             Ok((_, true, _)) => return,
             Ok((uffd_ready, false, refill)) => {
                 if refill {

@@ -1,7 +1,13 @@
 //! Anonymous mappings (views, frozen regions), 2 MiB aligned so that `mremap` can move
 //! whole page tables, and the raw byte copies the engine performs on them.
+//!
+//! Every call goes through `rustix`'s raw syscalls, which never read or write `errno`:
+//! some of these run in the SIGBUS handler, under the interrupted code.
 
+use std::ffi::c_void;
 use std::io;
+
+use rustix::mm::{self, Advice, MapFlags, MprotectFlags, MremapFlags, ProtFlags};
 
 /// Bytes per page.
 pub const PAGE: usize = 4096;
@@ -15,12 +21,8 @@ pub struct Mapping {
     len: usize,
 }
 
-fn check(r: libc::c_int) -> io::Result<()> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+fn ptr(addr: usize) -> *mut c_void {
+    addr as *mut c_void
 }
 
 impl Mapping {
@@ -28,38 +30,44 @@ impl Mapping {
     /// memory at a 2 MiB-aligned address, excluded from `fork(2)` (MADV_DONTFORK: a forked
     /// child would otherwise read zeros where the view is unregistered) and from
     /// transparent huge pages.
+    ///
+    /// The mapping is never populated, even under `mlockall(MCL_FUTURE)`: that makes every
+    /// new mapping locked and populated at mmap time, which would fill a view with zero
+    /// pages before it is registered with userfaultfd (its accesses would then never
+    /// fault: silent zeros). So the range is mapped `PROT_NONE` first (populating skips
+    /// inaccessible mappings), unlocked (`munlock` clears `VM_LOCKED`, so that the
+    /// `mprotect` that follows does not populate it either), then made read-write.
     pub fn anon(len: usize) -> io::Result<Mapping> {
-        let padded = len.checked_add(TABLE_SPAN).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        let padded = len.checked_add(TABLE_SPAN).ok_or_else(|| io::Error::from(rustix::io::Errno::NOMEM))?;
         // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases nothing.
         let raw = unsafe {
-            libc::mmap(
+            mm::mmap_anonymous(
                 std::ptr::null_mut(),
                 padded,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
             )
-        };
-        if raw == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let raw = raw as usize;
+        }? as usize;
         let addr = (raw + TABLE_SPAN - 1) & !(TABLE_SPAN - 1);
         let head = addr - raw;
         let tail = padded - head - len;
         // SAFETY: both trimmed pieces lie inside the mapping we just created and own.
         unsafe {
             if head > 0 {
-                libc::munmap(raw as *mut libc::c_void, head);
+                let _ = mm::munmap(ptr(raw), head);
             }
             if tail > 0 {
-                libc::munmap((addr + len) as *mut libc::c_void, tail);
+                let _ = mm::munmap(ptr(addr + len), tail);
             }
         }
         let m = Mapping { addr, len };
-        m.advise(0, len, libc::MADV_DONTFORK)?;
-        m.advise(0, len, libc::MADV_NOHUGEPAGE)?;
+        // SAFETY: the range is this fresh, inaccessible mapping; nothing references it.
+        unsafe {
+            mm::munlock(ptr(addr), len)?;
+            mm::mprotect(ptr(addr), len, MprotectFlags::READ | MprotectFlags::WRITE)?;
+        }
+        m.advise(0, len, Advice::LinuxDontFork)?;
+        m.advise(0, len, Advice::LinuxNoHugepage)?;
         Ok(m)
     }
 
@@ -72,12 +80,12 @@ impl Mapping {
     }
 
     /// madvise a sub-range.
-    pub fn advise(&self, off: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
+    pub fn advise(&self, off: usize, len: usize, advice: Advice) -> io::Result<()> {
         debug_assert!(off + len <= self.len);
         // SAFETY: the range lies inside this mapping; advice values we use do not
         // invalidate Rust references (nobody holds references into views across this call
         // except under the documented view aliasing contract).
-        check(unsafe { libc::madvise((self.addr + off) as *mut libc::c_void, len, advice) })
+        Ok(unsafe { mm::madvise(ptr(self.addr + off), len, advice) }?)
     }
 
     /// Move every page of this mapping to a new 2 MiB-aligned mapping, leaving this one in
@@ -91,28 +99,23 @@ impl Mapping {
         // SAFETY: source is this mapping; destination is a range we reserved and own;
         // MREMAP_FIXED replaces the reservation atomically.
         let r = unsafe {
-            libc::mremap(
-                self.addr as *mut libc::c_void,
-                self.len,
-                self.len,
-                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP,
-                to as *mut libc::c_void,
-            )
+            mm::mremap_fixed(ptr(self.addr), self.len, self.len, MremapFlags::MAYMOVE | MremapFlags::DONTUNMAP, ptr(to))
         };
-        if r == libc::MAP_FAILED {
-            let e = io::Error::last_os_error();
-            // SAFETY: the reservation is still ours.
-            unsafe { libc::munmap(to as *mut libc::c_void, self.len) };
-            return Err(e);
+        match r {
+            Ok(r) => Ok(Mapping { addr: r as usize, len: self.len }),
+            Err(e) => {
+                // SAFETY: the reservation is still ours.
+                let _ = unsafe { mm::munmap(ptr(to), self.len) };
+                Err(e.into())
+            }
         }
-        Ok(Mapping { addr: r as usize, len: self.len })
     }
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: we own the mapping; the engine guarantees no fault is outstanding on it.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+        let _ = unsafe { mm::munmap(ptr(self.addr), self.len) };
     }
 }
 
@@ -139,7 +142,7 @@ pub unsafe fn write_raw(dst: usize, src: &[u8]) {
 /// MADV_DONTNEED a range that the caller owns (pages of a frozen region whose frames died).
 pub fn discard_range(addr: usize, len: usize) -> io::Result<()> {
     // SAFETY: the caller passes pages of a live mapping it owns and nobody reads any more.
-    check(unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) })
+    Ok(unsafe { mm::madvise(ptr(addr), len, Advice::LinuxDontNeed) }?)
 }
 
 /// Make one view page inaccessible so that the access that cannot be served dies loudly
@@ -147,7 +150,7 @@ pub fn discard_range(addr: usize, len: usize) -> io::Result<()> {
 pub fn poison_page(addr: usize) -> io::Result<()> {
     // SAFETY: changes protection of one page of a view we own; no Rust reference is
     // created from it by the library.
-    check(unsafe { libc::mprotect(addr as *mut libc::c_void, PAGE, libc::PROT_NONE) })
+    Ok(unsafe { mm::mprotect(ptr(addr), PAGE, MprotectFlags::empty()) }?)
 }
 
 /// Copy one page from `src` to `dst`.

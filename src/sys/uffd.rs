@@ -2,27 +2,76 @@
 //! the ioctls the fault engine uses. Written against `linux-raw-sys` (no bindgen, no
 //! libclang): see DESIGN.md for why the `userfaultfd` crate is not used.
 
+use std::ffi::c_void;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use linux_raw_sys::general as g;
-use linux_raw_sys::ioctl as i;
+use rustix::io::Errno;
+use rustix::ioctl::{opcode, Ioctl, IoctlOutput, Opcode, Updater};
 
 use crate::error::{Error, UffdBlock};
 
+// Request numbers, computed with the architecture's `_IO`/`_IOWR` encoding (it differs
+// on powerpc, mips, sparc and alpha: never hard-code the x86 values).
+const UFFDIO: u8 = g::UFFDIO as u8;
 /// `_IO(0xAA, 0)`: open a userfaultfd through `/dev/userfaultfd` (Linux 6.1+).
-const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
-/// `UFFDIO_WRITEPROTECT_MODE_WP` (bit 0); not exported by linux-raw-sys 0.12.
-const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+const USERFAULTFD_IOC_NEW: Opcode = opcode::none(UFFDIO, 0);
+/// `_IOWR(UFFDIO, _UFFDIO_API, struct uffdio_api)`.
+const UFFDIO_API: Opcode = opcode::read_write::<g::uffdio_api>(UFFDIO, g::_UFFDIO_API as u8);
+/// `_IOWR(UFFDIO, _UFFDIO_REGISTER, struct uffdio_register)`.
+const UFFDIO_REGISTER: Opcode = opcode::read_write::<g::uffdio_register>(UFFDIO, g::_UFFDIO_REGISTER as u8);
+/// `_IOR(UFFDIO, _UFFDIO_WAKE, struct uffdio_range)`.
+const UFFDIO_WAKE: Opcode = opcode::read::<g::uffdio_range>(UFFDIO, g::_UFFDIO_WAKE as u8);
+/// `_IOWR(UFFDIO, _UFFDIO_COPY, struct uffdio_copy)`.
+const UFFDIO_COPY: Opcode = opcode::read_write::<g::uffdio_copy>(UFFDIO, g::_UFFDIO_COPY as u8);
 /// `_IOWR(UFFDIO, _UFFDIO_MOVE, struct uffdio_move)` (Linux 6.8+); linux-raw-sys 0.12 has
 /// the struct and `_UFFDIO_MOVE` but not the request number.
-const UFFDIO_MOVE: libc::c_ulong = (3 << 30)
-    | ((std::mem::size_of::<g::uffdio_move>() as libc::c_ulong) << 16)
-    | ((g::UFFDIO as libc::c_ulong) << 8)
-    | g::_UFFDIO_MOVE as libc::c_ulong;
+const UFFDIO_MOVE: Opcode = opcode::read_write::<g::uffdio_move>(UFFDIO, g::_UFFDIO_MOVE as u8);
+/// `_IOWR(UFFDIO, _UFFDIO_WRITEPROTECT, struct uffdio_writeprotect)`.
+const UFFDIO_WRITEPROTECT: Opcode = opcode::read_write::<g::uffdio_writeprotect>(UFFDIO, g::_UFFDIO_WRITEPROTECT as u8);
+/// `UFFDIO_WRITEPROTECT_MODE_WP` (bit 0); not exported by linux-raw-sys 0.12.
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+
+/// Issue the userfaultfd ioctl `OP` with its argument struct; never touches `errno` (the
+/// fault path calls this from the SIGBUS handler).
+///
+/// # Safety
+/// `T` must be the argument type the kernel expects for `OP`, and any addresses inside it
+/// must be valid for what that ioctl does with them.
+unsafe fn uffd_ioctl<const OP: Opcode, T>(fd: BorrowedFd<'_>, arg: &mut T) -> io::Result<()> {
+    // SAFETY: forwarded to the caller: `T` is `OP`'s argument type; `arg` is live and
+    // writable for the whole call.
+    unsafe { rustix::ioctl::ioctl(fd, Updater::<OP, T>::new(arg)) }.map_err(io::Error::from)
+}
+
+/// `USERFAULTFD_IOC_NEW` with its flags as the integer argument; returns the new fd.
+struct IocNew(u32);
+
+// SAFETY: USERFAULTFD_IOC_NEW passes its flags by value (no user memory is read or
+// written), and its non-negative return value is a new file descriptor owned by the caller.
+unsafe impl Ioctl for IocNew {
+    type Output = OwnedFd;
+    const IS_MUTATING: bool = false;
+
+    fn opcode(&self) -> Opcode {
+        USERFAULTFD_IOC_NEW
+    }
+
+    fn as_ptr(&mut self) -> *mut c_void {
+        self.0 as usize as *mut c_void
+    }
+
+    unsafe fn output_from_ptr(out: IoctlOutput, _: *mut c_void) -> rustix::io::Result<OwnedFd> {
+        // SAFETY: a successful USERFAULTFD_IOC_NEW returns a fresh fd owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(out as RawFd) })
+    }
+}
 
 /// How this process obtained its userfaultfd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum UffdAccess {
     /// Through `/dev/userfaultfd` (Linux 6.1+): faults from user and kernel mode are served.
     Device,
@@ -92,10 +141,6 @@ pub enum UffdMsg {
     Other(u8),
 }
 
-fn errno() -> io::Error {
-    io::Error::last_os_error()
-}
-
 fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
@@ -110,37 +155,32 @@ pub fn seccomp_filtered() -> bool {
         .unwrap_or(false)
 }
 
-fn raw_open(flags: libc::c_int, user_mode_only: bool) -> io::Result<OwnedFd> {
-    let f = flags | if user_mode_only { g::UFFD_USER_MODE_ONLY as libc::c_int } else { 0 };
-    // SAFETY: userfaultfd(2) takes one int argument and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, f) };
-    if fd < 0 {
-        return Err(errno());
-    }
-    // SAFETY: the kernel just returned this fd to us; nobody else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+/// The flags of every userfaultfd cowarena opens.
+const UFFD_FLAGS: rustix::mm::UserfaultfdFlags =
+    rustix::mm::UserfaultfdFlags::CLOEXEC.union(rustix::mm::UserfaultfdFlags::NONBLOCK);
+
+fn raw_open(flags: rustix::mm::UserfaultfdFlags, user_mode_only: bool) -> io::Result<OwnedFd> {
+    let umo = if user_mode_only { g::UFFD_USER_MODE_ONLY } else { 0 };
+    let flags = flags | rustix::mm::UserfaultfdFlags::from_bits_retain(umo);
+    // SAFETY: userfaultfd(2) creates a new fd; it touches no memory of ours.
+    Ok(unsafe { rustix::mm::userfaultfd(flags) }?)
 }
 
-fn dev_open(flags: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: the path is a NUL-terminated literal; open returns an fd or -1.
-    let dev = unsafe { libc::open(c"/dev/userfaultfd".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if dev < 0 {
-        return Err(errno());
-    }
-    // SAFETY: `dev` is our fd; wrapping it closes it when this function returns.
-    let dev = unsafe { OwnedFd::from_raw_fd(dev) };
-    // SAFETY: USERFAULTFD_IOC_NEW takes the new fd's flags as its argument.
-    let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags) };
-    if fd < 0 {
-        return Err(errno());
-    }
-    // SAFETY: the ioctl returned a fresh userfaultfd owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+fn dev_open(flags: rustix::mm::UserfaultfdFlags) -> io::Result<OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    let dev = rustix::fs::open("/dev/userfaultfd", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())?;
+    // SAFETY: USERFAULTFD_IOC_NEW on /dev/userfaultfd takes the new fd's flags by value.
+    Ok(unsafe { rustix::ioctl::ioctl(&dev, IocNew(flags.bits())) }?)
+}
+
+/// Is this the error of a process (EMFILE) or system (ENFILE) out of file descriptors?
+pub fn out_of_fds(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// Open a userfaultfd fd with the most capable access available, without the handshake.
 fn open_fd() -> Result<(OwnedFd, UffdAccess), Error> {
-    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    let flags = UFFD_FLAGS;
     let dev = dev_open(flags);
     if let Ok(fd) = dev {
         return Ok((fd, UffdAccess::Device));
@@ -156,6 +196,11 @@ fn open_fd() -> Result<(OwnedFd, UffdAccess), Error> {
     let full_err = full.unwrap_err();
     let umo_err = umo.unwrap_err();
     let dev_err = dev.unwrap_err();
+    // Out of descriptors is no permission problem (root meets it too): say so.
+    if let Some(e) = [&dev_err, &full_err, &umo_err].into_iter().find(|e| out_of_fds(e)) {
+        let source = io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EMFILE));
+        return Err(Error::TooManyOpenFiles { what: "a userfaultfd", source });
+    }
     let cause = match umo_err.raw_os_error() {
         Some(libc::ENOSYS) => UffdBlock::NoKernelSupport,
         // User-mode-only is allowed to everyone since 5.11 unless something filters it.
@@ -197,18 +242,24 @@ impl Uffd {
         self.features
     }
 
-    pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-
     /// Register `[start, start+len)` for MISSING and WP faults.
     pub fn register(&self, start: usize, len: usize) -> io::Result<()> {
+        self.register_modes(start, len, true, true)
+    }
+
+    /// Register `[start, start+len)` for MISSING faults (`missing`) and/or write-protect
+    /// faults (`wp`); the engine always takes both ([`Uffd::register`]).
+    pub fn register_modes(&self, start: usize, len: usize, missing: bool, wp: bool) -> io::Result<()> {
+        let mode =
+            if missing { g::UFFDIO_REGISTER_MODE_MISSING } else { 0 } | if wp { g::UFFDIO_REGISTER_MODE_WP } else { 0 };
         let mut r = g::uffdio_register {
             range: g::uffdio_range { start: start as u64, len: len as u64 },
-            mode: (g::UFFDIO_REGISTER_MODE_MISSING | g::UFFDIO_REGISTER_MODE_WP) as u64,
+            mode: mode as u64,
             ioctls: 0,
         };
-        self.ioctl(i::UFFDIO_REGISTER as _, &mut r as *mut _ as *mut libc::c_void)
+        // SAFETY: UFFDIO_REGISTER takes a `struct uffdio_register`; registering a range
+        // touches no Rust memory.
+        unsafe { uffd_ioctl::<UFFDIO_REGISTER, _>(self.fd.as_fd(), &mut r) }
     }
 
     /// UFFDIO_COPY `len` bytes from `src` to `dst`, retried until complete. EAGAIN (a
@@ -226,7 +277,9 @@ impl Uffd {
                 mode: if wp { g::UFFDIO_COPY_MODE_WP as u64 } else { 0 },
                 copy: 0,
             };
-            let r = self.ioctl(i::UFFDIO_COPY as _, &mut c as *mut _ as *mut libc::c_void);
+            // SAFETY: UFFDIO_COPY takes a `struct uffdio_copy`; the caller guarantees `src`
+            // is readable; `dst` lies in a range registered with this userfaultfd.
+            let r = unsafe { uffd_ioctl::<UFFDIO_COPY, _>(self.fd.as_fd(), &mut c) };
             (c.copy, r)
         });
         match r {
@@ -256,7 +309,9 @@ impl Uffd {
                 mode: 0,
                 move_: 0,
             };
-            let r = self.ioctl(UFFDIO_MOVE, &mut m as *mut _ as *mut libc::c_void);
+            // SAFETY: UFFDIO_MOVE takes a `struct uffdio_move`; the caller guarantees both
+            // ranges are as the kernel needs them and that nobody uses `src`'s bytes.
+            let r = unsafe { uffd_ioctl::<UFFDIO_MOVE, _>(self.fd.as_fd(), &mut m) };
             (m.move_, r)
         })
     }
@@ -270,7 +325,9 @@ impl Uffd {
         loop {
             let r = match super::inject::hit(super::inject::Point::UffdWriteprotect) {
                 Some(errno) => Err(io::Error::from_raw_os_error(errno)),
-                None => self.ioctl(i::UFFDIO_WRITEPROTECT as _, &mut w as *mut _ as *mut libc::c_void),
+                // SAFETY: UFFDIO_WRITEPROTECT takes a `struct uffdio_writeprotect`; changing
+                // protection invalidates no Rust reference.
+                None => unsafe { uffd_ioctl::<UFFDIO_WRITEPROTECT, _>(self.fd.as_fd(), &mut w) },
             };
             match r {
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => std::thread::yield_now(),
@@ -282,21 +339,25 @@ impl Uffd {
     /// Wake threads waiting on faults in `[start, start+len)`.
     pub fn wake(&self, start: usize, len: usize) -> io::Result<()> {
         let mut r = g::uffdio_range { start: start as u64, len: len as u64 };
-        self.ioctl(i::UFFDIO_WAKE as _, &mut r as *mut _ as *mut libc::c_void)
+        // SAFETY: UFFDIO_WAKE takes a `struct uffdio_range`.
+        unsafe { uffd_ioctl::<UFFDIO_WAKE, _>(self.fd.as_fd(), &mut r) }
     }
 
     /// Read pending messages without blocking; returns how many were decoded into `out`.
     pub fn read_msgs(&self, out: &mut Vec<UffdMsg>) -> io::Result<usize> {
         const N: usize = 64;
-        let mut buf = [std::mem::MaybeUninit::<g::uffd_msg>::uninit(); N];
-        // SAFETY: `buf` is writable for N messages; read(2) writes whole messages only.
-        let n =
-            unsafe { libc::read(self.raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, std::mem::size_of_val(&buf)) };
-        if n < 0 {
-            let e = errno();
-            return if e.raw_os_error() == Some(libc::EAGAIN) { Ok(0) } else { Err(e) };
-        }
-        let count = n as usize / std::mem::size_of::<g::uffd_msg>();
+        let mut buf = [MaybeUninit::<g::uffd_msg>::uninit(); N];
+        // SAFETY: the same memory seen as its bytes; any byte may be uninitialised there.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<MaybeUninit<u8>>(), std::mem::size_of_val(&buf))
+        };
+        // read(2) on a userfaultfd writes whole messages only.
+        let n = match rustix::io::read(&self.fd, bytes) {
+            Ok((init, _)) => init.len(),
+            Err(Errno::AGAIN) => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        let count = n / std::mem::size_of::<g::uffd_msg>();
         for m in &buf[..count] {
             // SAFETY: the kernel initialised the first `count` messages.
             let m = unsafe { m.assume_init() };
@@ -317,16 +378,6 @@ impl Uffd {
             out.push(msg);
         }
         Ok(count)
-    }
-
-    fn ioctl(&self, req: libc::c_ulong, arg: *mut libc::c_void) -> io::Result<()> {
-        // SAFETY: every caller passes a request number with the matching, live argument struct.
-        let r = unsafe { libc::ioctl(self.raw_fd(), req as _, arg) };
-        if r < 0 {
-            Err(errno())
-        } else {
-            Ok(())
-        }
     }
 }
 
@@ -359,11 +410,35 @@ fn until_done(
 
 fn api(fd: &OwnedFd, features: u64) -> io::Result<g::uffdio_api> {
     let mut a = g::uffdio_api { api: g::UFFD_API as u64, features, ioctls: 0 };
-    // SAFETY: UFFDIO_API takes a live `struct uffdio_api`.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), i::UFFDIO_API as _, &mut a as *mut g::uffdio_api) };
-    if r < 0 {
-        Err(errno())
-    } else {
-        Ok(a)
+    // SAFETY: UFFDIO_API takes a `struct uffdio_api`.
+    unsafe { uffd_ioctl::<UFFDIO_API, _>(fd.as_fd(), &mut a) }?;
+    Ok(a)
+}
+
+impl AsFd for Uffd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The computed request numbers agree with the ones linux-raw-sys generated from this
+    /// architecture's headers, and with the `_IO(0xAA, 0)` encoding of the device ioctl.
+    #[test]
+    fn request_numbers() {
+        use linux_raw_sys::ioctl as i;
+        assert_eq!(UFFDIO_API as u64, i::UFFDIO_API as u64);
+        assert_eq!(UFFDIO_REGISTER as u64, i::UFFDIO_REGISTER as u64);
+        assert_eq!(UFFDIO_WAKE as u64, i::UFFDIO_WAKE as u64);
+        assert_eq!(UFFDIO_COPY as u64, i::UFFDIO_COPY as u64);
+        assert_eq!(UFFDIO_WRITEPROTECT as u64, i::UFFDIO_WRITEPROTECT as u64);
+        #[cfg(any(target_arch = "x86_64", target_arch = "x86", target_arch = "aarch64", target_arch = "riscv64"))]
+        {
+            assert_eq!(USERFAULTFD_IOC_NEW as u64, 0xAA00);
+            assert_eq!(UFFDIO_MOVE as u64, 0xc028_aa05);
+        }
     }
 }
