@@ -117,7 +117,7 @@ impl Space {
         self.base as *const u8
     }
 
-    /// Start of the view, for concurrent writers (see the aliasing contract above).
+    /// Start of the view, for concurrent writers (see the soundness contract above).
     pub fn as_mut_ptr(&self) -> *mut u8 {
         self.base as *mut u8
     }
@@ -127,7 +127,7 @@ impl Space {
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: the view is a live mapping of at least `len` bytes owned by this space
         // until it drops; concurrent raw-pointer writers are covered by the documented
-        // aliasing contract.
+        // soundness contract.
         unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len) }
     }
 

@@ -84,7 +84,7 @@ impl Mapping {
         debug_assert!(off + len <= self.len);
         // SAFETY: the range lies inside this mapping; advice values we use do not
         // invalidate Rust references (nobody holds references into views across this call
-        // except under the documented view aliasing contract).
+        // except under the documented view soundness contract).
         Ok(unsafe { mm::madvise(ptr(self.addr + off), len, advice) }?)
     }
 
