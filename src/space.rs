@@ -32,15 +32,12 @@ pub enum ForkStrategy {
 /// shares this one's page tables until a write breaks them.
 ///
 /// # Soundness contract
-/// The bytes of a view change only through `&mut Space` — [`Space::as_mut_slice`],
-/// [`Space::write`], [`Space::discard`], [`Space::reset_to`] — so a `&[u8]` from
-/// [`Space::as_slice`] never sees them change (memmap2's `MmapMut` rule). Every `&self`
-/// method keeps the bytes as they are (a fork, `clean`, `migrate` or aging may unmap and
-/// re-fault pages, with the same contents). Threads that write one space concurrently use
-/// [`Space::as_mut_ptr`]; raw-pointer stores are the caller's `unsafe` and must not overlap
-/// a live reference. A fork taken while other threads store through raw pointers captures
-/// each page before or after each store, as `fork(2)` does. The borrow checker rejects
-/// the mistakes this rules out:
+/// A view's bytes change only through `&mut Space` ([`Space::as_mut_slice`],
+/// [`Space::write`], [`Space::discard`], [`Space::reset_to`]); `&self` methods (fork,
+/// `clean`, `migrate`, aging) may unmap and re-fault pages but never change their bytes. So
+/// a `&[u8]` from [`Space::as_slice`] is sound for as long as it lives. Concurrent writers
+/// use [`Space::as_mut_ptr`] or [`Space::write_unchecked`] and promise, as `unsafe` code,
+/// not to overlap a live reference. The borrow checker rejects the rest:
 ///
 /// ```compile_fail,E0502
 /// # fn main() -> Result<(), cowarena::Error> {
@@ -155,6 +152,8 @@ impl Space {
     /// Fork: a new space with this one's contents. Shares every page table and copies no
     /// page data; when pages were written since the last fork, the view is first frozen
     /// (its pages move to a frozen region in O(page tables)) and re-faulted on demand.
+    /// A fork taken while other threads store through raw pointers captures each page
+    /// before or after each concurrent store, as `fork(2)` does.
     ///
     /// ```
     /// # fn main() -> Result<(), cowarena::Error> {
