@@ -61,6 +61,7 @@ pub struct ArenaBuilder {
     max_memory: Option<u64>,
     fault_mode: Option<FaultMode>,
     no_move: bool,
+    no_dense_fill: bool,
 }
 
 impl ArenaBuilder {
@@ -99,6 +100,19 @@ impl ArenaBuilder {
         self
     }
 
+    /// Whether a read fault in a 2 MiB table where the view already maps at least 4 pages
+    /// maps the rest of that table read-only at once (one `UFFDIO_COPY` per contiguous
+    /// run, ~1.2 µs per page instead of a ~6 µs fault each), as the kernel's fault-around
+    /// and THP heuristics bet on density. It never dirties, copies-on-write or breaks
+    /// anything (the pages are mapped as read faults would map them, ACCESSED included),
+    /// and it stops at the memory limit. Memory bound: at most the whole view — one table
+    /// (2 MiB) more per table in which 4 pages were touched. Default: on; off for sparse
+    /// readers that care about RSS more than fault cost.
+    pub fn dense_read_fill(mut self, on: bool) -> Self {
+        self.no_dense_fill = !on;
+        self
+    }
+
     /// Open userfaultfd (the most capable access available), negotiate features and start
     /// the fault engine.
     ///
@@ -132,6 +146,7 @@ impl ArenaBuilder {
             refill: crate::sys::wake::EventFd::new().map_err(|e| Error::open_fd("eventfd", "an eventfd", e))?,
             owner: std::sync::atomic::AtomicI32::new(0),
             pid: crate::sys::process::pid(),
+            dense_fill: !self.no_dense_fill,
         });
         drop(core.lock()); // preallocate the fault path's headroom
         let engine = Engine::start(core.clone())?;
@@ -232,6 +247,8 @@ impl Arena {
                 write_reuse: c.faults_write_reuse,
                 spurious: c.faults_spurious,
                 around: c.faults_around,
+                dense_fills: c.dense_fills,
+                filled: c.pages_filled,
                 failed: self.inner.core.faults_failed.load(Ordering::Relaxed),
             },
             tables_shared: c.tables_shared,
@@ -350,9 +367,14 @@ pub struct FaultStats {
     pub write_reuse: u64,
     /// Faults found already served (another thread faulted the same page).
     pub spurious: u64,
-    /// Pages offered to fault-around after sequential faults (each served page is also
-    /// counted under its kind above).
+    /// Pages offered to fault-around after sequential read faults (each served page is
+    /// also counted under its kind above).
     pub around: u64,
+    /// Dense read fills ([`ArenaBuilder::dense_read_fill`]): tables whose missing pages
+    /// were mapped read-only at once.
+    pub dense_fills: u64,
+    /// Pages mapped by dense read fills (also counted as `read_zero`/`read_copy`).
+    pub filled: u64,
     /// Faults that could not be served and were turned into SIGSEGV for the faulting thread.
     pub failed: u64,
 }

@@ -79,6 +79,9 @@ pub(crate) struct Core {
     pub owner: AtomicI32,
     /// The process that created the arena (see `crate::sys::process`).
     pub pid: i32,
+    /// Map the rest of a 2 MiB table read-only once reads in it are dense (see
+    /// `ArenaBuilder::dense_read_fill`).
+    pub dense_fill: bool,
 }
 
 /// The arena lock, held; records its owner thread for the self-deadlock check.
@@ -412,48 +415,88 @@ impl Core {
     pub fn fault_in_around(&self, mm: &mut Mm<Mapping>, sp: SpaceId, page: usize, write: bool) -> Result<FaultKind> {
         let kind = self.fault_in(mm, sp, page, write)?;
         let ahead = mm.fault_around(sp, page);
-        if write || ahead.is_empty() || !mm.has_headroom_for(FAULT_AROUND_MAX + 2) {
+        if write || !mm.has_headroom_for(FAULT_AROUND_MAX + 2) {
             return Ok(kind);
         }
-        // Decide the run of pages ahead (stopping at the first one already mapped), then
-        // perform it in as few ioctls as the sources allow, committing what succeeded.
-        let mut rs: [Option<Resolution>; FAULT_AROUND_MAX] = [None; FAULT_AROUND_MAX];
-        let limited = self.limited();
-        let (mut n, mut resident) = (0, if limited { mm.resident_pages() as u64 } else { 0 });
-        for q in ahead {
-            if mm.is_present(sp, q) {
-                break;
-            }
-            let r = mm.resolve_fault(sp, q, false);
-            if r.action == Action::Wake {
-                break;
-            }
-            if limited && r.adds_resident() {
-                resident += 1;
-                if resident * PAGE_SIZE as u64 > self.max_memory {
-                    break;
-                }
-            }
-            rs[n] = Some(r);
-            n += 1;
-        }
-        let mut i = 0;
-        while i < n {
-            let Some(first) = rs[i] else { break };
-            let mut j = i + 1;
-            while j < n && rs[j].is_some_and(|r| continues(first.action, r.action, j - i)) {
-                j += 1;
-            }
-            let Ok(moved) = self.exec_run(first.action, j - i) else {
-                break; // the faulting page was served; the rest will fault on their own
-            };
-            for (k, r) in rs[i..j].iter().flatten().enumerate() {
-                mm.commit(if k < moved { *r } else { r.fell_back() });
-            }
-            i = j;
+        if self.dense_fill && mm.dense_in_table(sp, page) {
+            // Dense reads in this 2 MiB table: map the rest of it read-only now.
+            let (lo, hi) = mm.table_pages(sp, page);
+            let filled = self.map_read_only(mm, sp, lo..hi, true);
+            mm.counters.dense_fills += 1;
+            mm.counters.pages_filled += filled as u64;
+        } else if !ahead.is_empty() {
+            self.map_read_only(mm, sp, ahead, false);
         }
         self.reclaim(mm);
         Ok(kind)
+    }
+
+    /// Map `pages` of `sp` read-only, as read faults would, in as few ioctls as the sources
+    /// allow (windows of up to [`FAULT_AROUND_MAX`] pages, one `UFFDIO_COPY` per
+    /// contiguous run), committing what succeeded. A page already mapped ends the run
+    /// (`skip_present`: is skipped); so does the memory limit or a failing ioctl (the pages
+    /// left will fault on their own). Allocation-free. Returns the pages mapped.
+    fn map_read_only(
+        &self,
+        mm: &mut Mm<Mapping>,
+        sp: SpaceId,
+        pages: std::ops::Range<usize>,
+        skip_present: bool,
+    ) -> usize {
+        let limited = self.limited();
+        let mut resident = if limited { mm.resident_pages() as u64 } else { 0 };
+        let mut mapped = 0;
+        let mut pages = pages.peekable();
+        while pages.peek().is_some() {
+            // Decide one window, then perform it.
+            let mut rs: [Option<Resolution>; FAULT_AROUND_MAX] = [None; FAULT_AROUND_MAX];
+            let mut n = 0;
+            let mut stop = false;
+            while n < FAULT_AROUND_MAX {
+                let Some(q) = pages.next() else { break };
+                if mm.is_present(sp, q) {
+                    if skip_present {
+                        continue;
+                    }
+                    stop = true;
+                    break;
+                }
+                let r = mm.resolve_fault(sp, q, false);
+                if r.action == Action::Wake {
+                    stop = true;
+                    break;
+                }
+                if limited && r.adds_resident() {
+                    resident += 1;
+                    if resident * PAGE_SIZE as u64 > self.max_memory {
+                        stop = true;
+                        break;
+                    }
+                }
+                rs[n] = Some(r);
+                n += 1;
+            }
+            let mut i = 0;
+            while i < n {
+                let Some(first) = rs[i] else { break };
+                let mut j = i + 1;
+                while j < n && rs[j].is_some_and(|r| continues(first.action, r.action, j - i)) {
+                    j += 1;
+                }
+                let Ok(moved) = self.exec_run(first.action, j - i) else {
+                    return mapped; // the faulting page was served; the rest fault on their own
+                };
+                for (k, r) in rs[i..j].iter().flatten().enumerate() {
+                    mm.commit(if k < moved { *r } else { r.fell_back() });
+                }
+                mapped += j - i;
+                i = j;
+            }
+            if stop {
+                break;
+            }
+        }
+        mapped
     }
 
     /// [`Core::fault_in`] for API calls: a panic inside the fault path becomes

@@ -75,6 +75,29 @@ impl Bits {
         self.ones = 0;
     }
 
+    /// Bits set in `[start, end)`, where the range lies within one 512-bit chunk (a table's
+    /// pages): at most 8 popcounts.
+    pub fn count_range(&self, start: usize, end: usize) -> usize {
+        debug_assert!(start <= end && (end == start || (end - 1) / CHUNK_BITS == start / CHUNK_BITS));
+        let Some(c) = self.chunks.get(start / CHUNK_BITS).and_then(|c| c.as_ref()) else { return 0 };
+        let (lo, hi) = (start % CHUNK_BITS, (end - 1) % CHUNK_BITS + 1);
+        if end == start {
+            return 0;
+        }
+        (lo / 64..hi.div_ceil(64))
+            .map(|wi| {
+                let mut w = c[wi];
+                if wi == lo / 64 {
+                    w &= u64::MAX << (lo % 64);
+                }
+                if wi == (hi - 1) / 64 && hi % 64 != 0 {
+                    w &= (1u64 << (hi % 64)) - 1;
+                }
+                w.count_ones() as usize
+            })
+            .sum()
+    }
+
     /// Bits set, in O(1).
     pub fn count(&self) -> usize {
         debug_assert_eq!(
@@ -150,6 +173,12 @@ mod tests {
         c.set(64);
         assert_eq!(a.runs_and_not(&c)[..3], [(1, 4), (63, 64), (65, 66)]);
         assert_eq!(a.count(), 10);
+        assert_eq!(a.count_range(0, 512), 8);
+        assert_eq!(a.count_range(2, 64), 3);
+        assert_eq!(a.count_range(63, 66), 3);
+        assert_eq!(a.count_range(512, 1024), 1);
+        assert_eq!(a.count_range(1024, 1536), 1);
+        assert_eq!(a.count_range(5, 5), 0);
         assert_eq!(a.ones(60, 600).collect::<Vec<_>>(), vec![63, 64, 65, 130, 511, 512]);
         a.clear(512);
         assert!(!a.get(512) && a.get(511) && !a.get(1000));

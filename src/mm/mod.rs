@@ -284,6 +284,10 @@ pub struct MmCounters {
     /// Pages taken into a view by UFFDIO_MOVE instead of copied (write faults on exclusive
     /// frames homed elsewhere).
     pub pages_moved: u64,
+    /// Dense read fills: tables whose rest was mapped read-only at once, and the pages so
+    /// mapped.
+    pub dense_fills: u64,
+    pub pages_filled: u64,
     /// Aging: `clear_referenced` operations, entries whose ACCESSED bit they cleared, and
     /// view pages zapped or write-protected to re-arm detection.
     pub aging_clears: u64,
@@ -503,6 +507,27 @@ impl<B> Mm<B> {
         s.last_fault = Some(end - 1);
         self.counters.faults_around += (end - page - 1) as u64;
         page + 1..end
+    }
+
+    /// Reads of a table count as dense once this many of its pages are mapped in the view
+    /// (the faulting one included): [`Mm::dense_in_table`].
+    pub const DENSE_FILL_PAGES: usize = 4;
+
+    /// Is the 2 MiB table of `page` densely used by `sp`'s view — at least
+    /// [`Mm::DENSE_FILL_PAGES`] of its pages mapped, but not all — so that mapping the rest
+    /// read-only at once is likely to save faults (as the kernel's fault-around and THP
+    /// heuristics bet)? One popcount of the table's bitmap chunk.
+    pub fn dense_in_table(&self, sp: SpaceId, page: usize) -> bool {
+        let s = self.space(sp);
+        let (lo, hi) = self.table_pages(sp, page);
+        let n = s.vs.present.count_range(lo, hi);
+        n >= Self::DENSE_FILL_PAGES && n < hi - lo
+    }
+
+    /// The pages `[lo, hi)` of `sp` that the 2 MiB table of `page` covers.
+    pub fn table_pages(&self, sp: SpaceId, page: usize) -> (usize, usize) {
+        let lo = page / PTRS_PER_PTE * PTRS_PER_PTE;
+        (lo, (lo + PTRS_PER_PTE).min(self.space(sp).pages))
     }
 
     /// Is `page` of `sp` mapped in its view (read-only or writable)?
