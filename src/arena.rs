@@ -120,6 +120,7 @@ impl ArenaBuilder {
             mode,
             refill: crate::sys::wake::EventFd::new().map_err(|e| Error::os("eventfd", e))?,
             owner: std::sync::atomic::AtomicI32::new(0),
+            sig: Default::default(),
         });
         drop(core.lock()); // preallocate the fault path's headroom
         let engine = Engine::start(core.clone())?;

@@ -6,8 +6,7 @@
 //! `mremap` (while holding the lock) until the event is read. Page faults are handed to a
 //! *worker* that takes the lock and serves them.
 
-use std::sync::atomic::AtomicI32;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -59,12 +58,44 @@ pub(crate) struct Core {
     /// Thread id of the lock holder (0: none): a fault taken while the faulting thread
     /// itself holds the lock would spin forever; the handler checks and dies loudly instead.
     pub owner: AtomicI32,
+    /// What the signal handler reads without the lock: the view ranges and the outcome of
+    /// the last headroom refills.
+    pub sig: SignalState,
 }
 
-/// The arena lock, held; records its owner thread for the self-deadlock check.
+/// State the SIGBUS handler reads without taking the arena lock (atomics only).
+pub(crate) struct SignalState {
+    /// This arena's view ranges, so the handler finds the owner of an address without
+    /// taking any arena's lock (see [`registry::RangeIndex`]).
+    pub index: registry::RangeIndex,
+    /// [`Mm::views_gen`] of the published index (`u64::MAX`: publish at the next unlock).
+    /// Only touched under the lock.
+    published_gen: AtomicU64,
+    /// errno of the last failed headroom refill (0: the last refill succeeded).
+    pub refill_errno: AtomicI32,
+    /// Whether that failure was an allocation (1) rather than an `mmap` (0).
+    pub refill_alloc: AtomicBool,
+    /// Failed refills so far: a handler waiting for headroom gives up after a few.
+    pub refill_failures: AtomicU32,
+}
+
+impl Default for SignalState {
+    fn default() -> Self {
+        SignalState {
+            index: registry::RangeIndex::new(),
+            published_gen: AtomicU64::new(u64::MAX),
+            refill_errno: AtomicI32::new(0),
+            refill_alloc: AtomicBool::new(false),
+            refill_failures: AtomicU32::new(0),
+        }
+    }
+}
+
+/// The arena lock, held; records its owner thread for the self-deadlock check, and
+/// republishes the view index on unlock when views were added or removed.
 pub(crate) struct MmGuard<'a> {
     guard: MutexGuard<'a, Mm<Mapping>>,
-    owner: &'a AtomicI32,
+    core: &'a Core,
 }
 
 impl std::ops::Deref for MmGuard<'_> {
@@ -82,7 +113,20 @@ impl std::ops::DerefMut for MmGuard<'_> {
 
 impl Drop for MmGuard<'_> {
     fn drop(&mut self) {
-        self.owner.store(0, Ordering::Release);
+        // Still under the lock (the MutexGuard field drops after this body): writers of the
+        // index are serialised. Views never change in the fault path, so the signal handler
+        // never gets past the comparison (publishing allocates).
+        let gen = self.guard.views_gen();
+        let sig = &self.core.sig;
+        if sig.published_gen.load(Ordering::Relaxed) != gen {
+            let ranges = self.guard.view_ranges();
+            // No array (allocation failed): lookups answer "unknown" and the handler falls
+            // back to asking under the lock; retry at the next unlock.
+            let next = if ranges.is_some() { gen } else { u64::MAX };
+            sig.index.publish(ranges);
+            sig.published_gen.store(next, Ordering::Relaxed);
+        }
+        self.core.owner.store(0, Ordering::Release);
     }
 }
 
@@ -101,7 +145,7 @@ fn this_tid() -> i32 {
 impl Core {
     fn guard<'a>(&'a self, guard: MutexGuard<'a, Mm<Mapping>>) -> MmGuard<'a> {
         self.owner.store(this_tid(), Ordering::Release);
-        MmGuard { guard, owner: &self.owner }
+        MmGuard { guard, core: self }
     }
 
     /// [`Core::lock`] if the lock is free right now (refilling the headroom as `lock`
@@ -113,8 +157,7 @@ impl Core {
             Err(std::sync::TryLockError::WouldBlock) => return None,
         };
         let mut mm = self.guard(g);
-        mm.reserve_headroom();
-        let _ = self.ensure_pool(&mut mm, 0);
+        let _ = self.refill(&mut mm);
         Some(mm)
     }
 
@@ -123,10 +166,64 @@ impl Core {
         // stay served (a closed uffd would turn them into zero pages), so keep going with
         // the state as it is and report the poisoning through `faults_failed`.
         let mut mm = self.guard(self.mm.lock().unwrap_or_else(|p| p.into_inner()));
-        mm.reserve_headroom();
-        // A failed refill only shrinks headroom: faults then wait for the next refill.
-        let _ = self.ensure_pool(&mut mm, 0);
+        // A failed refill only shrinks headroom: it is recorded, faults that find no
+        // headroom fail with its reason (see `refill_error`).
+        let _ = self.refill(&mut mm);
         mm
+    }
+
+    /// Refill the fault path's headroom (preallocated bookkeeping and pool slots) and
+    /// record the outcome where the signal handler can read it.
+    fn refill(&self, mm: &mut Mm<Mapping>) -> Result<()> {
+        let r = match mm.reserve_headroom() {
+            Err(_) => Err((true, libc::ENOMEM)),
+            Ok(()) => self.ensure_pool(mm, 0).map_err(|e| match e {
+                Error::Os { source, .. } => (false, source.raw_os_error().unwrap_or(libc::ENOMEM)),
+                _ => (false, libc::ENOMEM),
+            }),
+        };
+        let sig = &self.sig;
+        match r {
+            Ok(()) => {
+                if sig.refill_errno.load(Ordering::Relaxed) != 0 {
+                    sig.refill_errno.store(0, Ordering::Release);
+                }
+                Ok(())
+            }
+            Err((alloc, errno)) => {
+                sig.refill_alloc.store(alloc, Ordering::Relaxed);
+                sig.refill_errno.store(errno, Ordering::Release);
+                sig.refill_failures.fetch_add(1, Ordering::AcqRel);
+                Err(self
+                    .refill_error()
+                    .unwrap_or_else(|| Error::os("mmap pool", std::io::Error::from_raw_os_error(errno))))
+            }
+        }
+    }
+
+    /// The error of the last failed refill, if the last refill failed.
+    fn refill_error(&self) -> Option<Error> {
+        let errno = self.sig.refill_errno.load(Ordering::Acquire);
+        if errno == 0 {
+            return None;
+        }
+        let op =
+            if self.sig.refill_alloc.load(Ordering::Relaxed) { "allocate fault-path bookkeeping" } else { "mmap pool" };
+        Some(Error::os(op, std::io::Error::from_raw_os_error(errno)))
+    }
+
+    /// Make sure one more fault can be served without allocating (API paths, thread
+    /// mode): refill when short; the typed reason when the refill fails.
+    fn ensure_headroom(&self, mm: &mut Mm<Mapping>) -> Result<()> {
+        if mm.has_headroom() {
+            return Ok(());
+        }
+        self.refill(mm)?;
+        if mm.has_headroom() {
+            Ok(())
+        } else {
+            Err(Error::os("mmap pool", std::io::Error::from_raw_os_error(libc::ENOMEM)))
+        }
     }
 
     /// Keep the pool (homes for frames evacuated from views) stocked with at least
@@ -200,7 +297,8 @@ impl Core {
     /// Library code never faults on a view while holding the lock, so the holder is always
     /// another thread that will release it.
     /// Returns `None` when this very thread holds the lock (a fault inside a locked
-    /// section: a library bug), which would otherwise spin forever.
+    /// section: a user callback — tracing subscriber, allocator hook — touching view memory
+    /// of this arena during a cowarena call), which would otherwise spin forever.
     pub fn lock_spin(&self) -> Option<MmGuard<'_>> {
         let me = this_tid();
         loop {
@@ -365,7 +463,10 @@ impl Core {
     /// [`Core::fault_in`] for API calls: a panic inside the fault path becomes
     /// [`Error::Internal`] for the caller instead of unwinding through user code with the
     /// arena lock poisoned.
+    /// Refills the headroom first when it is short (the fault path may not allocate), and
+    /// fails with the refill's reason when memory cannot be had.
     pub fn fault_in_api(&self, mm: &mut Mm<Mapping>, sp: SpaceId, page: usize, write: bool) -> Result<FaultKind> {
+        self.ensure_headroom(mm)?;
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.fault_in(mm, sp, page, write)))
             .unwrap_or_else(|p| Err(Error::Internal(panic_message(&p))))
     }
@@ -416,17 +517,18 @@ impl Core {
             let _ = self.uffd.wake(addr, PAGE_SIZE);
             return;
         };
-        match self.fault_in_around(&mut mm, sp, page, write) {
+        // `lock` refilled the headroom; if it is still short, memory cannot be had.
+        let served = self.ensure_headroom(&mut mm).and_then(|()| self.fault_in_around(&mut mm, sp, page, write));
+        // No tracing event under the lock: a subscriber may touch view memory.
+        drop(mm);
+        match served {
             Ok(kind) => {
-                tracing::trace!(space = sp.0, page, ?kind, "fault served");
                 if kind == FaultKind::Spurious {
                     let _ = self.uffd.wake(addr, PAGE_SIZE);
                 }
+                tracing::trace!(space = sp.0, page, ?kind, "fault served");
             }
-            Err(e) => {
-                drop(mm);
-                self.fail_loudly(addr, &e);
-            }
+            Err(e) => self.fail_loudly(addr, &e),
         }
     }
 
