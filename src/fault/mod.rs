@@ -505,11 +505,44 @@ impl Core {
         );
     }
 
+    /// Take the lock to serve a fault of thread `tid` (0: unknown, the kernel did not
+    /// report it). `None` when `tid` itself holds the lock: it faulted inside a locked
+    /// section (a user callback touching this arena's view memory during a cowarena call)
+    /// and waits for us — blocking would deadlock both.
+    fn lock_for(&self, tid: u32) -> Option<MmGuard<'_>> {
+        if tid == 0 {
+            return Some(self.lock());
+        }
+        let mut spins = 0u32;
+        loop {
+            if let Some(g) = self.try_lock() {
+                return Some(g);
+            }
+            if self.owner.load(Ordering::Acquire) == tid as i32 {
+                return None;
+            }
+            // Busy with another thread's (possibly long) operation: spin briefly, then nap.
+            spins += 1;
+            if spins < 64 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
+        }
+    }
+
     /// Serve one fault message from the userfaultfd.
-    fn serve(&self, address: u64, flags: u64) {
+    fn serve(&self, address: u64, flags: u64, tid: u32) {
         let addr = address as usize & !(PAGE_SIZE - 1);
         let write = flags & (uffd::PAGEFAULT_FLAG_WRITE | uffd::PAGEFAULT_FLAG_WP) != 0;
-        let mut mm = self.lock();
+        let Some(mut mm) = self.lock_for(tid) else {
+            self.fail_loudly(
+                addr,
+                &"a fault on a view of this arena while the faulting thread holds its lock: a tracing \
+                  subscriber or allocator callback touched view memory during a cowarena call",
+            );
+            return;
+        };
         let Some((sp, page)) = mm.space_at(addr) else {
             // The view is gone (its space was dropped while a thread touched it): waking
             // makes the thread retry against an unmapped range and take SIGSEGV.
@@ -534,12 +567,15 @@ impl Core {
 
     /// A fault we cannot serve must never yield a zero page: make the page inaccessible
     /// and wake the thread, which then dies of SIGSEGV at the faulting access.
-    fn fail_loudly(&self, addr: usize, e: &Error) {
+    fn fail_loudly(&self, addr: usize, e: &dyn std::fmt::Display) {
         self.faults_failed.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(addr = format_args!("{addr:#x}"), error = %e, "cowarena: cannot serve fault; the faulting access will fail");
+        // The reason first: the woken thread's death may end the process at once. The
+        // tracing event last, after the wake (a subscriber may need a lock the faulting
+        // thread holds).
         eprintln!("cowarena: cannot serve the fault at {addr:#x}: {e}; the faulting thread gets SIGSEGV");
         let _ = crate::sys::mem::poison_page(addr);
         let _ = self.uffd.wake(addr, PAGE_SIZE);
+        tracing::error!(addr = format_args!("{addr:#x}"), error = %e, "cowarena: cannot serve fault; the faulting access will fail");
     }
 }
 
@@ -590,7 +626,7 @@ pub(crate) struct Engine {
 impl Engine {
     pub fn start(core: Arc<Core>) -> Result<Engine> {
         let stop = Arc::new(EventFd::new().map_err(|e| Error::os("eventfd", e))?);
-        let (tx, rx) = mpsc::channel::<(u64, u64)>();
+        let (tx, rx) = mpsc::channel::<(u64, u64, u32)>();
         let reader = {
             let (core, stop) = (core.clone(), stop.clone());
             std::thread::Builder::new()
@@ -601,8 +637,9 @@ impl Engine {
         let worker = std::thread::Builder::new()
             .name("cowarena-fault".into())
             .spawn(move || {
-                for (address, flags) in rx {
-                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.serve(address, flags)));
+                for (address, flags, tid) in rx {
+                    let served =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.serve(address, flags, tid)));
                     if let Err(p) = served {
                         let addr = address as usize & !(PAGE_SIZE - 1);
                         core.fail_loudly(addr, &Error::Internal(panic_message(&p)));
@@ -622,7 +659,7 @@ impl Engine {
 /// `mremap`, waiting for this thread to read the event — a deadlock (seen in the W1 bench).
 /// So a refill request meets `try_lock`; when the lock is busy the request stays pending
 /// and is retried every millisecond, while messages keep being read.
-fn reader_loop(core: &Core, stop: &EventFd, tx: mpsc::Sender<(u64, u64)>) {
+fn reader_loop(core: &Core, stop: &EventFd, tx: mpsc::Sender<(u64, u64, u32)>) {
     let mut msgs = Vec::with_capacity(64);
     let mut refill_pending = false;
     loop {
@@ -660,7 +697,7 @@ fn reader_loop(core: &Core, stop: &EventFd, tx: mpsc::Sender<(u64, u64)>) {
             match *m {
                 UffdMsg::PageFault { address, flags, tid } => {
                     tracing::trace!(address, flags, tid, "fault message");
-                    if tx.send((address, flags)).is_err() {
+                    if tx.send((address, flags, tid)).is_err() {
                         return;
                     }
                 }
