@@ -147,6 +147,8 @@ impl ArenaBuilder {
             owner: std::sync::atomic::AtomicI32::new(0),
             pid: crate::sys::process::pid(),
             dense_fill: !self.no_dense_fill,
+            self_faults: std::sync::Mutex::new((0, 0)),
+            sig: Default::default(),
         });
         drop(core.lock()); // preallocate the fault path's headroom
         let engine = Engine::start(core.clone())?;

@@ -7,8 +7,7 @@
 //! *worker* that takes the lock and serves them.
 
 use std::os::fd::AsFd;
-use std::sync::atomic::AtomicI32;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -56,6 +55,10 @@ const POOL_MARGIN: usize = 64;
 /// Most frame slots one housekeeping step examines.
 pub(crate) const COMPACT_SCAN: usize = 1 << 16;
 
+/// How long the faulting thread must be seen holding its arena's lock before a fault
+/// message from it counts as a self-deadlock (thread mode; see `Core::lock_for`).
+const SELF_FAULT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A page of zeros, the source of zero fills.
 #[repr(C, align(4096))]
 struct ZeroPage([u8; PAGE_SIZE * FAULT_AROUND_MAX]);
@@ -82,12 +85,47 @@ pub(crate) struct Core {
     /// Map the rest of a 2 MiB table read-only once reads in it are dense (see
     /// `ArenaBuilder::dense_read_fill`).
     pub dense_fill: bool,
+    /// Thread mode: the address and rounds of the last fault refused because its thread
+    /// held the lock (see `Core::lock_for`). Only the engine's worker thread uses it.
+    pub self_faults: Mutex<(usize, u32)>,
+    /// What the signal handler reads without the lock: the view ranges and the outcome of
+    /// the last headroom refills.
+    pub sig: SignalState,
 }
 
-/// The arena lock, held; records its owner thread for the self-deadlock check.
+/// State the SIGBUS handler reads without taking the arena lock (atomics only).
+pub(crate) struct SignalState {
+    /// This arena's view ranges, so the handler finds the owner of an address without
+    /// taking any arena's lock (see [`registry::RangeIndex`]).
+    pub index: registry::RangeIndex,
+    /// [`Mm::views_gen`] of the published index (`u64::MAX`: publish at the next unlock).
+    /// Only touched under the lock.
+    published_gen: AtomicU64,
+    /// errno of the last failed headroom refill (0: the last refill succeeded).
+    pub refill_errno: AtomicI32,
+    /// Whether that failure was an allocation (1) rather than an `mmap` (0).
+    pub refill_alloc: AtomicBool,
+    /// Failed refills so far: a handler waiting for headroom gives up after a few.
+    pub refill_failures: AtomicU32,
+}
+
+impl Default for SignalState {
+    fn default() -> Self {
+        SignalState {
+            index: registry::RangeIndex::new(),
+            published_gen: AtomicU64::new(u64::MAX),
+            refill_errno: AtomicI32::new(0),
+            refill_alloc: AtomicBool::new(false),
+            refill_failures: AtomicU32::new(0),
+        }
+    }
+}
+
+/// The arena lock, held; records its owner thread for the self-deadlock check, and
+/// republishes the view index on unlock when views were added or removed.
 pub(crate) struct MmGuard<'a> {
     guard: MutexGuard<'a, Mm<Mapping>>,
-    owner: &'a AtomicI32,
+    core: &'a Core,
 }
 
 impl std::ops::Deref for MmGuard<'_> {
@@ -105,7 +143,20 @@ impl std::ops::DerefMut for MmGuard<'_> {
 
 impl Drop for MmGuard<'_> {
     fn drop(&mut self) {
-        self.owner.store(0, Ordering::Release);
+        // Still under the lock (the MutexGuard field drops after this body): writers of the
+        // index are serialised. Views never change in the fault path, so the signal handler
+        // never gets past the comparison (publishing allocates).
+        let gen = self.guard.views_gen();
+        let sig = &self.core.sig;
+        if sig.published_gen.load(Ordering::Relaxed) != gen {
+            let ranges = self.guard.view_ranges();
+            // No array (allocation failed): lookups answer "unknown" and the handler falls
+            // back to asking under the lock; retry at the next unlock.
+            let next = if ranges.is_some() { gen } else { u64::MAX };
+            sig.index.publish(ranges);
+            sig.published_gen.store(next, Ordering::Relaxed);
+        }
+        self.core.owner.store(0, Ordering::Release);
     }
 }
 
@@ -151,7 +202,7 @@ impl Core {
 
     fn guard<'a>(&'a self, guard: MutexGuard<'a, Mm<Mapping>>) -> MmGuard<'a> {
         self.owner.store(this_tid(), Ordering::Release);
-        MmGuard { guard, owner: &self.owner }
+        MmGuard { guard, core: self }
     }
 
     /// [`Core::lock`] if the lock is free right now (refilling the headroom as `lock`
@@ -163,8 +214,7 @@ impl Core {
             Err(std::sync::TryLockError::WouldBlock) => return None,
         };
         let mut mm = self.guard(g);
-        mm.reserve_headroom();
-        let _ = self.ensure_pool(&mut mm, 0);
+        let _ = self.refill(&mut mm);
         Some(mm)
     }
 
@@ -173,10 +223,64 @@ impl Core {
         // stay served (a closed uffd would turn them into zero pages), so keep going with
         // the state as it is and report the poisoning through `faults_failed`.
         let mut mm = self.guard(self.mm.lock().unwrap_or_else(|p| p.into_inner()));
-        mm.reserve_headroom();
-        // A failed refill only shrinks headroom: faults then wait for the next refill.
-        let _ = self.ensure_pool(&mut mm, 0);
+        // A failed refill only shrinks headroom: it is recorded, faults that find no
+        // headroom fail with its reason (see `refill_error`).
+        let _ = self.refill(&mut mm);
         mm
+    }
+
+    /// Refill the fault path's headroom (preallocated bookkeeping and pool slots) and
+    /// record the outcome where the signal handler can read it.
+    fn refill(&self, mm: &mut Mm<Mapping>) -> Result<()> {
+        let r = match mm.reserve_headroom() {
+            Err(_) => Err((true, libc::ENOMEM)),
+            Ok(()) => self.ensure_pool(mm, 0).map_err(|e| match e {
+                Error::Os { source, .. } => (false, source.raw_os_error().unwrap_or(libc::ENOMEM)),
+                _ => (false, libc::ENOMEM),
+            }),
+        };
+        let sig = &self.sig;
+        match r {
+            Ok(()) => {
+                if sig.refill_errno.load(Ordering::Relaxed) != 0 {
+                    sig.refill_errno.store(0, Ordering::Release);
+                }
+                Ok(())
+            }
+            Err((alloc, errno)) => {
+                sig.refill_alloc.store(alloc, Ordering::Relaxed);
+                sig.refill_errno.store(errno, Ordering::Release);
+                sig.refill_failures.fetch_add(1, Ordering::AcqRel);
+                Err(self
+                    .refill_error()
+                    .unwrap_or_else(|| Error::os("mmap pool", std::io::Error::from_raw_os_error(errno))))
+            }
+        }
+    }
+
+    /// The error of the last failed refill, if the last refill failed.
+    fn refill_error(&self) -> Option<Error> {
+        let errno = self.sig.refill_errno.load(Ordering::Acquire);
+        if errno == 0 {
+            return None;
+        }
+        let op =
+            if self.sig.refill_alloc.load(Ordering::Relaxed) { "allocate fault-path bookkeeping" } else { "mmap pool" };
+        Some(Error::os(op, std::io::Error::from_raw_os_error(errno)))
+    }
+
+    /// Make sure one more fault can be served without allocating (API paths, thread
+    /// mode): refill when short; the typed reason when the refill fails.
+    fn ensure_headroom(&self, mm: &mut Mm<Mapping>) -> Result<()> {
+        if mm.has_headroom() {
+            return Ok(());
+        }
+        self.refill(mm)?;
+        if mm.has_headroom() {
+            Ok(())
+        } else {
+            Err(Error::os("mmap pool", std::io::Error::from_raw_os_error(libc::ENOMEM)))
+        }
     }
 
     /// Keep the pool (homes for frames evacuated from views) stocked with at least
@@ -297,7 +401,8 @@ impl Core {
     /// Library code never faults on a view while holding the lock, so the holder is always
     /// another thread that will release it.
     /// Returns `None` when this very thread holds the lock (a fault inside a locked
-    /// section: a library bug), which would otherwise spin forever.
+    /// section: a user callback — tracing subscriber, allocator hook — touching view memory
+    /// of this arena during a cowarena call), which would otherwise spin forever.
     pub fn lock_spin(&self) -> Option<MmGuard<'_>> {
         let me = this_tid();
         loop {
@@ -502,7 +607,10 @@ impl Core {
     /// [`Core::fault_in`] for API calls: a panic inside the fault path becomes
     /// [`Error::Internal`] for the caller instead of unwinding through user code with the
     /// arena lock poisoned.
+    /// Refills the headroom first when it is short (the fault path may not allocate), and
+    /// fails with the refill's reason when memory cannot be had.
     pub fn fault_in_api(&self, mm: &mut Mm<Mapping>, sp: SpaceId, page: usize, write: bool) -> Result<FaultKind> {
+        self.ensure_headroom(mm)?;
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.fault_in(mm, sp, page, write)))
             .unwrap_or_else(|p| Err(Error::Internal(panic_message(&p))))
     }
@@ -541,11 +649,73 @@ impl Core {
         );
     }
 
+    /// Take the lock to serve a fault of thread `tid` (0: unknown, the kernel did not
+    /// report it). `None` when `tid` itself holds the lock: it faulted inside a locked
+    /// section (a user callback touching this arena's view memory during a cowarena call)
+    /// and waits for us — blocking would deadlock both.
+    ///
+    /// A fault message can be *stale*: the kernel may wake and retry a faulting access
+    /// (another fill of the same range, a `fork(2)` of the process retrying the fault) and
+    /// the thread may have moved on — and legitimately taken the lock — by the time the
+    /// message is read. So "the faulting thread holds the lock" only counts once it has
+    /// lasted [`SELF_FAULT_WAIT`]; even then the caller only wakes the address (a stale
+    /// message is harmless; a real self-deadlock faults again) and fails loudly on the
+    /// third such round for the same address.
+    fn lock_for(&self, tid: u32) -> Option<MmGuard<'_>> {
+        if tid == 0 {
+            return Some(self.lock());
+        }
+        let mut spins = 0u32;
+        let mut held_since: Option<std::time::Instant> = None;
+        loop {
+            if let Some(g) = self.try_lock() {
+                return Some(g);
+            }
+            if self.owner.load(Ordering::Acquire) == tid as i32 {
+                let since = *held_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= SELF_FAULT_WAIT {
+                    return None;
+                }
+            } else {
+                held_since = None;
+            }
+            // Busy with another thread's (possibly long) operation: spin briefly, then nap.
+            spins += 1;
+            if spins < 64 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
+        }
+    }
+
     /// Serve one fault message from the userfaultfd.
-    fn serve(&self, address: u64, flags: u64) {
+    fn serve(&self, address: u64, flags: u64, tid: u32) {
         let addr = address as usize & !(PAGE_SIZE - 1);
         let write = flags & (uffd::PAGEFAULT_FLAG_WRITE | uffd::PAGEFAULT_FLAG_WP) != 0;
-        let mut mm = self.lock();
+        let Some(mut mm) = self.lock_for(tid) else {
+            let mut last = self.self_faults.lock().unwrap_or_else(|p| p.into_inner());
+            let rounds = if last.0 == addr { last.1 + 1 } else { 1 };
+            *last = (addr, rounds);
+            drop(last);
+            if rounds < 3 {
+                // Possibly a stale message: let the thread retry (it faults again if not).
+                let _ = self.uffd.wake(addr, PAGE_SIZE);
+                return;
+            }
+            self.fail_loudly(
+                addr,
+                &"a fault on a view of this arena while the faulting thread holds its lock: a tracing \
+                  subscriber or allocator callback touched view memory during a cowarena call",
+            );
+            return;
+        };
+        {
+            let mut last = self.self_faults.lock().unwrap_or_else(|p| p.into_inner());
+            if last.0 == addr {
+                *last = (0, 0);
+            }
+        }
         let Some((sp, page)) = mm.space_at(addr) else {
             // The view is gone (its space was dropped while a thread touched it): waking
             // makes the thread retry against an unmapped range and take SIGSEGV.
@@ -553,28 +723,32 @@ impl Core {
             let _ = self.uffd.wake(addr, PAGE_SIZE);
             return;
         };
-        match self.fault_in_around(&mut mm, sp, page, write) {
+        // `lock` refilled the headroom; if it is still short, memory cannot be had.
+        let served = self.ensure_headroom(&mut mm).and_then(|()| self.fault_in_around(&mut mm, sp, page, write));
+        // No tracing event under the lock: a subscriber may touch view memory.
+        drop(mm);
+        match served {
             Ok(kind) => {
-                tracing::trace!(space = sp.0, page, ?kind, "fault served");
                 if kind == FaultKind::Spurious {
                     let _ = self.uffd.wake(addr, PAGE_SIZE);
                 }
+                tracing::trace!(space = sp.0, page, ?kind, "fault served");
             }
-            Err(e) => {
-                drop(mm);
-                self.fail_loudly(addr, &e);
-            }
+            Err(e) => self.fail_loudly(addr, &e),
         }
     }
 
     /// A fault we cannot serve must never yield a zero page: make the page inaccessible
     /// and wake the thread, which then dies of SIGSEGV at the faulting access.
-    fn fail_loudly(&self, addr: usize, e: &Error) {
+    fn fail_loudly(&self, addr: usize, e: &dyn std::fmt::Display) {
         self.faults_failed.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(addr = format_args!("{addr:#x}"), error = %e, "cowarena: cannot serve fault; the faulting access will fail");
+        // The reason first: the woken thread's death may end the process at once. The
+        // tracing event last, after the wake (a subscriber may need a lock the faulting
+        // thread holds).
         eprintln!("cowarena: cannot serve the fault at {addr:#x}: {e}; the faulting thread gets SIGSEGV");
         let _ = crate::sys::mem::poison_page(addr);
         let _ = self.uffd.wake(addr, PAGE_SIZE);
+        tracing::error!(addr = format_args!("{addr:#x}"), error = %e, "cowarena: cannot serve fault; the faulting access will fail");
     }
 }
 
@@ -625,7 +799,7 @@ pub(crate) struct Engine {
 impl Engine {
     pub fn start(core: Arc<Core>) -> Result<Engine> {
         let stop = Arc::new(EventFd::new().map_err(|e| Error::open_fd("eventfd", "an eventfd", e))?);
-        let (tx, rx) = mpsc::channel::<(u64, u64)>();
+        let (tx, rx) = mpsc::channel::<(u64, u64, u32)>();
         let reader = {
             let (core, stop) = (core.clone(), stop.clone());
             std::thread::Builder::new()
@@ -636,8 +810,9 @@ impl Engine {
         let worker = std::thread::Builder::new()
             .name("cowarena-fault".into())
             .spawn(move || {
-                for (address, flags) in rx {
-                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.serve(address, flags)));
+                for (address, flags, tid) in rx {
+                    let served =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.serve(address, flags, tid)));
                     if let Err(p) = served {
                         let addr = address as usize & !(PAGE_SIZE - 1);
                         core.fail_loudly(addr, &Error::Internal(panic_message(&p)));
@@ -657,7 +832,7 @@ impl Engine {
 /// `mremap`, waiting for this thread to read the event — a deadlock (seen in the W1 bench).
 /// So a refill request meets `try_lock`; when the lock is busy the request stays pending
 /// and is retried every millisecond, while messages keep being read.
-fn reader_loop(core: &Core, stop: &EventFd, tx: mpsc::Sender<(u64, u64)>) {
+fn reader_loop(core: &Core, stop: &EventFd, tx: mpsc::Sender<(u64, u64, u32)>) {
     let mut msgs = Vec::with_capacity(64);
     let mut refill_pending = false;
     loop {
@@ -695,7 +870,7 @@ fn reader_loop(core: &Core, stop: &EventFd, tx: mpsc::Sender<(u64, u64)>) {
             match *m {
                 UffdMsg::PageFault { address, flags, tid } => {
                     tracing::trace!(address, flags, tid, "fault message");
-                    if tx.send((address, flags)).is_err() {
+                    if tx.send((address, flags, tid)).is_err() {
                         return;
                     }
                 }

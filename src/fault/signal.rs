@@ -1,9 +1,11 @@
 //! Same-thread fault serving: the SIGBUS callback and the registry of arenas it searches.
 //!
-//! Async-signal-safe by construction: the registry is a fixed array of atomics; the arena
-//! lock is taken with [`Core::lock_spin`]; the fault path allocates nothing as long as
-//! [`Mm::has_headroom`](crate::mm::Mm::has_headroom) holds, and when it does not, the
-//! handler asks the engine thread to refill (an eventfd write) and waits for it.
+//! Async-signal-safe by construction: the registry is a fixed array of atomics; the owner
+//! of an address is found through each arena's lock-free view index (no lock taken); only
+//! the owner's lock is taken, with [`Core::lock_spin`]; the fault path allocates nothing as
+//! long as [`Mm::has_headroom`](crate::mm::Mm::has_headroom) holds, and when it does not,
+//! the handler asks the engine thread to refill (an eventfd write) and waits for it — a
+//! bounded time once refills are failing, then it dies naming the errno.
 
 use std::sync::atomic::Ordering;
 
@@ -44,21 +46,57 @@ pub fn on_fault(addr: usize, cpu_says_write: bool) -> Outcome {
     arenas().find(|core| serve_in(core, page_addr, cpu_says_write)).unwrap_or(Outcome::NotOurs)
 }
 
+/// How long a handler waits for headroom once refills are failing, and how many failed
+/// refills it sees before giving up: the reader thread retries each request, so a few
+/// failures in a row mean memory really cannot be had.
+const REFILL_WAIT_NS: u64 = 1_000_000_000;
+const REFILL_FAILURES: u32 = 3;
+
 /// Serve the fault if `addr` is in one of `core`'s views; `None` when it is not.
+///
+/// The owner is found by address *without* taking any arena's lock (the lock-free view
+/// index): an arena busy with a long operation never delays faults on other arenas. Only
+/// the owner's lock is taken, and `space_at` is checked again under it (a view removed
+/// meanwhile is no longer ours).
 fn serve_in(core: &Core, page_addr: usize, cpu_says_write: bool) -> Option<Outcome> {
     // An arena inherited through fork(2) has no view mapped here (and its lock may be held
     // by a thread that does not exist in this process): never ours.
     if !core.in_owner_process() {
         return None;
     }
+    use super::registry::Lookup;
+    let known = match core.sig.index.lookup(page_addr) {
+        Lookup::Out => return None,
+        Lookup::In => true,
+        Lookup::Unknown => false,
+    };
+    // (start of the wait for headroom, failed refills seen then)
+    let mut waiting: Option<(u64, u32)> = None;
     loop {
         let Some(mut mm) = core.lock_spin() else {
             core.faults_failed.fetch_add(1, Ordering::Relaxed);
-            return Some(Outcome::Failed("a fault on a view while this thread holds the arena lock (a cowarena bug)"));
+            return Some(Outcome::Failed(if known {
+                "a fault on a view of this arena while this thread holds its lock: a tracing subscriber \
+                 or allocator callback touched view memory during a cowarena call"
+            } else {
+                "a fault on a view while this thread holds an arena lock: a tracing subscriber or \
+                 allocator callback touched view memory during a cowarena call"
+            }));
         };
         let (sp, page) = mm.space_at(page_addr)?;
         if !mm.has_headroom() {
             drop(mm);
+            let failures = core.sig.refill_failures.load(Ordering::Acquire);
+            let now = signal::monotonic_ns();
+            let (since, failures_then) = *waiting.get_or_insert((now, failures));
+            let errno = core.sig.refill_errno.load(Ordering::Acquire);
+            if errno != 0 && (failures.wrapping_sub(failures_then) >= REFILL_FAILURES || now - since > REFILL_WAIT_NS) {
+                core.faults_failed.fetch_add(1, Ordering::Relaxed);
+                return Some(Outcome::Failed(refill_failure_reason(
+                    errno,
+                    core.sig.refill_alloc.load(Ordering::Relaxed),
+                )));
+            }
             let _ = core.refill.signal();
             signal::yield_now();
             continue;
@@ -83,5 +121,19 @@ fn serve_in(core: &Core, page_addr: usize, cpu_says_write: bool) -> Option<Outco
             Ok(Err(_)) => failed("a userfaultfd ioctl failed"),
             Err(_) => failed("a panic in the fault path"),
         };
+    }
+}
+
+/// A static reason (signal context: no formatting) naming the errno of a failed refill.
+fn refill_failure_reason(errno: i32, alloc: bool) -> &'static str {
+    match (alloc, errno) {
+        (true, _) => "cannot allocate memory for the fault path's bookkeeping: ENOMEM (RLIMIT_AS or memory exhausted?)",
+        (false, libc::ENOMEM) => {
+            "cannot map memory for the fault path: mmap failed with ENOMEM (RLIMIT_AS, vm.max_map_count \
+             or memory exhausted?)"
+        }
+        (false, libc::EAGAIN) => "cannot map memory for the fault path: mmap failed with EAGAIN (locked memory limit?)",
+        (false, libc::EPERM) => "cannot map memory for the fault path: mmap failed with EPERM",
+        (false, _) => "cannot map memory for the fault path: mmap failed",
     }
 }

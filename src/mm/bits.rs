@@ -27,6 +27,11 @@ impl Bits {
         Box::new([0; CHUNK_WORDS])
     }
 
+    /// [`Bits::new_chunk`], or an error instead of aborting when memory is exhausted.
+    pub fn try_new_chunk() -> Result<Chunk, std::collections::TryReserveError> {
+        super::try_box(0)
+    }
+
     fn word(&self, wi: usize) -> u64 {
         self.chunks[wi / CHUNK_WORDS].as_ref().map_or(0, |c| c[wi % CHUNK_WORDS])
     }

@@ -86,10 +86,11 @@ impl FrameStore {
         self.free.len() + (self.slots.capacity() - self.slots.len()) >= n
     }
 
-    /// Preallocate room for `n` more frames.
-    pub fn reserve(&mut self, n: usize) {
-        self.slots.reserve(n);
-        self.free.reserve(n);
+    /// Preallocate room for `n` more frames; an error (not an abort) when memory is
+    /// exhausted.
+    pub fn reserve(&mut self, n: usize) -> Result<(), std::collections::TryReserveError> {
+        self.slots.try_reserve(n)?;
+        self.free.try_reserve(n)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (FrameId, &Frame)> {

@@ -375,6 +375,15 @@ impl<T> Slab<T> {
     }
 }
 
+/// `Box::new([fill; N])`, or an error instead of an abort when memory is exhausted
+/// (headroom refills may run with the address space at its limit).
+fn try_box<T: Clone, const N: usize>(fill: T) -> Result<Box<[T; N]>, std::collections::TryReserveError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(N)?;
+    v.resize(N, fill);
+    Ok(v.into_boxed_slice().try_into().unwrap_or_else(|_| unreachable!("exactly N elements")))
+}
+
 /// The state of one arena: every space, table, frame and region.
 pub struct Mm<B> {
     tables: TableStore,
@@ -396,6 +405,8 @@ pub struct Mm<B> {
     families: std::collections::HashMap<u32, Vec<SpaceId>>,
     /// View base address -> space, for the fault path's address lookup.
     views: std::collections::BTreeMap<usize, SpaceId>,
+    /// See [`Mm::views_gen`].
+    views_gen: u64,
     reclaim: Reclaim<B>,
     /// Sparse frozen regions waiting for [`Mm::compact_step`] (capacity kept for the fault
     /// path, which may queue one per frame it re-homes).
@@ -422,6 +433,7 @@ impl<B> Mm<B> {
             spaces: Slab::new(),
             next_family: 0,
             views: std::collections::BTreeMap::new(),
+            views_gen: 0,
             families: std::collections::HashMap::new(),
             pool: None,
             pool_next: 0,
@@ -586,6 +598,7 @@ impl<B> Mm<B> {
         }));
         self.region_mut(region).kind = RegionKind::View(sp);
         self.views.insert(base, sp);
+        self.views_gen += 1;
         self.families.entry(family).or_default().push(sp);
         sp
     }
@@ -935,6 +948,7 @@ impl<B> Mm<B> {
         }
         let view = self.regions.remove(s.view.0);
         self.views.remove(&view.base);
+        self.views_gen += 1;
         Dropped::Unmap(view.backing)
     }
 
@@ -979,18 +993,37 @@ impl<B> Mm<B> {
             && self.bit_spares.len() >= 6
     }
 
-    /// Preallocate what the next faults need (called outside signal context).
-    pub fn reserve_headroom(&mut self) {
+    /// Preallocate what the next faults need (called outside signal context). Fallible
+    /// rather than aborting: under an exhausted address space (`RLIMIT_AS`) the caller
+    /// reports the failure and the faults that need headroom fail loudly.
+    pub fn reserve_headroom(&mut self) -> Result<(), std::collections::TryReserveError> {
         const N: usize = 256;
-        self.tables.reserve(N / 4);
-        self.frames.reserve(4 * N);
-        self.reclaim.discard.reserve(N);
-        self.reclaim.dead.reserve(16);
-        self.regions.free.reserve(16);
-        self.sparse.reserve(4 * N);
+        self.tables.reserve(N / 4)?;
+        self.frames.reserve(4 * N)?;
+        self.reclaim.discard.try_reserve(N)?;
+        self.reclaim.dead.try_reserve(16)?;
+        self.regions.free.try_reserve(16)?;
+        self.bit_spares.try_reserve(64usize.saturating_sub(self.bit_spares.len()))?;
+        self.sparse.try_reserve(4 * N)?;
         while self.bit_spares.len() < 64 {
-            self.bit_spares.push(Bits::new_chunk());
+            self.bit_spares.push(Bits::try_new_chunk()?);
         }
+        Ok(())
+    }
+
+    /// Bumped whenever a view is added or removed: the signal handler's lock-free index of
+    /// view ranges is rebuilt when it changes.
+    pub fn views_gen(&self) -> u64 {
+        self.views_gen
+    }
+
+    /// The address ranges `[base, end)` of every view, sorted by base (for the signal
+    /// handler's index); `None` when the array cannot be allocated.
+    pub fn view_ranges(&self) -> Option<Box<[(usize, usize)]>> {
+        let mut v = Vec::new();
+        v.try_reserve_exact(self.views.len()).ok()?;
+        v.extend(self.views.iter().map(|(&base, &sp)| (base, base + self.space(sp).pages * PAGE_SIZE)));
+        Some(v.into_boxed_slice())
     }
 
     // ---- tables and frames --------------------------------------------------------------

@@ -134,13 +134,15 @@ impl TableStore {
             && self.free.capacity() - self.free.len() >= n
     }
 
-    /// Preallocate `n` spare tables and slots.
-    pub fn reserve(&mut self, n: usize) {
+    /// Preallocate `n` spare tables and slots; an error (not an abort) when memory is
+    /// exhausted.
+    pub fn reserve(&mut self, n: usize) -> Result<(), std::collections::TryReserveError> {
+        self.spare.try_reserve(n.saturating_sub(self.spare.len()))?;
         while self.spare.len() < n {
-            self.spare.push(Box::new([Pte::NONE; PTRS_PER_PTE]));
+            self.spare.push(super::try_box(Pte::NONE)?);
         }
-        self.slots.reserve(n);
-        self.free.reserve(n);
+        self.slots.try_reserve(n)?;
+        self.free.try_reserve(n)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (TableId, &PteTable)> {

@@ -99,6 +99,14 @@ pub fn write_stderr(parts: &[&str]) {
     }
 }
 
+/// Nanoseconds of `CLOCK_MONOTONIC` (async-signal-safe).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into a live timespec; async-signal-safe.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Yield the CPU while spinning for a lock (async-signal-safe).
 pub fn yield_now() {
     // SAFETY: sched_yield has no preconditions.
