@@ -183,3 +183,62 @@ fn frozen_and_pool_regions_are_counted_apart() {
     assert_eq!((s.frozen_regions, s.pool_regions), (0, 0), "{s:?}");
     assert!(s.is_idle());
 }
+
+/// Dense read fill (issue 12): once a fork's view maps 4 pages of a 2 MiB table, a read
+/// fault maps the rest of the table read-only in batches — without breaking a table,
+/// dirtying or copying-on-write anything — and stops at the memory limit.
+#[test]
+fn dense_read_fill_maps_the_rest_of_a_table_and_changes_nothing_else() {
+    for mode in modes() {
+        let arena = Arena::builder().fault_mode(mode).build().unwrap();
+        let mut parent = arena.space(2 * TABLE).unwrap();
+        let mut want = vec![0u8; 2 * TABLE];
+        for (i, b) in want.iter_mut().enumerate().take(TABLE + 100 * PAGE) {
+            *b = (i / PAGE) as u8 ^ 0x5a;
+        }
+        parent.write(0, &want).unwrap();
+        parent.clean(0, 2 * TABLE).unwrap();
+        let child = parent.fork_with(ForkStrategy::Freeze).unwrap();
+        let before = arena.stats();
+        // Four scattered reads in table 0: the fourth fills the table.
+        for p in [7, 300, 41, 499] {
+            assert_eq!(child.as_slice()[p * PAGE], want[p * PAGE], "{mode:?}: page {p}");
+        }
+        let s = arena.stats();
+        assert_eq!(s.faults.dense_fills - before.faults.dense_fills, 1, "{mode:?}: {s:?}");
+        assert_eq!(s.faults.filled - before.faults.filled, 508, "{mode:?}: the 508 pages left");
+        let faults = |s: &cowarena::Stats| s.faults.read_copy + s.faults.read_zero;
+        let after_fill = faults(&s);
+        assert!(child.as_slice()[..TABLE] == want[..TABLE], "{mode:?}: table 0 after the fill");
+        assert_eq!(faults(&arena.stats()), after_fill, "{mode:?}: reads after the fill faulted");
+        assert_eq!(s.tables_broken, before.tables_broken, "{mode:?}: a read fill broke a table");
+        assert_eq!(s.frames_in_use, before.frames_in_use, "{mode:?}: a read fill allocated frames");
+        assert_eq!(child.dirty_pages(0, 2 * TABLE).unwrap(), Vec::<usize>::new(), "{mode:?}");
+        // Table 1 is untouched by table 0's fill; sparse reads there fill nothing.
+        for p in [512 + 3, 512 + 200] {
+            assert_eq!(child.as_slice()[p * PAGE], want[p * PAGE]);
+        }
+        assert_eq!(arena.stats().faults.dense_fills - before.faults.dense_fills, 1);
+        assert!(child.as_slice() == &want[..], "{mode:?}: everything");
+        arena.check_invariants().unwrap();
+    }
+    // Off: every read faults on its own.
+    let arena = Arena::builder().dense_read_fill(false).build().unwrap();
+    let mut s = arena.space(TABLE).unwrap();
+    s.write(0, &vec![1u8; TABLE]).unwrap();
+    let c = s.fork_with(ForkStrategy::Freeze).unwrap();
+    for p in [7, 300, 41, 499, 100] {
+        assert_eq!(c.as_slice()[p * PAGE], 1);
+    }
+    assert_eq!(arena.stats().faults.dense_fills, 0);
+    // Under a memory limit the fill stops at the limit: the arena never holds more.
+    let arena = Arena::builder().max_memory((600 * PAGE) as u64).build().unwrap();
+    let mut s = arena.space(TABLE).unwrap();
+    s.write(0, &vec![2u8; 300 * PAGE]).unwrap();
+    let c = s.fork_with(ForkStrategy::Freeze).unwrap();
+    for p in [7, 300, 41, 499] {
+        let _ = std::hint::black_box(c.as_slice()[p * PAGE]);
+    }
+    let st = arena.stats();
+    assert!(st.faults.filled > 0 && st.faults.filled <= 300 - 4, "{st:?}");
+}

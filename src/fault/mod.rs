@@ -55,6 +55,10 @@ const POOL_MARGIN: usize = 64;
 /// Most frame slots one housekeeping step examines.
 pub(crate) const COMPACT_SCAN: usize = 1 << 16;
 
+/// Pages decided (and copied from consecutive homes in one `UFFDIO_COPY`) per window of a
+/// read-only fill; zero runs are bounded by the static zero source's size instead.
+const FILL_WINDOW: usize = 64;
+
 /// How long the faulting thread must be seen holding its arena's lock before a fault
 /// message from it counts as a self-deadlock (thread mode; see `Core::lock_for`).
 const SELF_FAULT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -441,7 +445,8 @@ impl Core {
     /// Returns how many leading pages of a [`Action::Take`] run the kernel moved; the rest
     /// were copied, and their resolutions must be committed as [`Resolution::fell_back`].
     fn exec_run(&self, first: Action, n: usize) -> std::io::Result<usize> {
-        debug_assert!((1..=FAULT_AROUND_MAX).contains(&n));
+        debug_assert!((1..=FILL_WINDOW).contains(&n));
+        debug_assert!(n <= FAULT_AROUND_MAX || !matches!(first, Action::Fill { src: Src::Zero, .. }));
         let len = n * PAGE_SIZE;
         match first {
             Action::Take { dst, src } => {
@@ -554,10 +559,10 @@ impl Core {
         let mut pages = pages.peekable();
         while pages.peek().is_some() {
             // Decide one window, then perform it.
-            let mut rs: [Option<Resolution>; FAULT_AROUND_MAX] = [None; FAULT_AROUND_MAX];
+            let mut rs: [Option<Resolution>; FILL_WINDOW] = [None; FILL_WINDOW];
             let mut n = 0;
             let mut stop = false;
-            while n < FAULT_AROUND_MAX {
+            while n < FILL_WINDOW {
                 let Some(q) = pages.next() else { break };
                 if mm.is_present(sp, q) {
                     if skip_present {
@@ -585,7 +590,10 @@ impl Core {
             while i < n {
                 let Some(first) = rs[i] else { break };
                 let mut j = i + 1;
-                while j < n && rs[j].is_some_and(|r| continues(first.action, r.action, j - i)) {
+                // (Zero runs are bounded by the static zero source.)
+                let cap =
+                    if matches!(first.action, Action::Fill { src: Src::Zero, .. }) { FAULT_AROUND_MAX } else { n };
+                while j < n && j - i < cap && rs[j].is_some_and(|r| continues(first.action, r.action, j - i)) {
                     j += 1;
                 }
                 let Ok(moved) = self.exec_run(first.action, j - i) else {
