@@ -4,11 +4,15 @@
 //! process run, then a table of absolute figures and ratios and a PASS/MISS line per target.
 //!
 //! ```text
-//! cargo run --release --example bench                      # full run (≈ 5 minutes)
-//! cargo run --release --example bench -- --quick           # under 2 minutes
+//! cargo run --release --example bench                      # full run (≈ 3 minutes)
+//! cargo run --release --example bench -- --quick           # under a minute
 //! cargo run --release --example bench -- --json out.json --svg out.svg
 //! cargo run --release --example bench -- --only W1,W4      # a subset (for development)
 //! ```
+//!
+//! W4 opens with issue 12's random-order rows (dense and sparse, beside the kernel's same
+//! pattern and the same-thread floor), "fork + touch every page" totals against `fork(2)`
+//! and the copy floor, and the break-even share; its sequential rows follow.
 //!
 //! Ratios are oriented so that **> 1 means cowarena wins**: cowarena ÷ baseline for rates,
 //! baseline ÷ cowarena for latencies and memory.
