@@ -20,7 +20,7 @@ pub(crate) mod sys;
 /// of the API, no stability promise.
 #[doc(hidden)]
 pub mod __bench {
-    pub use crate::sys::uffd::{Uffd, UffdMsg, FEATURE_WP, PAGEFAULT_FLAG_WP};
+    pub use crate::sys::uffd::{Uffd, UffdMsg, FEATURE_SIGBUS, FEATURE_WP, PAGEFAULT_FLAG_WP};
 }
 
 /// Fault injection for tests (cargo feature `fault-injection`).

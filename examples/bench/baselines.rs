@@ -18,7 +18,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -1008,4 +1008,243 @@ pub fn kernel_fork_pagetable_bytes(bytes: usize, children: usize) -> io::Result<
         kid.wait()?;
     }
     Ok(total / children as u64)
+}
+
+// ---------------------------------------------------------------------------------------
+// 11: W4 random-order faults: the kernel's own, and the same-thread userfaultfd floor
+// ---------------------------------------------------------------------------------------
+
+/// The access a forked process makes to each page of an order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Touch {
+    /// Load the first word of the page.
+    Read,
+    /// Store to the first word of the page.
+    Write,
+}
+
+/// What [`kernel_fork_child_touch`] measured.
+#[derive(Clone, Copy, Debug)]
+pub struct ForkTouch {
+    /// `fork(2)` as the parent sees it (page tables copied).
+    pub fork: Duration,
+    /// The child's time for its accesses, `order.len()` pages.
+    pub touches: Duration,
+}
+
+/// Kernel first touch in a given order: a fresh anonymous mapping of `bytes`; one word is
+/// written to each page of `order` (indices past the end are ignored), in that order, by
+/// this thread. Returns the time of the writes.
+pub fn kernel_first_touch_order(bytes: usize, order: &[usize]) -> io::Result<Duration> {
+    let region = Mapping::anon(region_len(bytes)?)?;
+    let t = Instant::now();
+    for (k, &p) in order.iter().enumerate() {
+        region.write_page(p, k as u64 | 1);
+    }
+    Ok(t.elapsed())
+}
+
+/// Kernel `fork(2)` then accesses in the child: a region of `bytes`, every page written, is
+/// forked; the child `touch`es each page of `order` in that order (a COW fault per page for
+/// writes; for reads nothing but TLB misses, the PTEs were copied at the fork), timing
+/// itself, and reports through a shared page. Returns the fork latency seen by the parent
+/// and the child's access time.
+pub fn kernel_fork_child_touch(bytes: usize, order: &[usize], touch: Touch) -> io::Result<ForkTouch> {
+    let region = Mapping::populated(region_len(bytes)?)?;
+    let shared = Mapping::map(PAGE, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1)?;
+    // SAFETY: the page is zero-filled (a valid `ChildReport`: atomics of zero), page-aligned,
+    // shared with the child, and outlives `report` (both live to the end of this function).
+    let report: &ChildReport = unsafe { &*shared.ptr.cast::<ChildReport>() };
+    let region_ref = &region;
+    let t = Instant::now();
+    let child = fork_child(move || {
+        let start = Instant::now();
+        let mut sum = 0u64;
+        match touch {
+            Touch::Read => {
+                for &p in order {
+                    sum = sum.wrapping_add(region_ref.read_page(p));
+                }
+            }
+            Touch::Write => {
+                for (k, &p) in order.iter().enumerate() {
+                    region_ref.write_page(p, k as u64);
+                }
+            }
+        }
+        let nanos = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        report.sum.store(sum, Ordering::Relaxed);
+        report.nanos.store(nanos, Ordering::Relaxed);
+        report.done.store(1, Ordering::Release);
+        0
+    })?;
+    let fork = t.elapsed();
+    child.wait()?;
+    if report.done.load(Ordering::Acquire) != 1 {
+        return Err(io::Error::other("the fork(2) child did not report its time"));
+    }
+    std::hint::black_box(report.sum.load(Ordering::Relaxed));
+    Ok(ForkTouch { fork, touches: Duration::from_nanos(report.nanos.load(Ordering::Relaxed)) })
+}
+
+/// Kernel COW write faults in the *parent* in a given order: a region of `bytes`, every page
+/// written, is forked; the child blocks on a pipe (so every page stays shared) while the
+/// parent writes one word to each page of `order`, in that order. Returns the writes' time.
+pub fn kernel_fork_parent_write(bytes: usize, order: &[usize]) -> io::Result<Duration> {
+    let region = Mapping::populated(region_len(bytes)?)?;
+    let (release_r, release_w) = pipe()?;
+    let rfd = release_r.as_raw_fd();
+    let child = fork_child(|| {
+        read_byte(rfd);
+        0
+    })?;
+    let t = Instant::now();
+    for (k, &p) in order.iter().enumerate() {
+        region.write_page(p, k as u64);
+    }
+    let elapsed = t.elapsed();
+    write_bytes(&release_w, 1)?;
+    child.wait()?;
+    Ok(elapsed)
+}
+
+// The same-thread floor: what the kernel charges for one userfaultfd fault served in the
+// faulting thread (UFFD_FEATURE_SIGBUS): the SIGBUS delivery, one UFFDIO_COPY of a source
+// page in the handler, and the return. The handler finds its userfaultfd, region and source
+// page through these statics, set by `sigbus_copy_floor` for the measurement only.
+static FLOOR_UFFD: AtomicPtr<Uffd> = AtomicPtr::new(ptr::null_mut());
+static FLOOR_BASE: AtomicUsize = AtomicUsize::new(0);
+static FLOOR_LEN: AtomicUsize = AtomicUsize::new(0);
+static FLOOR_SRC: AtomicUsize = AtomicUsize::new(0);
+
+/// Writes a message to stderr and aborts; async-signal-safe.
+fn floor_die(msg: &str) -> ! {
+    // SAFETY: write(2) from a live byte slice; abort(3) ends the process at once. Both are
+    // async-signal-safe.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::abort()
+    }
+}
+
+/// The floor's SIGBUS handler: one UFFDIO_COPY of the source page to the faulting page.
+/// A SIGBUS outside the measured region is a bug of the benchmark: it aborts loudly.
+extern "C" fn floor_on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: `__errno_location` returns this thread's errno slot, always valid; the
+    // interrupted code must find its errno as it left it.
+    let errno = unsafe { *libc::__errno_location() };
+    // SAFETY: for an SA_SIGINFO handler the kernel passes a valid `siginfo_t`; a SIGBUS
+    // carries the faulting address.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    let uffd = FLOOR_UFFD.load(Ordering::Acquire);
+    let (base, len) = (FLOOR_BASE.load(Ordering::Relaxed), FLOOR_LEN.load(Ordering::Relaxed));
+    if uffd.is_null() || addr < base || addr >= base + len {
+        floor_die("bench: SIGBUS outside the same-thread floor's region\n");
+    }
+    let page = addr & !(PAGE - 1);
+    // SAFETY: `uffd` points to the `Uffd` of the running `sigbus_copy_floor`, which clears
+    // this pointer (restoring the previous handler first) before that `Uffd` is dropped;
+    // the source page is a live mapping of one readable page owned by the same call.
+    let copied = unsafe { (*uffd).copy(page, FLOOR_SRC.load(Ordering::Relaxed), PAGE, false) };
+    if copied.is_err() {
+        floor_die("bench: UFFDIO_COPY failed in the same-thread floor's handler\n");
+    }
+    // SAFETY: as above; restores the interrupted code's errno.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// Restores the previous SIGBUS action, then clears the handler's statics, when dropped.
+struct FloorHandler {
+    prev: libc::sigaction,
+}
+
+impl FloorHandler {
+    fn install(uffd: &Uffd, base: usize, len: usize, src: usize) -> io::Result<FloorHandler> {
+        FLOOR_BASE.store(base, Ordering::Relaxed);
+        FLOOR_LEN.store(len, Ordering::Relaxed);
+        FLOOR_SRC.store(src, Ordering::Relaxed);
+        FLOOR_UFFD.store(uffd as *const Uffd as *mut Uffd, Ordering::Release);
+        // SAFETY: zeroed sigaction structs are valid "no handler" values; ours is filled
+        // before sigaction(2) reads it, and the kernel writes the previous one into `prev`.
+        // The handler is async-signal-safe (loads, one ioctl, errno).
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = floor_on_sigbus as *const () as usize;
+            // As the engine's own handler: SA_SIGINFO | SA_NODEFER, on the thread's stack.
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
+            libc::sigemptyset(&mut sa.sa_mask);
+            let mut prev: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(libc::SIGBUS, &sa, &mut prev) != 0 {
+                FLOOR_UFFD.store(ptr::null_mut(), Ordering::Release);
+                return Err(io::Error::last_os_error());
+            }
+            Ok(FloorHandler { prev })
+        }
+    }
+}
+
+impl Drop for FloorHandler {
+    fn drop(&mut self) {
+        // SAFETY: puts back the action sigaction(2) reported at install (the engine's
+        // handler, or the default); `prev` is a valid sigaction.
+        unsafe { libc::sigaction(libc::SIGBUS, &self.prev, ptr::null_mut()) };
+        FLOOR_UFFD.store(ptr::null_mut(), Ordering::Release);
+    }
+}
+
+/// The same-thread floor, measured: for each order, a fresh region of `bytes` registered
+/// (MISSING) with a userfaultfd opened with `UFFD_FEATURE_SIGBUS`; this thread reads one
+/// word of each page of the order, and each read's SIGBUS is served in this thread by a
+/// handler that does one UFFDIO_COPY of a source page. Returns the total time of the reads
+/// and the number of faults.
+///
+/// Replaces the process's SIGBUS action for the measurement (restored before returning):
+/// no cowarena arena may be faulting meanwhile — call it while none is alive.
+pub fn sigbus_copy_floor(bytes: usize, orders: &[Vec<usize>]) -> io::Result<(Duration, usize)> {
+    let len = region_len(bytes)?;
+    let uffd = Uffd::open(cowarena::__bench::FEATURE_SIGBUS, 0).map_err(uffd_err)?;
+    let src = Mapping::populated(PAGE)?;
+    let (mut total, mut faults) = (Duration::ZERO, 0);
+    for order in orders {
+        let region = Mapping::anon(len)?;
+        uffd.register_modes(region.ptr as usize, len, true, false)?;
+        let handler = FloorHandler::install(&uffd, region.ptr as usize, len, src.ptr as usize)?;
+        let t = Instant::now();
+        let mut sum = 0u64;
+        for &p in order {
+            sum = sum.wrapping_add(region.read_page(p));
+        }
+        total += t.elapsed();
+        drop(handler);
+        faults += order.len();
+        std::hint::black_box(sum);
+        if let Some(&p) = order.first() {
+            if region.read_page(p) != src.read_page(0) {
+                return Err(io::Error::other("same-thread floor: a page did not receive the source page"));
+            }
+        }
+        // `region` is unmapped here, before `uffd` closes (declared first, dropped last).
+    }
+    Ok((total, faults))
+}
+
+/// The copy floor of a fork that is then read through a view: one UFFDIO_COPY (one call,
+/// retried only if the kernel stops part-way) of a populated region of `bytes` into a fresh
+/// registered region. Returns the copy's time.
+pub fn uffd_copy_all(bytes: usize) -> io::Result<Duration> {
+    let len = region_len(bytes)?;
+    let uffd = Uffd::open(0, 0).map_err(uffd_err)?;
+    let src = Mapping::populated(len)?;
+    let dst = Mapping::anon(len)?;
+    uffd.register_modes(dst.ptr as usize, len, true, false)?;
+    let t = Instant::now();
+    // SAFETY: `src` is a live, populated, readable mapping of `len` bytes; `dst` is
+    // registered with this userfaultfd and untouched (no page present).
+    let copied = unsafe { uffd.copy(dst.ptr as usize, src.ptr as usize, len, false) }?;
+    let elapsed = t.elapsed();
+    let last = dst.pages() - 1;
+    if !copied || dst.read_page(last) != src.read_page(last) {
+        return Err(io::Error::other("copy floor: the batched UFFDIO_COPY did not fill the region"));
+    }
+    Ok(elapsed)
 }

@@ -4,11 +4,15 @@
 //! process run, then a table of absolute figures and ratios and a PASS/MISS line per target.
 //!
 //! ```text
-//! cargo run --release --example bench                      # full run (≈ 5 minutes)
-//! cargo run --release --example bench -- --quick           # under 2 minutes
+//! cargo run --release --example bench                      # full run (≈ 3 minutes)
+//! cargo run --release --example bench -- --quick           # under a minute
 //! cargo run --release --example bench -- --json out.json --svg out.svg
 //! cargo run --release --example bench -- --only W1,W4      # a subset (for development)
 //! ```
+//!
+//! W4 opens with issue 12's random-order rows (dense and sparse, beside the kernel's same
+//! pattern and the same-thread floor), "fork + touch every page" totals against `fork(2)`
+//! and the copy floor, and the break-even share; its sequential rows follow.
 //!
 //! Ratios are oriented so that **> 1 means cowarena wins**: cowarena ÷ baseline for rates,
 //! baseline ÷ cowarena for latencies and memory.
@@ -101,11 +105,13 @@ enum Unit {
     Factor,
     /// A plain factor where lower is better (a slowdown).
     Slowdown,
+    /// A share of a whole, 0..=1 (shown as a percentage; higher is better).
+    Share,
 }
 
 impl Unit {
     fn higher_is_better(self) -> bool {
-        matches!(self, Unit::PerSec | Unit::Factor)
+        matches!(self, Unit::PerSec | Unit::Factor | Unit::Share)
     }
 
     fn name(self) -> &'static str {
@@ -114,6 +120,7 @@ impl Unit {
             Unit::PerSec => "1/s",
             Unit::Bytes => "B",
             Unit::Factor | Unit::Slowdown => "x",
+            Unit::Share => "share",
         }
     }
 
@@ -125,13 +132,15 @@ impl Unit {
         match self {
             Unit::Secs if v >= 1.0 => format!("{v:.2} s"),
             Unit::Secs if v >= 1e-3 => format!("{:.2} ms", v * 1e3),
-            Unit::Secs => format!("{:.1} µs", v * 1e6),
+            Unit::Secs if v >= 1e-6 => format!("{:.2} µs", v * 1e6),
+            Unit::Secs => format!("{:.0} ns", v * 1e9),
             Unit::PerSec if v >= 1e6 => format!("{:.2} M/s", v / 1e6),
             Unit::PerSec if v >= 1e3 => format!("{:.1} k/s", v / 1e3),
             Unit::PerSec => format!("{v:.0} /s"),
             Unit::Bytes if v >= GIB as f64 => format!("{:.2} GiB", v / GIB as f64),
             Unit::Bytes => format!("{:.1} MiB", v / MIB as f64),
             Unit::Factor | Unit::Slowdown => format!("{v:.2}x"),
+            Unit::Share => format!("{:.2} %", v * 100.0),
         }
     }
 }
@@ -147,6 +156,15 @@ struct Row {
 }
 
 impl Row {
+    /// The baseline's figure; "-" for a row without a baseline (a derived figure).
+    fn baseline_text(&self) -> String {
+        if self.baseline_name.is_empty() {
+            "-".into()
+        } else {
+            self.unit.fmt(self.baseline)
+        }
+    }
+
     /// > 1 means cowarena wins.
     fn ratio(&self) -> Option<f64> {
         let (c, b) = (self.cowarena?, self.baseline?);
@@ -208,7 +226,7 @@ impl Report {
             row.metric,
             unit.fmt(row.cowarena),
             row.baseline_name,
-            unit.fmt(row.baseline),
+            row.baseline_text(),
             fmt_ratio(row.ratio())
         );
         self.rows.push(row);
@@ -762,6 +780,349 @@ fn w3(cfg: &Config, rep: &mut Report) -> Res<()> {
 }
 
 // ---------------------------------------------------------------------------------------
+// W4, random order (issue 12): what users do — hash tables, heaps, B-trees
+// ---------------------------------------------------------------------------------------
+
+/// Pages per 2 MiB page table.
+const TABLE_PAGES: usize = 512;
+
+/// Every page of `0..pages`, shuffled.
+fn dense_order(rng: &mut Rng, pages: usize) -> Vec<usize> {
+    distinct_pages(rng, pages, pages)
+}
+
+/// One random page of each 2 MiB table of `0..pages`, the tables in shuffled order.
+fn sparse_order(rng: &mut Rng, pages: usize) -> Vec<usize> {
+    let tables = pages.div_ceil(TABLE_PAGES);
+    distinct_pages(rng, tables, tables)
+        .into_iter()
+        .map(|t| (t * TABLE_PAGES + rng.below(TABLE_PAGES)).min(pages - 1))
+        .collect()
+}
+
+/// What a random-order row measures after the first touch.
+#[derive(Clone, Copy)]
+enum AfterFork {
+    /// Loads in the fork.
+    Read,
+    /// Stores in the fork.
+    ChildWrite,
+    /// Stores in the parent, the fork alive, forked with this strategy.
+    ParentWrite(cowarena::ForkStrategy),
+}
+
+/// First-touch writes of a fresh space of `size` in `order`; their time.
+fn w4r_first_touch(arena: &Arena, size: usize, order: &[usize]) -> Res<Duration> {
+    let s = arena.space(size)?;
+    let t = Instant::now();
+    for &p in order {
+        store(&s, p, pattern(1, p));
+    }
+    let d = t.elapsed();
+    if order.iter().step_by(61).any(|&p| load(&s, p) != pattern(1, p)) {
+        return Err("W4 random: a first-touch write was lost".into());
+    }
+    Ok(d)
+}
+
+/// A fresh space of `size`, every page written (sequentially, untimed), forked; then the
+/// accesses `what` in `order`, timed.
+fn w4r_after_fork(arena: &Arena, size: usize, order: &[usize], what: AfterFork) -> Res<Duration> {
+    let root = arena.space(size)?;
+    fill(&root, 1);
+    let child = match what {
+        AfterFork::ParentWrite(s) => root.fork_with(s)?,
+        _ => root.fork()?,
+    };
+    let t = Instant::now();
+    match what {
+        AfterFork::Read => {
+            let mut acc = 0u64;
+            for &p in order {
+                acc = acc.wrapping_add(load(&child, p));
+            }
+            std::hint::black_box(acc);
+        }
+        AfterFork::ChildWrite => order.iter().for_each(|&p| store(&child, p, 2)),
+        AfterFork::ParentWrite(_) => order.iter().for_each(|&p| store(&root, p, 3)),
+    }
+    let d = t.elapsed();
+    let p = order[order.len() / 2];
+    let ok = match what {
+        AfterFork::Read => load(&child, p) == pattern(1, p),
+        AfterFork::ChildWrite => load(&child, p) == 2 && load(&root, p) == pattern(1, p),
+        AfterFork::ParentWrite(_) => load(&root, p) == 3 && load(&child, p) == pattern(1, p),
+    };
+    if !ok {
+        return Err("W4 random: a fork or its parent holds wrong data".into());
+    }
+    Ok(d)
+}
+
+/// Mean time per page of `f` run once per order (each run on fresh memory).
+fn per_page(orders: &[Vec<usize>], mut f: impl FnMut(&[usize]) -> Res<Duration>) -> Res<f64> {
+    let (mut t, mut n) = (Duration::ZERO, 0);
+    for o in orders {
+        t += f(o)?;
+        n += o.len();
+    }
+    Ok(secs(t) / n.max(1) as f64)
+}
+
+/// Per-page costs of one pattern: `[first touch, read in a fork, COW write in the fork,
+/// write in the parent (KeepWarm), write in the parent (Freeze)]`, seconds per page.
+type Pattern = [f64; 5];
+
+fn w4_random_kernel(size: usize, orders: &[Vec<usize>]) -> Res<Pattern> {
+    use baselines::Touch;
+    let first = per_page(orders, |o| Ok(baselines::kernel_first_touch_order(size, o)?))?;
+    let read = per_page(orders, |o| Ok(baselines::kernel_fork_child_touch(size, o, Touch::Read)?.touches))?;
+    let child = per_page(orders, |o| Ok(baselines::kernel_fork_child_touch(size, o, Touch::Write)?.touches))?;
+    let parent = per_page(orders, |o| Ok(baselines::kernel_fork_parent_write(size, o)?))?;
+    // fork(2) has one strategy: the same parent figure stands against both of ours.
+    Ok([first, read, child, parent, parent])
+}
+
+fn w4_random_cowarena(size: usize, orders: &[Vec<usize>]) -> Res<Pattern> {
+    use cowarena::ForkStrategy::{Freeze, KeepWarm};
+    let arena = Arena::new()?;
+    let r = [
+        per_page(orders, |o| w4r_first_touch(&arena, size, o))?,
+        per_page(orders, |o| w4r_after_fork(&arena, size, o, AfterFork::Read))?,
+        per_page(orders, |o| w4r_after_fork(&arena, size, o, AfterFork::ChildWrite))?,
+        per_page(orders, |o| w4r_after_fork(&arena, size, o, AfterFork::ParentWrite(KeepWarm)))?,
+        per_page(orders, |o| w4r_after_fork(&arena, size, o, AfterFork::ParentWrite(Freeze)))?,
+    ];
+    Ok(r)
+}
+
+/// "fork + touch every page" with cowarena: a fresh space of `size`, every page written;
+/// `(fork, touches)` for one fork and `touch` of every page of `order` in the fork.
+fn w4_whole_cowarena(size: usize, order: &[usize], touch: baselines::Touch) -> Res<(Duration, Duration)> {
+    let arena = Arena::new()?;
+    let root = arena.space(size)?;
+    fill(&root, 1);
+    let t = Instant::now();
+    let child = root.fork()?;
+    let fork = t.elapsed();
+    let t = Instant::now();
+    match touch {
+        baselines::Touch::Read => {
+            let mut acc = 0u64;
+            for &p in order {
+                acc = acc.wrapping_add(load(&child, p));
+            }
+            std::hint::black_box(acc);
+        }
+        baselines::Touch::Write => order.iter().for_each(|&p| store(&child, p, 2)),
+    }
+    let touches = t.elapsed();
+    let p = order[order.len() / 3];
+    if load(&root, p) != pattern(1, p) {
+        return Err("W4 whole workload: the parent's data changed".into());
+    }
+    Ok((fork, touches))
+}
+
+fn w4_random(cfg: &Config, rep: &mut Report) -> Res<()> {
+    use baselines::Touch;
+    let size = if cfg.quick { 32 * MIB } else { 128 * MIB };
+    let pages = size / PAGE;
+    let sparse_reps = if cfg.quick { 16 } else { 8 };
+    let mut rng = Rng::new(0x12_4a4d);
+    let dense = vec![dense_order(&mut rng, pages)];
+    let sparse: Vec<Vec<usize>> = (0..sparse_reps).map(|_| sparse_order(&mut rng, pages)).collect();
+    let n_sparse: usize = sparse.iter().map(Vec::len).sum();
+
+    // Kernel first (no arena alive: a fork(2) would copy its page tables too), then the
+    // same-thread floor (it swaps the SIGBUS action: no arena may fault meanwhile), then us.
+    let k_dense = w4_random_kernel(size, &dense)?;
+    let k_sparse = w4_random_kernel(size, &sparse)?;
+    let (t, n) = baselines::sigbus_copy_floor(size, &dense)?;
+    let floor_dense = secs(t) / n as f64;
+    let (t, n) = baselines::sigbus_copy_floor(size, &sparse)?;
+    let floor_sparse = secs(t) / n as f64;
+    let c_dense = w4_random_cowarena(size, &dense)?;
+    let c_sparse = w4_random_cowarena(size, &sparse)?;
+
+    let names: [(&str, &str); 5] = [
+        ("first-touch write", "kernel first touch"),
+        ("read in a fork", "kernel read in fork(2) child"),
+        ("COW write in the fork", "kernel COW in fork(2) child"),
+        ("write in the parent after fork (KeepWarm)", "kernel COW in the parent"),
+        ("write in the parent after fork (Freeze)", "kernel COW in the parent"),
+    ];
+    let sz = size_name(size);
+    for (kind, c, k) in [("dense", &c_dense, &k_dense), ("sparse", &c_sparse, &k_sparse)] {
+        for (i, (what, base)) in names.iter().enumerate() {
+            rep.row(
+                "W4",
+                format!("random {kind} {sz}: {what}, per page"),
+                Unit::Secs,
+                Some(c[i]),
+                &format!("{base}, same order"),
+                Some(k[i]),
+            );
+        }
+    }
+    rep.row(
+        "W4",
+        format!("random dense {sz}: read in a fork, per page"),
+        Unit::Secs,
+        Some(c_dense[1]),
+        "same-thread floor (SIGBUS+COPY)",
+        Some(floor_dense),
+    );
+    rep.row(
+        "W4",
+        format!("random sparse {sz}: read in a fork, per page"),
+        Unit::Secs,
+        Some(c_sparse[1]),
+        "same-thread floor (SIGBUS+COPY)",
+        Some(floor_sparse),
+    );
+    rep.row(
+        "W4",
+        format!("random sparse {sz}: first-touch write, per page"),
+        Unit::Secs,
+        Some(c_sparse[0]),
+        "same-thread floor (SIGBUS+COPY)",
+        Some(floor_sparse),
+    );
+    rep.note(format!(
+        "W4 random: dense = all {pages} pages of {sz} shuffled; sparse = one random page per 2 MiB table, tables shuffled, {sparse_reps} fresh spaces ({n_sparse} faults); same-thread floor (SIGBUS + one UFFDIO_COPY in the handler, same orders) {:.2} µs dense, {:.2} µs sparse",
+        floor_dense * 1e6,
+        floor_sparse * 1e6
+    ));
+
+    // Whole workloads: fork + touch every page, in random order.
+    let wsize = if cfg.quick { 256 * MIB } else { GIB };
+    let wpages = wsize / PAGE;
+    let worder = dense_order(&mut rng, wpages);
+    let k_read = baselines::kernel_fork_child_touch(wsize, &worder, Touch::Read)?;
+    let k_write = baselines::kernel_fork_child_touch(wsize, &worder, Touch::Write)?;
+    let copy_all = baselines::uffd_copy_all(wsize)?;
+    let (c_fork_r, c_read) = w4_whole_cowarena(wsize, &worder, Touch::Read)?;
+    let (c_fork_w, c_write) = w4_whole_cowarena(wsize, &worder, Touch::Write)?;
+    let wsz = size_name(wsize);
+    let c_total_r = secs(c_fork_r + c_read);
+    let floor_total = secs(c_fork_r + copy_all);
+    rep.row(
+        "W4",
+        format!("fork + read every page of {wsz}, random, total"),
+        Unit::Secs,
+        Some(c_total_r),
+        "kernel fork(2) + child reads",
+        Some(secs(k_read.fork + k_read.touches)),
+    );
+    rep.row(
+        "W4",
+        format!("fork + read every page of {wsz}, random, total"),
+        Unit::Secs,
+        Some(c_total_r),
+        "copy floor: fork + 1 UFFDIO_COPY",
+        Some(floor_total),
+    );
+    rep.row(
+        "W4",
+        format!("fork + write every page of {wsz}, random, total"),
+        Unit::Secs,
+        Some(secs(c_fork_w + c_write)),
+        "kernel fork(2) + child COW writes",
+        Some(secs(k_write.fork + k_write.touches)),
+    );
+    rep.note(format!(
+        "W4 whole {wsz}: cowarena fork {:.2} / {:.2} ms, reads {:.1} ms, writes {:.1} ms; kernel fork(2) {:.2} / {:.2} ms, child reads {:.1} ms, child writes {:.1} ms; one UFFDIO_COPY of {wsz} {:.1} ms",
+        secs(c_fork_r) * 1e3,
+        secs(c_fork_w) * 1e3,
+        secs(c_read) * 1e3,
+        secs(c_write) * 1e3,
+        secs(k_read.fork) * 1e3,
+        secs(k_write.fork) * 1e3,
+        secs(k_read.touches) * 1e3,
+        secs(k_write.touches) * 1e3,
+        secs(copy_all) * 1e3
+    ));
+
+    // Break-even: fork_c + f·N·t_c = fork_k + f·N·t_k, with the per-page read costs of
+    // the dense random rows and the forks of the whole workload (mean of its two forks).
+    let fork_c = secs(c_fork_r + c_fork_w) / 2.0;
+    let fork_k = secs(k_read.fork + k_write.fork) / 2.0;
+    let share = |t_c: f64, t_k: f64| {
+        let d = wpages as f64 * (t_c - t_k);
+        if d > 0.0 {
+            ((fork_k - fork_c) / d).max(0.0)
+        } else {
+            f64::INFINITY
+        }
+    };
+    let f_dense = share(c_dense[1], k_dense[1]);
+    let f_whole = share(secs(c_read) / wpages as f64, secs(k_read.touches) / wpages as f64);
+    rep.row(
+        "W4",
+        format!("break-even: share of {wsz} a fork may read before fork(2) is cheaper"),
+        Unit::Share,
+        Some(f_dense),
+        "",
+        None,
+    );
+    rep.note(format!(
+        "W4 break-even ({wsz}): fork_cowarena {:.2} ms + f·N·{:.2} µs = fork(2) {:.2} ms + f·N·{:.3} µs → f = {:.2} % of the pages ({:.2} % from the whole-workload read cost)",
+        fork_c * 1e3,
+        c_dense[1] * 1e6,
+        fork_k * 1e3,
+        k_dense[1] * 1e6,
+        f_dense * 100.0,
+        f_whole * 100.0
+    ));
+
+    // Targets of issue 12.
+    rep.target(
+        "W4",
+        "dense random first-touch write >= 0.9x kernel",
+        Some(k_dense[0] / c_dense[0]),
+        true,
+        0.9,
+        Unit::Factor,
+    );
+    rep.target(
+        "W4",
+        "dense random COW write in the fork >= 1.0x kernel",
+        Some(k_dense[2] / c_dense[2]),
+        true,
+        1.0,
+        Unit::Factor,
+    );
+    for (i, s) in [(3, "KeepWarm"), (4, "Freeze")] {
+        rep.target(
+            "W4",
+            format!("dense random write in the parent after a fork ({s}) >= 1.0x kernel"),
+            Some(k_dense[i] / c_dense[i]),
+            true,
+            1.0,
+            Unit::Factor,
+        );
+    }
+    rep.target(
+        "W4",
+        format!("fork + read every page of {wsz} (random) <= 1.3x the copy floor"),
+        Some(c_total_r / floor_total),
+        false,
+        1.3,
+        Unit::Slowdown,
+    );
+    rep.target(
+        "W4",
+        "sparse random read faults in a fork <= 1.3x the same-thread floor",
+        Some(c_sparse[1] / floor_sparse),
+        false,
+        1.3,
+        Unit::Slowdown,
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
 // W4: fault throughput
 // ---------------------------------------------------------------------------------------
 
@@ -811,6 +1172,7 @@ fn w4_reuse(size: usize, take: bool) -> Res<(f64, u64)> {
 }
 
 fn w4(cfg: &Config, rep: &mut Report) -> Res<()> {
+    w4_random(cfg, rep)?;
     let size = if cfg.quick { 64 * MIB } else { 256 * MIB };
     let kreuse = baselines::kernel_reuse_fault_rate(size)?;
     let (moved, n_moved) = w4_reuse(size, true)?;
@@ -1068,11 +1430,11 @@ fn print_summary(rep: &Report, header: &str) {
             r.metric,
             r.unit.fmt(r.cowarena),
             r.baseline_name,
-            r.unit.fmt(r.baseline),
+            r.baseline_text(),
             fmt_ratio(r.ratio())
         );
     }
-    println!("\nTargets (issue 4):");
+    println!("\nTargets (issues 4 and 12):");
     for t in &rep.targets {
         let verdict = match t.pass() {
             Some(true) => "PASS",
