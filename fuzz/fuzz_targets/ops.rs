@@ -41,6 +41,7 @@ fn arena(mode: FaultMode) -> &'static Arena {
     let cell = match mode {
         FaultMode::Signal => &SIGNAL,
         FaultMode::Thread => &THREAD,
+        m => panic!("fuzz target: no arena for {m:?}"),
     };
     cell.get_or_init(|| {
         Arena::builder()
