@@ -147,15 +147,12 @@ fn chain_in_thread_mode() {
 const CHILD_ENV: &str = "COWARENA_CHAINS_LIMIT_CHILD";
 
 fn set_soft_as_limit(limit: Option<u64>) {
-    let v = limit.map_or("unlimited".to_string(), |l| l.to_string());
-    let out = std::process::Command::new("prlimit")
-        .args(["--pid", &std::process::id().to_string(), &format!("--as={v}:")])
-        .output()
-        .expect("prlimit (util-linux) must be installed");
-    assert!(out.status.success(), "prlimit: {}", String::from_utf8_lossy(&out.stderr));
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let hard = getrlimit(Resource::As).maximum;
+    setrlimit(Resource::As, Rlimit { current: limit, maximum: hard }).expect("setrlimit(RLIMIT_AS)");
 }
 
-/// At a real limit (here RLIMIT_AS, set with `prlimit` in a child process of this test):
+/// At a real limit (here RLIMIT_AS, set in a child process of this test):
 /// the error is typed and names the limits and the remedy; a drop whose freeze fails is
 /// not leaked silently — it is counted in `drops_deferred`, kept in `drops_pending`, and
 /// retried by the next fork once room is back.

@@ -234,12 +234,12 @@ fn e_memory_limit_with_max_memory_gives_capacity_error() {
     let opts: Vec<&str> = MEM.iter().copied().chain([PROFILE]).collect();
     let r = docker_run(&opts, &["container_check", "exhaust", "160m", "--max-memory", "32m"], SHORT);
     assert_eq!(r.code, 4, "{}", r.text());
-    assert!(r.out.contains("arena capacity exhausted"), "{}", r.text());
+    assert!(r.out.contains("arena memory limit reached"), "{}", r.text());
     assert!(!r.oom_killed, "{}", r.text());
     // Through the view there is no error value: the access dies loudly, with the reason.
     let r = docker_run(&opts, &["container_check", "exhaust", "160m", "--max-memory", "32m", "--via", "view"], SHORT);
     assert!(r.code == 135 || r.code == 139, "expected SIGBUS/SIGSEGV: {}", r.text());
-    assert!(r.out.contains("capacity exhausted"), "the reason must be logged: {}", r.text());
+    assert!(r.out.contains("memory limit reached"), "the reason must be logged: {}", r.text());
     assert!(!r.oom_killed, "{}", r.text());
 }
 

@@ -116,7 +116,7 @@ fn serve_in(core: &Core, page_addr: usize, cpu_says_write: bool) -> Option<Outco
         return match served {
             Ok(Ok(_)) => Some(Outcome::Handled),
             Ok(Err(crate::Error::CapacityExhausted { .. })) => {
-                failed("arena capacity exhausted (Arena::builder().max_memory)")
+                failed("arena memory limit reached (Arena::builder().max_memory counts written pages and read-only copies in views)")
             }
             Ok(Err(_)) => failed("a userfaultfd ioctl failed"),
             Err(_) => failed("a panic in the fault path"),
