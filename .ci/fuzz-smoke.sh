@@ -22,6 +22,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 # A corpus kept between runs (if the CI machine keeps fuzz/corpus) only helps; none is needed.
+# fuzz/regressions/ holds inputs that once failed (committed): they run first, every time.
 mkdir -p corpus/ops
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
@@ -29,7 +30,7 @@ set +e
 # -timeout: an input running 30 s is a hang (e.g. a fault never served) and fails the run.
 # -max_len/-len_control=0: long operation sequences from the start (libFuzzer's default
 # grows the length limit slowly, which would keep a one-minute run at a few operations).
-cargo "+$toolchain" fuzz run ops corpus/ops -- \
+cargo "+$toolchain" fuzz run ops corpus/ops regressions -- \
   -max_total_time="$secs" -rss_limit_mb=4096 -timeout=30 \
   -max_len=2048 -len_control=0 -print_final_stats=1 2>&1 | tee "$log" | grep -v -E '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse)|# Uses: [0-9]+$'
 rc=${PIPESTATUS[0]}

@@ -235,7 +235,11 @@ fn in_range(off: usize, len: usize, size: usize) -> bool {
 }
 
 /// Pages `[first, end)` the library's range operations cover for an in-range byte range.
+/// The pages a byte range covers; an empty range covers none (it changes nothing).
 fn pages(off: usize, len: usize) -> std::ops::Range<usize> {
+    if len == 0 {
+        return off / PAGE..off / PAGE;
+    }
     off / PAGE..(off + len).div_ceil(PAGE)
 }
 
