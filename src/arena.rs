@@ -100,13 +100,13 @@ impl ArenaBuilder {
         self
     }
 
-    /// Whether a read fault in a 2 MiB table where the view already maps at least 4 pages
+    /// Whether a read fault in a 2 MiB table where the view already maps at least 32 pages
     /// maps the rest of that table read-only at once (one `UFFDIO_COPY` per contiguous
     /// run, ~1.2 µs per page instead of a ~6 µs fault each), as the kernel's fault-around
     /// and THP heuristics bet on density. It never dirties, copies-on-write or breaks
     /// anything (the pages are mapped as read faults would map them, ACCESSED included),
     /// and it stops at the memory limit. Memory bound: at most the whole view — one table
-    /// (2 MiB) more per table in which 4 pages were touched. Default: on; off for sparse
+    /// (2 MiB) more per table in which 32 pages (1/16) were touched. Default: on; off for sparse
     /// readers that care about RSS more than fault cost.
     pub fn dense_read_fill(mut self, on: bool) -> Self {
         self.no_dense_fill = !on;

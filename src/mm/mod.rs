@@ -523,7 +523,7 @@ impl<B> Mm<B> {
 
     /// Reads of a table count as dense once this many of its pages are mapped in the view
     /// (the faulting one included): [`Mm::dense_in_table`].
-    pub const DENSE_FILL_PAGES: usize = 4;
+    pub const DENSE_FILL_PAGES: usize = 32;
 
     /// Is the 2 MiB table of `page` densely used by `sp`'s view — at least
     /// [`Mm::DENSE_FILL_PAGES`] of its pages mapped, but not all — so that mapping the rest
