@@ -118,10 +118,41 @@ fn serve_in(core: &Core, page_addr: usize, cpu_says_write: bool) -> Option<Outco
             Ok(Err(crate::Error::CapacityExhausted { .. })) => {
                 failed("arena memory limit reached (Arena::builder().max_memory counts written pages and read-only copies in views)")
             }
-            Ok(Err(_)) => failed("a userfaultfd ioctl failed"),
+            Ok(Err(e)) => {
+                // Name the call and its errno (no formatting machinery: a stack buffer).
+                if let crate::Error::Os { op, source } | crate::Error::MappingLimit { op, source } = &e {
+                    let mut buf = [0u8; 12];
+                    signal::write_stderr(&[
+                        "cowarena: ",
+                        op,
+                        " failed with errno ",
+                        decimal(source.raw_os_error().unwrap_or(0), &mut buf),
+                        "\n",
+                    ]);
+                }
+                failed("a userfaultfd ioctl failed")
+            }
             Err(_) => failed("a panic in the fault path"),
         };
     }
+}
+
+/// `v` in decimal, written into `buf` (signal-safe: no allocation).
+fn decimal(v: i32, buf: &mut [u8; 12]) -> &str {
+    let (mut n, mut i) = (v.unsigned_abs(), buf.len());
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if v < 0 {
+        i -= 1;
+        buf[i] = b'-';
+    }
+    std::str::from_utf8(&buf[i..]).unwrap_or("?")
 }
 
 /// A static reason (signal context: no formatting) naming the errno of a failed refill.
