@@ -63,6 +63,14 @@ pub struct Region<B> {
     pub backing: B,
 }
 
+impl<B> Region<B> {
+    /// An empty pool region of `pages` slots at `base` (the active pool, or a migration
+    /// target).
+    fn pool(base: usize, pages: usize, backing: B) -> Self {
+        Region { base, pages, kind: RegionKind::Frozen, homes: 0, peak: pages, queued: false, pool: true, backing }
+    }
+}
+
 /// Per-page state of a space's view, as the kernel sees it.
 ///
 /// Invariants (checked by [`Mm::check`]):
@@ -661,16 +669,7 @@ impl<B> Mm<B> {
                 self.queue_if_sparse(old);
             }
         }
-        self.pool = Some(RegionId(self.regions.insert(Region {
-            base,
-            pages,
-            kind: RegionKind::Frozen,
-            homes: 0,
-            peak: pages,
-            queued: false,
-            pool: true,
-            backing,
-        })));
+        self.pool = Some(RegionId(self.regions.insert(Region::pool(base, pages, backing))));
         self.pool_next = 0;
     }
 

@@ -60,16 +60,7 @@ impl<B> Mm<B> {
 
     /// Add a region of `pages` fresh slots (a migration target) mapped at `base`.
     pub fn add_pool_region(&mut self, base: usize, pages: usize, backing: B) -> RegionId {
-        RegionId(self.regions.insert(Region {
-            base,
-            pages,
-            kind: RegionKind::Frozen,
-            homes: 0,
-            peak: pages,
-            queued: false,
-            pool: true,
-            backing,
-        }))
+        RegionId(self.regions.insert(Region::pool(base, pages, backing)))
     }
 
     /// Release a pool region that received no frame (e.g. nothing needed migrating).
