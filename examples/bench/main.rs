@@ -1188,13 +1188,14 @@ fn w4(cfg: &Config, rep: &mut Report) -> Res<()> {
         );
     }
     rep.note(format!("W4 reuse: {n_moved} pages taken by UFFDIO_MOVE; move/copy = {:.2}x", moved / copied));
-    let mut cow_child_1 = None;
-    let mut kcow_1 = None;
-    for threads in [1, 2] {
+    // Per thread count: (threads, [first, read, cow_child, cow_parent], kernel first touch, kernel COW).
+    let mut by_threads: Vec<(usize, [f64; 4], f64, f64)> = Vec::new();
+    for threads in [1, 2, 4] {
         let touch = baselines::kernel_first_touch_rate(size, threads)?;
         let kcow = baselines::kernel_cow_fault_rate(size, threads)?;
         let arena = Arena::new()?;
-        let [first, read, cow_child, cow_parent] = w4_cowarena(&arena, size, threads)?;
+        let rates = w4_cowarena(&arena, size, threads)?;
+        let [first, read, cow_child, cow_parent] = rates;
         let s = arena.stats();
         drop(arena);
         let t = format!("{threads} thread{}", if threads > 1 { "s" } else { "" });
@@ -1239,45 +1240,69 @@ fn w4(cfg: &Config, rep: &mut Report) -> Res<()> {
             s.faults.spurious,
             s.faults.failed
         ));
-        match cow_child_1 {
-            None => {
-                cow_child_1 = Some(cow_child);
-                kcow_1 = Some(kcow);
-                rep.target(
-                    "W4",
-                    "COW write faults, 1 thread >= 1.0x kernel COW",
-                    Some(cow_child / kcow),
-                    true,
-                    1.0,
-                    Unit::Factor,
-                );
-                rep.target(
-                    "W4",
-                    "COW write faults, 1 thread: aim 2x kernel COW",
-                    Some(cow_child / kcow),
-                    true,
-                    2.0,
-                    Unit::Factor,
-                );
-            }
-            Some(one) => {
-                rep.row(
-                    "W4",
-                    "COW write faults, 2 threads / 1 thread",
-                    Unit::Factor,
-                    Some(cow_child / one),
-                    "kernel COW 2t/1t",
-                    kcow_1.map(|k1| kcow / k1),
-                );
-                rep.target(
-                    "W4",
-                    "COW write faults, 2 threads >= 1.6x one thread",
-                    Some(cow_child / one),
-                    true,
-                    1.6,
-                    Unit::Factor,
-                );
-            }
+        by_threads.push((threads, rates, touch, kcow));
+    }
+    let at = |n: usize| by_threads.iter().find(|r| r.0 == n).copied();
+    if let Some((_, [_, _, cow_child, _], _, kcow)) = at(1) {
+        rep.target(
+            "W4",
+            "COW write faults, 1 thread >= 1.0x kernel COW",
+            Some(cow_child / kcow),
+            true,
+            1.0,
+            Unit::Factor,
+        );
+        rep.target(
+            "W4",
+            "COW write faults, 1 thread: aim 2x kernel COW",
+            Some(cow_child / kcow),
+            true,
+            2.0,
+            Unit::Factor,
+        );
+    }
+    if let (Some(one), Some(two)) = (at(1), at(2)) {
+        rep.row(
+            "W4",
+            "COW write faults, 2 threads / 1 thread",
+            Unit::Factor,
+            Some(two.1[2] / one.1[2]),
+            "kernel COW 2t/1t",
+            Some(two.3 / one.3),
+        );
+        rep.target(
+            "W4",
+            "COW write faults, 2 threads >= 1.6x one thread",
+            Some(two.1[2] / one.1[2]),
+            true,
+            1.6,
+            Unit::Factor,
+        );
+    }
+    // Issue 13 item 2 (no convoys): more faulting threads than cores must not lose
+    // throughput to spinning on a lock whose holder is descheduled.
+    if let (Some(two), Some(four)) = (at(2), at(4)) {
+        for (i, what, kernel, k2, k4) in [
+            (0, "first-touch write faults", "kernel first touch 4t/2t", two.2, four.2),
+            (1, "read faults in a fork", "kernel first touch 4t/2t", two.2, four.2),
+            (2, "COW write faults in the fork", "kernel COW 4t/2t", two.3, four.3),
+        ] {
+            rep.row(
+                "W4",
+                format!("{what}, 4 threads / 2 threads"),
+                Unit::Factor,
+                Some(four.1[i] / two.1[i]),
+                kernel,
+                Some(k4 / k2),
+            );
+            rep.target(
+                "W4",
+                format!("{what}: 4 faulting threads aggregate >= 0.9x of 2 threads"),
+                Some(four.1[i] / two.1[i]),
+                true,
+                0.9,
+                Unit::Factor,
+            );
         }
     }
     // The handler-thread engine, for reference (a cross-thread wake-up per fault).
