@@ -1126,34 +1126,63 @@ fn w4_random(cfg: &Config, rep: &mut Report) -> Res<()> {
 // W4: fault throughput
 // ---------------------------------------------------------------------------------------
 
-/// Fault rates of one arena: `(first-touch writes, read faults in a fork, COW writes in
-/// the fork, COW writes in the parent)`, faults per second with `threads` threads.
-fn w4_cowarena(arena: &Arena, size: usize, threads: usize) -> Res<[f64; 4]> {
+/// One W4 run of an arena: per phase (first-touch writes, read faults in a fork, COW writes
+/// in the fork, COW writes in the parent), the fault rate (pages per second) and what the
+/// fault path spent holding the arena lock (`Stats::lock` before and after the phase).
+struct W4Run {
+    rates: [f64; 4],
+    /// Nanoseconds the fault path held the arena lock, per phase.
+    held_ns: [u64; 4],
+    /// Holds (one per fault served, a fault-around or dense fill included), per phase.
+    holds: [u64; 4],
+    /// Pages touched per phase.
+    pages: usize,
+}
+
+/// [`W4Run`] with `threads` threads.
+fn w4_cowarena(arena: &Arena, size: usize, threads: usize) -> Res<W4Run> {
+    let mut held_ns = [0; 4];
+    let mut holds = [0; 4];
+    let mut phase = |i: usize, f: &mut dyn FnMut() -> Duration| {
+        let before = arena.stats().lock;
+        let t = f();
+        let after = arena.stats().lock;
+        held_ns[i] = after.fault_held_ns - before.fault_held_ns;
+        holds[i] = after.fault_holds - before.fault_holds;
+        t
+    };
     let root = arena.space(size)?;
     let pages = pages_of(&root);
-    let first = threaded(pages, threads, |r| r.for_each(|p| store(&root, p, pattern(1, p))));
+    let first = phase(0, &mut || threaded(pages, threads, |r| r.for_each(|p| store(&root, p, pattern(1, p)))));
 
     let child = root.fork()?;
-    let read = threaded(pages, threads, |r| {
-        let mut acc = 0u64;
-        for p in r {
-            acc = acc.wrapping_add(load(&child, p));
-        }
-        std::hint::black_box(acc);
+    let read = phase(1, &mut || {
+        threaded(pages, threads, |r| {
+            let mut acc = 0u64;
+            for p in r {
+                acc = acc.wrapping_add(load(&child, p));
+            }
+            std::hint::black_box(acc);
+        })
     });
     drop(child);
 
     let child = root.fork()?;
-    let cow_child = threaded(pages, threads, |r| r.for_each(|p| store(&child, p, 2)));
+    let cow_child = phase(2, &mut || threaded(pages, threads, |r| r.for_each(|p| store(&child, p, 2))));
     if load(&root, pages / 2) != pattern(1, pages / 2) {
         return Err("W4: a child's write reached its parent".into());
     }
     drop(child);
 
     let child = root.fork()?;
-    let cow_parent = threaded(pages, threads, |r| r.for_each(|p| store(&root, p, 3)));
+    let cow_parent = phase(3, &mut || threaded(pages, threads, |r| r.for_each(|p| store(&root, p, 3))));
     drop(child);
-    Ok([per_sec(pages, first), per_sec(pages, read), per_sec(pages, cow_child), per_sec(pages, cow_parent)])
+    Ok(W4Run {
+        rates: [per_sec(pages, first), per_sec(pages, read), per_sec(pages, cow_child), per_sec(pages, cow_parent)],
+        held_ns,
+        holds,
+        pages,
+    })
 }
 
 /// Write faults on pages only the parent maps again (its snapshot was dropped): UFFDIO_MOVE
@@ -1169,6 +1198,53 @@ fn w4_reuse(size: usize, take: bool) -> Res<(f64, u64)> {
         return Err("W4: a reused page lost its write".into());
     }
     Ok((per_sec(pages, t), arena.stats().pages_moved))
+}
+
+/// Issue 13 item 5, the projected ceiling: per phase, the time the fault path held the
+/// arena lock per page (the serial part of a fault) against the mean time per page, and
+/// the rate at which the lock saturates (Amdahl: 1 / held time per page) — what any number
+/// of cores could reach at most while one arena-wide lock serves every fault.
+fn w4_lock_rows(rep: &mut Report, t: &str, run: &W4Run) {
+    let names = ["first-touch write", "read in a fork", "COW write in the fork", "COW write in the parent"];
+    let mut note = format!("W4 {t}, arena lock held by the fault path (per page; holds):");
+    for (i, name) in names.iter().enumerate() {
+        if run.holds[i] == 0 {
+            continue;
+        }
+        let held = run.held_ns[i] as f64 * 1e-9 / run.pages as f64;
+        let fault = 1.0 / run.rates[i];
+        let ceiling = 1.0 / held;
+        // The 1- and 4-thread rows carry the figures; every count gets the note.
+        if t.starts_with("1 ") || t.starts_with("4 ") {
+            rep.row(
+                "W4",
+                format!("{name}: arena lock held per page, {t}"),
+                Unit::Secs,
+                Some(held),
+                "mean time per page",
+                Some(fault),
+            );
+            rep.row(
+                "W4",
+                format!("{name}: lock-saturation ceiling (1/held), {t}"),
+                Unit::PerSec,
+                Some(ceiling),
+                "measured rate",
+                Some(run.rates[i]),
+            );
+        }
+        let _ = write!(
+            note,
+            " {name} {:.2} µs of {:.2} µs = serial fraction {:.0} %, ceiling {:.0} k/s ({} holds, {:.2} µs each);",
+            held * 1e6,
+            fault * 1e6,
+            100.0 * held / fault,
+            ceiling / 1e3,
+            run.holds[i],
+            run.held_ns[i] as f64 / run.holds[i] as f64 / 1e3,
+        );
+    }
+    rep.note(note);
 }
 
 fn w4(cfg: &Config, rep: &mut Report) -> Res<()> {
@@ -1194,7 +1270,8 @@ fn w4(cfg: &Config, rep: &mut Report) -> Res<()> {
         let touch = baselines::kernel_first_touch_rate(size, threads)?;
         let kcow = baselines::kernel_cow_fault_rate(size, threads)?;
         let arena = Arena::new()?;
-        let rates = w4_cowarena(&arena, size, threads)?;
+        let run = w4_cowarena(&arena, size, threads)?;
+        let rates = run.rates;
         let [first, read, cow_child, cow_parent] = rates;
         let s = arena.stats();
         drop(arena);
@@ -1240,6 +1317,7 @@ fn w4(cfg: &Config, rep: &mut Report) -> Res<()> {
             s.faults.spurious,
             s.faults.failed
         ));
+        w4_lock_rows(rep, &t, &run);
         by_threads.push((threads, rates, touch, kcow));
     }
     let at = |n: usize| by_threads.iter().find(|r| r.0 == n).copied();
@@ -1309,7 +1387,7 @@ fn w4(cfg: &Config, rep: &mut Report) -> Res<()> {
     let small = 32 * MIB;
     let kcow = baselines::kernel_cow_fault_rate(small, 1)?;
     let arena = Arena::builder().fault_mode(FaultMode::Thread).build()?;
-    let [_, read, cow_child, _] = w4_cowarena(&arena, small, 1)?;
+    let [_, read, cow_child, _] = w4_cowarena(&arena, small, 1)?.rates;
     drop(arena);
     rep.row("W4", "read faults, FaultMode::Thread, 1 thread", Unit::PerSec, Some(read), "kernel COW fault", Some(kcow));
     rep.row(
