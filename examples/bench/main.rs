@@ -1200,6 +1200,55 @@ fn w4_reuse(size: usize, take: bool) -> Res<(f64, u64)> {
     Ok((per_sec(pages, t), arena.stats().pages_moved))
 }
 
+/// CPU time of `clock` (`CLOCK_PROCESS_CPUTIME_ID`, `CLOCK_THREAD_CPUTIME_ID`), seconds.
+fn cpu_secs(clock: libc::clockid_t) -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into a live timespec.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// Issue 13 item 2 (no convoys), the waiting side: `faulters` threads keep faulting on one
+/// space while this thread holds the arena lock for a long operation (populating `size` of
+/// another space). Returns (the populate's wall time, the CPU time every other thread of
+/// the process burned meanwhile): waiters that sleep in `FUTEX_WAIT` burn next to nothing;
+/// waiters spinning on `try_lock` + `sched_yield` burn a whole vCPU each, up to the cores
+/// the holder leaves free.
+fn w4_waiters_cpu(size: usize, faulters: usize) -> Res<(f64, f64)> {
+    let arena = Arena::new()?;
+    let held = arena.space(size)?;
+    let faulted = arena.space(4 * size)?;
+    let pages = pages_of(&faulted);
+    let stop = AtomicBool::new(false);
+    let barrier = Barrier::new(faulters + 1);
+    thread::scope(|s| {
+        for t in 0..faulters {
+            let (faulted, stop, barrier) = (&faulted, &stop, &barrier);
+            s.spawn(move || {
+                barrier.wait();
+                let range = pages * t / faulters..pages * (t + 1) / faulters;
+                for p in range {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    store(faulted, p, 1);
+                }
+            });
+        }
+        barrier.wait();
+        thread::sleep(Duration::from_millis(2)); // the faulters are faulting
+        let (process, me) = (cpu_secs(libc::CLOCK_PROCESS_CPUTIME_ID), cpu_secs(libc::CLOCK_THREAD_CPUTIME_ID));
+        let start = Instant::now();
+        let r = held.populate(0, held.len(), true);
+        let took = start.elapsed().as_secs_f64();
+        let others =
+            (cpu_secs(libc::CLOCK_PROCESS_CPUTIME_ID) - process) - (cpu_secs(libc::CLOCK_THREAD_CPUTIME_ID) - me);
+        stop.store(true, Ordering::Relaxed);
+        r?;
+        Ok((took, others.max(0.0)))
+    })
+}
+
 /// Issue 13 item 5, the projected ceiling: per phase, the time the fault path held the
 /// arena lock per page (the serial part of a fault) against the mean time per page, and
 /// the rate at which the lock saturates (Amdahl: 1 / held time per page) — what any number
@@ -1383,6 +1432,15 @@ fn w4(cfg: &Config, rep: &mut Report) -> Res<()> {
             );
         }
     }
+    let (populate, burned) = w4_waiters_cpu(size, 3)?;
+    rep.row(
+        "W4",
+        format!("CPU burned by 3 faulting threads waiting for the lock ({} MiB populate)", size / MIB),
+        Unit::Secs,
+        Some(burned),
+        "the populate holding the lock",
+        Some(populate),
+    );
     // The handler-thread engine, for reference (a cross-thread wake-up per fault).
     let small = 32 * MIB;
     let kcow = baselines::kernel_cow_fault_rate(small, 1)?;
