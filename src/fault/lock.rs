@@ -65,7 +65,7 @@ struct Counters {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct LockStats {
-    /// Nanoseconds the fault path held the arena lock, summed over [`holds`](Self::holds)
+    /// Nanoseconds the fault path held the arena lock, summed over [`fault_holds`](Self::fault_holds)
     /// (`CLOCK_MONOTONIC` read after acquiring and before releasing; the two reads add
     /// ~30–60 ns per hold).
     pub fault_held_ns: u64,
