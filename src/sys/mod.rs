@@ -3,6 +3,7 @@
 
 pub mod inject;
 pub mod mem;
+pub mod pagemap;
 pub mod process;
 pub mod signal;
 // Reached from outside only through the doc-hidden `cowarena::__bench` (the bench baselines).
