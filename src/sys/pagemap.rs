@@ -65,6 +65,9 @@ pub struct Query {
     pub report: u64,
     /// `WP_MATCHING`, `CHECK_WPASYNC`.
     pub flags: u64,
+    /// Stop once this many matching pages were found (0: no limit); the last run may
+    /// then be cut short.
+    pub max_pages: usize,
 }
 
 /// `/proc/self/pagemap`, opened once: the file `PAGEMAP_SCAN` is issued on.
@@ -94,7 +97,8 @@ impl Pagemap {
     pub fn scan(&self, start: usize, end: usize, q: Query, out: &mut Vec<PageRun>) -> io::Result<()> {
         let mut regions = [g::page_region { start: 0, end: 0, categories: 0 }; BATCH];
         let mut at = start;
-        while at < end {
+        let mut found = 0usize;
+        while at < end && (q.max_pages == 0 || found < q.max_pages) {
             let mut arg = g::pm_scan_arg {
                 size: std::mem::size_of::<g::pm_scan_arg>() as u64,
                 flags: q.flags,
@@ -103,7 +107,7 @@ impl Pagemap {
                 walk_end: 0,
                 vec: regions.as_mut_ptr() as u64,
                 vec_len: BATCH as u64,
-                max_pages: 0,
+                max_pages: if q.max_pages == 0 { 0 } else { (q.max_pages - found) as u64 },
                 // The kernel matches `categories ^ inverted` against the masks: a category
                 // that is both inverted and required must be absent.
                 category_inverted: q.excluded,
@@ -120,6 +124,7 @@ impl Pagemap {
             n.map_err(io::Error::from)?;
             let filled = regions.iter().take_while(|r| r.end > r.start).count();
             for r in &mut regions[..filled] {
+                found += ((r.end - r.start) as usize) / crate::mm::PAGE_SIZE;
                 out.push(PageRun { start: r.start as usize, end: r.end as usize, categories: r.categories });
                 *r = g::page_region { start: 0, end: 0, categories: 0 };
             }

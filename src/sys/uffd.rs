@@ -22,6 +22,8 @@ const USERFAULTFD_IOC_NEW: Opcode = opcode::none(UFFDIO, 0);
 const UFFDIO_API: Opcode = opcode::read_write::<g::uffdio_api>(UFFDIO, g::_UFFDIO_API as u8);
 /// `_IOWR(UFFDIO, _UFFDIO_REGISTER, struct uffdio_register)`.
 const UFFDIO_REGISTER: Opcode = opcode::read_write::<g::uffdio_register>(UFFDIO, g::_UFFDIO_REGISTER as u8);
+/// `_IOR(UFFDIO, _UFFDIO_UNREGISTER, struct uffdio_range)`.
+const UFFDIO_UNREGISTER: Opcode = opcode::read::<g::uffdio_range>(UFFDIO, g::_UFFDIO_UNREGISTER as u8);
 /// `_IOR(UFFDIO, _UFFDIO_WAKE, struct uffdio_range)`.
 const UFFDIO_WAKE: Opcode = opcode::read::<g::uffdio_range>(UFFDIO, g::_UFFDIO_WAKE as u8);
 /// `_IOWR(UFFDIO, _UFFDIO_COPY, struct uffdio_copy)`.
@@ -260,6 +262,15 @@ impl Uffd {
         // SAFETY: UFFDIO_REGISTER takes a `struct uffdio_register`; registering a range
         // touches no Rust memory.
         unsafe { uffd_ioctl::<UFFDIO_REGISTER, _>(self.fd.as_fd(), &mut r) }
+    }
+
+    /// Unregister `[start, start+len)` (undoes [`Uffd::register`]; clears write-protection
+    /// on its pages, O(pages) for a WP registration). Threads waiting on a fault in the
+    /// range are woken and retry against the kernel.
+    pub fn unregister(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut r = g::uffdio_range { start: start as u64, len: len as u64 };
+        // SAFETY: UFFDIO_UNREGISTER takes a `struct uffdio_range`; it touches no Rust memory.
+        unsafe { uffd_ioctl::<UFFDIO_UNREGISTER, _>(self.fd.as_fd(), &mut r) }
     }
 
     /// UFFDIO_COPY `len` bytes from `src` to `dst`, retried until complete. EAGAIN (a
