@@ -416,6 +416,28 @@ fn w1(cfg: &Config, rep: &mut Report) -> Res<()> {
         let cow = secs(median(times));
         drop(space);
         drop(arena);
+        // The first fork of a never-forked space adopts it (registers the plain view,
+        // freezes it, PAGEMAP_SCAN, a frame per written page): once per space, O(pages).
+        let first = {
+            let arena = Arena::new()?;
+            let space = arena.space(size)?;
+            fill(&space, 1);
+            let t = Instant::now();
+            let child = space.fork()?;
+            let d = t.elapsed();
+            if load(&child, pages_of(&child) / 2) != pattern(1, pages_of(&child) / 2) {
+                return Err("W1: the first fork does not hold the parent's data".into());
+            }
+            secs(d)
+        };
+        rep.row(
+            "W1",
+            format!("first fork of a never-forked space, {} fully written (adoption)", size_name(size)),
+            Unit::Secs,
+            Some(first),
+            "kernel fork(2)",
+            Some(kernel),
+        );
 
         let w = format!("fork latency, {} fully written", size_name(size));
         rep.row("W1", &w, Unit::Secs, Some(cow), "kernel fork(2)", Some(kernel));
@@ -944,6 +966,13 @@ fn w4_random(cfg: &Config, rep: &mut Report) -> Res<()> {
     let floor_sparse = secs(t) / n as f64;
     let c_dense = w4_random_cowarena(size, &dense)?;
     let c_sparse = w4_random_cowarena(size, &sparse)?;
+    // The user-space first-touch path, for comparison: views registered from the start
+    // (what every first touch cost before plain spaces, and what a fork's first touch of a
+    // never-written page costs now).
+    let registered = Arena::builder().plain_until_fork(false).build()?;
+    let r_dense = per_page(&dense, |o| w4r_first_touch(&registered, size, o))?;
+    let r_sparse = per_page(&sparse, |o| w4r_first_touch(&registered, size, o))?;
+    drop(registered);
 
     let names: [(&str, &str); 5] = [
         ("first-touch write", "kernel first touch"),
@@ -989,6 +1018,16 @@ fn w4_random(cfg: &Config, rep: &mut Report) -> Res<()> {
         "same-thread floor (SIGBUS+COPY)",
         Some(floor_sparse),
     );
+    for (kind, r, k, floor) in
+        [("dense", r_dense, &k_dense, floor_dense), ("sparse", r_sparse, &k_sparse, floor_sparse)]
+    {
+        let w = format!("random {kind} {sz}: first-touch write, view registered from the start, per page");
+        rep.row("W4", &w, Unit::Secs, Some(r), "kernel first touch, same order", Some(k[0]));
+        rep.row("W4", &w, Unit::Secs, Some(r), "same-thread floor (SIGBUS+COPY)", Some(floor));
+    }
+    rep.note(format!(
+        "W4 random: first-touch rows without 'registered' write a never-forked space, which is plain kernel memory (ArenaBuilder::plain_until_fork, the default); 'registered' rows use plain_until_fork(false)"
+    ));
     rep.note(format!(
         "W4 random: dense = all {pages} pages of {sz} shuffled; sparse = one random page per 2 MiB table, tables shuffled, {sparse_reps} fresh spaces ({n_sparse} faults); same-thread floor (SIGBUS + one UFFDIO_COPY in the handler, same orders) {:.2} µs dense, {:.2} µs sparse",
         floor_dense * 1e6,

@@ -11,7 +11,7 @@
 //! until its first `fork(2)`; there the PTE tables are copied (or, with the COW-PTE series,
 //! shared). Adoption is O(written pages) of bookkeeping, paid once per space.
 
-use super::{Home, Mm, Pte, RegionId, RegionKind, SpaceId, PAGE_SIZE, PTRS_PER_PTE};
+use super::{FrameId, Mm, Pte, RegionId, RegionKind, SpaceId, PAGE_SIZE, PTRS_PER_PTE};
 
 /// Where the written pages of a plain space are when it is adopted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +64,10 @@ impl<B> Mm<B> {
                 r
             }
         };
+        let total: usize = runs.iter().map(|(a, b)| b - a).sum();
+        // One allocation up front rather than doublings (and their copies) as frames come.
+        let _ = self.frames.reserve(total);
+        debug_assert!(self.frames.slots_len() + total <= u32::MAX as usize);
         let mut adopted = 0usize;
         for &(a, b) in runs {
             debug_assert!(a < b && b <= self.space(sp).pages);
@@ -79,9 +83,10 @@ impl<B> Mm<B> {
                     }
                 };
                 let stop = b.min((ti + 1) * PTRS_PER_PTE);
-                for p in page..stop {
-                    let f = self.frames.alloc(Home { region, page: p as u32 }, p as u32, family);
-                    self.tables.get_mut(t).entries[p % PTRS_PER_PTE] = Pte::new(f, Pte::ACCESSED | Pte::DIRTY);
+                let first = self.frames.alloc_run(stop - page, region, page as u32, page as u32, family);
+                let entries = &mut self.tables.get_mut(t).entries[page % PTRS_PER_PTE..][..stop - page];
+                for (i, e) in entries.iter_mut().enumerate() {
+                    *e = Pte::new(FrameId(first.0 + i as u32), Pte::ACCESSED | Pte::DIRTY);
                 }
                 page = stop;
             }
