@@ -1025,9 +1025,9 @@ fn w4_random(cfg: &Config, rep: &mut Report) -> Res<()> {
         rep.row("W4", &w, Unit::Secs, Some(r), "kernel first touch, same order", Some(k[0]));
         rep.row("W4", &w, Unit::Secs, Some(r), "same-thread floor (SIGBUS+COPY)", Some(floor));
     }
-    rep.note(format!(
-        "W4 random: first-touch rows without 'registered' write a never-forked space, which is plain kernel memory (ArenaBuilder::plain_until_fork, the default); 'registered' rows use plain_until_fork(false)"
-    ));
+    rep.note(
+        "W4 random: first-touch rows without 'registered' write a never-forked space, which is plain kernel memory (ArenaBuilder::plain_until_fork, the default); 'registered' rows use plain_until_fork(false)",
+    );
     rep.note(format!(
         "W4 random: dense = all {pages} pages of {sz} shuffled; sparse = one random page per 2 MiB table, tables shuffled, {sparse_reps} fresh spaces ({n_sparse} faults); same-thread floor (SIGBUS + one UFFDIO_COPY in the handler, same orders) {:.2} µs dense, {:.2} µs sparse",
         floor_dense * 1e6,
