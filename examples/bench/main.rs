@@ -1,7 +1,8 @@
 //! The cowarena benchmark (issue 4): workloads W1–W5, each run for cowarena and for its
 //! baselines (`baselines.rs`: the kernel's `fork(2)` and faults, a naive uffd-wp snapshot, a
-//! memcpy snapshot, a fork server, a memfd reset, a dirty-page memcpy reset) in the same
-//! process run, then a table of absolute figures and ratios and a PASS/MISS line per target.
+//! memcpy snapshot, a fork server, a memfd reset, a dirty-page memcpy reset, the kernel's
+//! transparent `UFFD_FEATURE_WP_ASYNC` + `PAGEMAP_SCAN` reset) in the same process run, then a
+//! table of absolute figures and ratios and a PASS/MISS line per target.
 //!
 //! ```text
 //! cargo run --release --example bench                      # full run (≈ 3 minutes)
@@ -13,6 +14,11 @@
 //! W4 opens with issue 12's random-order rows (dense and sparse, beside the kernel's same
 //! pattern and the same-thread floor), "fork + touch every page" totals against `fork(2)`
 //! and the copy floor, and the break-even share; its sequential rows follow.
+//!
+//! W2 runs `reset_to` and the WP_ASYNC peer in interleaved rounds on the same page sequence
+//! (medians compared), then issue 14's dirty-tracking rows: `dirty_pages` and `clean` on a
+//! 1 GiB space with 1 % of its pages written, against `PAGEMAP_SCAN` answering the same
+//! questions; every side's answer is checked to be exactly the pages written.
 //!
 //! Ratios are oriented so that **> 1 means cowarena wins**: cowarena ÷ baseline for rates,
 //! baseline ÷ cowarena for latencies and memory.
