@@ -23,11 +23,21 @@
 //! the other strategies computed for the same input; the run ends with a self-check that
 //! the leakage check does fire on a state that was not reset.
 //!
+//! The same loop runs a second time with `Space::reset_to` in place of the fork: one working
+//! fork, reset to the snapshot after every input.
+//!
 //! **Comparisons**, all on the same inputs: a kernel *fork server* (`fork(2)` a child per
 //! input from a parent holding the pristine state in plain memory, as AFL does), a *full
-//! memcpy* reset of the whole state, and a *dirty-page memcpy* reset that copies back only
+//! memcpy* reset of the whole state, a *dirty-page memcpy* reset that copies back only
 //! the pages the target reports having written (what LibAFL-style snapshot fuzzers do with
-//! dirty tracking; here the target reports its writes itself, which real targets do not).
+//! dirty tracking; here the target reports its writes itself, which real targets do not),
+//! and the kernel's *transparent* reset (Linux 6.7+, the peer of issue 14): the state lives
+//! in plain memory registered with a userfaultfd in asynchronous write-protect mode
+//! (`UFFD_FEATURE_WP_ASYNC`: the kernel marks written pages itself, no fault reaches user
+//! space), and each reset lists the written pages with `PAGEMAP_SCAN`, copies them back and
+//! re-protects them — the dirty-page reset without the target's help. Its list must be
+//! exactly the pages the target recorded. (It reaches the kernel through cowarena's own sys
+//! layer, `cowarena::__bench`, which is no public API.)
 
 #[allow(dead_code)]
 #[path = "common/mod.rs"]
@@ -214,14 +224,27 @@ fn full_compare(space: &Space, pristine: &[u8]) -> Res<usize> {
 // Strategies
 // ---------------------------------------------------------------------------------------
 
+/// How a cowarena run gets a pristine space for the next input.
+#[derive(Clone, Copy, PartialEq)]
+enum CowReset {
+    /// Drop the last fork and fork the snapshot again.
+    Fork,
+    /// `Space::reset_to` the snapshot: the fork keeps its view and directory across inputs.
+    ResetTo,
+}
+
 /// A pristine space for the next iteration, given the one the last iteration used.
-///
-/// `Space::reset` swap point: when it lands, replace this body with
-/// `prev.reset()?; Ok(prev)` — the fork then keeps its view and directory across iterations
-/// instead of being dropped and re-created.
-fn next_pristine(snapshot: &Space, prev: Space) -> cowarena::Result<Space> {
-    drop(prev);
-    snapshot.fork()
+fn next_pristine(snapshot: &Space, mut prev: Space, how: CowReset) -> cowarena::Result<Space> {
+    match how {
+        CowReset::Fork => {
+            drop(prev);
+            snapshot.fork()
+        }
+        CowReset::ResetTo => {
+            prev.reset_to(snapshot)?;
+            Ok(prev)
+        }
+    }
 }
 
 struct Outcome {
@@ -229,7 +252,7 @@ struct Outcome {
     results: Vec<u64>,
 }
 
-fn run_cowarena(arena: &Arena, pristine: &[u8], iters: usize) -> Res<Outcome> {
+fn run_cowarena(arena: &Arena, pristine: &[u8], iters: usize, how: CowReset) -> Res<Outcome> {
     let mut snapshot = arena.space(STATE)?;
     snapshot.as_mut_slice().copy_from_slice(pristine);
     let mut results = Vec::with_capacity(iters);
@@ -239,7 +262,7 @@ fn run_cowarena(arena: &Arena, pristine: &[u8], iters: usize) -> Res<Outcome> {
     let t = Instant::now();
     for i in 0..iters {
         if i > 0 {
-            child = next_pristine(&snapshot, child)?;
+            child = next_pristine(&snapshot, child, how)?;
         }
         let leaked = leaked_pages(&child, pristine, prev.pages())?;
         if leaked != 0 {
@@ -262,8 +285,9 @@ fn run_cowarena(arena: &Arena, pristine: &[u8], iters: usize) -> Res<Outcome> {
     // Self-check: the leakage check must fire on a state that was not reset.
     let leaked = leaked_pages(&child, pristine, prev.pages())?;
     println!(
-        "  {full_checks} full 8 MiB comparisons of a fresh fork: all pristine ({:.1} ms each, not counted); \
+        "  {full_checks} full 8 MiB comparisons of a fresh {}: all pristine ({:.1} ms each, not counted); \
          self-check: the last state, not reset, shows {leaked} leaked pages",
+        if how == CowReset::Fork { "fork" } else { "reset" },
         common::ms(full_time) / full_checks.max(1) as f64
     );
     if leaked == 0 {
@@ -272,7 +296,7 @@ fn run_cowarena(arena: &Arena, pristine: &[u8], iters: usize) -> Res<Outcome> {
     drop(child);
     let s = arena.stats();
     println!(
-        "  arena: {} forks, faults {:?}, {} tables broken, {} frames in use with only the snapshot alive",
+        "  arena (so far): {} forks, faults {:?}, {} tables broken, {} frames in use with only the snapshot alive",
         s.forks, s.faults, s.tables_broken, s.frames_in_use
     );
     Ok(Outcome { rate: iters as f64 / elapsed.as_secs_f64(), results })
@@ -345,6 +369,74 @@ fn run_memcpy(pristine: &[u8], iters: usize, dirty_only: bool) -> Res<Outcome> {
     Ok(Outcome { rate: iters as f64 / t.elapsed().as_secs_f64(), results })
 }
 
+/// The kernel's transparent reset (Linux 6.7+): the state in plain memory registered in
+/// WP mode with an async-WP userfaultfd and wholly write-protected; before each input the
+/// pages the last one wrote are listed (`PAGEMAP_SCAN`, `PAGE_IS_WRITTEN`), copied back
+/// from the pristine image and re-protected (a second walk, `PM_SCAN_WP_MATCHING`: doing
+/// both in one walk would protect the pages before the copies write them, and the copies
+/// would mark them written again). The list must be exactly the pages the target recorded.
+/// `None` (with the reason) where the kernel has no `WP_ASYNC` or `PAGEMAP_SCAN`.
+fn run_wp_async(pristine: &[u8], iters: usize) -> Res<Option<Outcome>> {
+    use cowarena::__bench::{category, Pagemap, Query, Uffd, CHECK_WPASYNC};
+    let mut mem = common::AnonMem::new(STATE)?;
+    mem.as_mut_slice().copy_from_slice(pristine);
+    let (uffd, pagemap) = match (Uffd::open_wp_async(), Pagemap::open()) {
+        (Ok(u), Ok(p)) => (u, p),
+        (Err(e), _) => return skip_peer(&e),
+        (_, Err(e)) => return skip_peer(&e),
+    };
+    let (start, end) = (mem.as_mut_ptr() as usize, mem.as_mut_ptr() as usize + STATE);
+    uffd.register_modes(start, STATE, false, true)?;
+    uffd.writeprotect(start, STATE, true)?;
+    let written =
+        Query { required: category::WRITTEN, report: category::WRITTEN, flags: CHECK_WPASYNC, ..Query::default() };
+    let mut runs = Vec::with_capacity(256);
+    let mut listed = Vec::with_capacity(256);
+    let mut results = Vec::with_capacity(iters);
+    let mut prev = Dirty::new();
+    let t = Instant::now();
+    for i in 0..iters {
+        let work = mem.as_mut_slice();
+        if i > 0 {
+            runs.clear();
+            pagemap.scan(start, end, written, &mut runs)?;
+            listed.clear();
+            for r in &runs {
+                let (a, b) = (r.start - start, r.end - start);
+                work[a..b].copy_from_slice(&pristine[a..b]);
+                listed.extend(a / PAGE..b / PAGE);
+            }
+            pagemap.protect(start, end, written)?;
+            let mut recorded: Vec<usize> = prev.pages().collect();
+            recorded.sort_unstable();
+            if listed != recorded {
+                return Err(format!(
+                    "WP_ASYNC reset: iteration {i}: PAGEMAP_SCAN listed {} pages, the target wrote {}",
+                    listed.len(),
+                    recorded.len()
+                )
+                .into());
+            }
+        }
+        let leaked = prev.pages().filter(|&p| work[p * PAGE..(p + 1) * PAGE] != pristine[p * PAGE..(p + 1) * PAGE]);
+        if leaked.count() != 0 {
+            return Err(format!("WP_ASYNC reset: iteration {i} does not start pristine").into());
+        }
+        let mut dirty = Dirty::new();
+        results.push(execute(work, &input(i), &mut dirty));
+        prev = dirty;
+    }
+    let rate = iters as f64 / t.elapsed().as_secs_f64();
+    println!("  WP_ASYNC + PAGEMAP_SCAN: every reset listed exactly the pages the target recorded writing");
+    drop(mem); // unregistered by the unmap, before the userfaultfd closes
+    Ok(Some(Outcome { rate, results }))
+}
+
+fn skip_peer(e: &dyn std::fmt::Display) -> Res<Option<Outcome>> {
+    println!("  kernel WP_ASYNC + PAGEMAP_SCAN reset skipped: {e} (needs Linux 6.7+)");
+    Ok(None)
+}
+
 fn run() -> Res {
     let quick = common::quick();
     let scale = if quick { 1 } else { 10 };
@@ -359,18 +451,28 @@ fn run() -> Res {
 
     let cow_iters = 2000 * scale;
     println!("cowarena: fork the snapshot per input, drop it after ({cow_iters} iterations)");
-    let cow = run_cowarena(&arena, &pristine, cow_iters)?;
+    let cow = run_cowarena(&arena, &pristine, cow_iters, CowReset::Fork)?;
+    println!("cowarena: one fork, Space::reset_to the snapshot after every input ({cow_iters} iterations)");
+    let reset = run_cowarena(&arena, &pristine, cow_iters, CowReset::ResetTo)?;
     common::check_no_leak(&arena)?;
     drop(arena);
 
-    let mut rows = vec![("cowarena Space::fork", cow)];
-    let plan =
-        [("kernel fork server", 300 * scale), ("full memcpy reset", 200 * scale), ("dirty-page memcpy", 2000 * scale)];
+    let mut rows = vec![("cowarena Space::fork", cow), ("cowarena Space::reset_to", reset)];
+    let plan = [
+        ("kernel fork server", 300 * scale),
+        ("full memcpy reset", 200 * scale),
+        ("dirty-page memcpy", 2000 * scale),
+        ("kernel WP_ASYNC reset", 2000 * scale),
+    ];
     for (name, iters) in plan {
         let out = match name {
             "kernel fork server" => run_fork_server(&pristine, iters)?,
             "full memcpy reset" => run_memcpy(&pristine, iters, false)?,
-            _ => run_memcpy(&pristine, iters, true)?,
+            "dirty-page memcpy" => run_memcpy(&pristine, iters, true)?,
+            _ => match run_wp_async(&pristine, iters)? {
+                Some(out) => out,
+                None => continue,
+            },
         };
         rows.push((name, out));
     }
@@ -387,9 +489,21 @@ fn run() -> Res {
     }
 
     println!();
-    println!("{:<22} {:>11} {:>14} {:>12}", "strategy", "iterations", "iterations/s", "vs cowarena");
+    println!("{:<26} {:>11} {:>14} {:>9} {:>10}", "strategy", "iterations", "iterations/s", "vs fork", "vs reset");
     for (name, out) in &rows {
-        println!("{name:<22} {:>11} {:>14.0} {:>11.2}x", out.results.len(), out.rate, out.rate / rows[0].1.rate);
+        println!(
+            "{name:<26} {:>11} {:>14.0} {:>8.2}x {:>9.2}x",
+            out.results.len(),
+            out.rate,
+            out.rate / rows[0].1.rate,
+            out.rate / rows[1].1.rate
+        );
+    }
+    if let Some((_, peer)) = rows.iter().find(|(n, _)| *n == "kernel WP_ASYNC reset") {
+        println!(
+            "Space::reset_to ÷ the kernel's transparent reset (WP_ASYNC + PAGEMAP_SCAN): {:.2}x (issue 14: >= 1.0x, aim 2x)",
+            rows[1].1.rate / peer.rate
+        );
     }
     println!("every iteration started pristine and every strategy agreed on every shared input: OK");
     Ok(())

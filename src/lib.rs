@@ -16,11 +16,15 @@ pub mod space;
 mod sync;
 pub(crate) mod sys;
 
-/// The userfaultfd layer, for the benchmark's baselines (`examples/bench`) only: not part
-/// of the API, no stability promise.
+/// The userfaultfd and `PAGEMAP_SCAN` layer, for the benchmark's baselines (`examples/bench`)
+/// and the kernel peer of `examples/fuzz_reset` only: not part of the API, no stability
+/// promise.
 #[doc(hidden)]
 pub mod __bench {
-    pub use crate::sys::uffd::{Uffd, UffdMsg, FEATURE_SIGBUS, FEATURE_WP, PAGEFAULT_FLAG_WP};
+    pub use crate::sys::pagemap::{category, PageRun, Pagemap, Query, CHECK_WPASYNC, WP_MATCHING};
+    pub use crate::sys::uffd::{
+        Uffd, UffdMsg, FEATURE_SIGBUS, FEATURE_WP, FEATURE_WP_ASYNC, FEATURE_WP_UNPOPULATED, PAGEFAULT_FLAG_WP,
+    };
 }
 
 /// Fault injection for tests (cargo feature `fault-injection`).

@@ -5,7 +5,9 @@ use std::time::Instant;
 
 use crate::arena::{new_view, Inner};
 use crate::error::{Error, Result};
+use crate::fault::AdoptHow;
 use crate::mm::{SpaceId, Src, PAGE_SIZE};
+use crate::sys::mem::Advice;
 
 /// What a fork does with the parent's pages written since its previous fork (they must
 /// stop being writable before their frames are shared).
@@ -290,9 +292,12 @@ impl Space {
             // it (a view) would deadlock. The barrier makes the bounce opaque.
             std::hint::black_box(&mut bounce);
             let mut mm = core.lock();
-            core.fault_in_api(&mut mm, self.id, page, true)?;
+            if !mm.is_plain(self.id) {
+                core.fault_in_api(&mut mm, self.id, page, true)?;
+            }
             // SAFETY: after a write fault-in the view page is populated and writable, and
-            // stays so while we hold the lock.
+            // stays so while we hold the lock; a plain view is unregistered kernel memory
+            // (the kernel serves the fault), and stays so while we hold the lock.
             unsafe { crate::sys::mem::write_raw(self.base + at, &bounce[..n]) };
             drop(mm);
             done += n;
@@ -315,6 +320,16 @@ impl Space {
         let core = self.core()?;
         core.check_sigmask()?;
         let mut mm = core.lock();
+        if mm.is_plain(self.id) {
+            // Kernel memory (syscalls are served on it anyway): populate as MAP_POPULATE
+            // would, so later accesses do not fault.
+            let (first, end) = (offset / PAGE_SIZE, (offset + len).div_ceil(PAGE_SIZE));
+            let advice = if write { Advice::LinuxPopulateWrite } else { Advice::LinuxPopulateRead };
+            return mm
+                .view_backing(self.id)
+                .advise(first * PAGE_SIZE, (end - first) * PAGE_SIZE, advice)
+                .map_err(|e| Error::os("MADV_POPULATE view pages", e));
+        }
         for page in offset / PAGE_SIZE..=(offset + len - 1) / PAGE_SIZE {
             core.fault_in_api(&mut mm, self.id, page, write)?;
         }
@@ -367,6 +382,10 @@ impl Space {
         }
         let core = self.core()?;
         let mut mm = core.lock();
+        if mm.is_plain(self.id) {
+            let (addr, len) = (self.base + first * PAGE_SIZE, (end - first) * PAGE_SIZE);
+            return crate::sys::mem::discard_range(addr, len).map_err(|e| Error::os("MADV_DONTNEED view pages", e));
+        }
         let need = mm.shared_homes(self.id, first, end).len();
         core.ensure_pool(&mut mm, need)?;
         let mut ops = Vec::new();
@@ -388,6 +407,7 @@ impl Space {
         }
         let core = self.core()?;
         let mut mm = core.lock();
+        // (A plain space has no frames: the kernel owns its pages.)
         let frames = mm.frames_in(self.id, first, end);
         let r = migrate_frames(core, &mut mm, frames);
         drop(mm);
@@ -442,7 +462,13 @@ impl Space {
     /// [`Error::OutOfRange`].
     pub fn referenced(&self, offset: usize, len: usize) -> Result<Vec<usize>> {
         let (first, end) = self.page_range(offset, len)?;
-        Ok(self.core()?.lock().referenced(self.id, first, end))
+        let core = self.core()?;
+        let mm = core.lock();
+        if mm.is_plain(self.id) {
+            // Never cleared: every page touched since creation (the kernel's page tables).
+            return core.plain_touched(&mm, self.id, first, end);
+        }
+        Ok(mm.referenced(self.id, first, end))
     }
 
     /// Clear the referenced bits of the byte range and re-arm detection, without breaking
@@ -459,6 +485,7 @@ impl Space {
         }
         let core = self.core()?;
         let mut mm = core.lock();
+        core.adopt_if_plain(&mut mm, self.id, AdoptHow::Auto)?; // re-arming needs the model
         let mut ops = Vec::new();
         let n = mm.clear_referenced(self.id, first, end, &mut ops);
         core.run_ops(&mut mm, &ops)?;
@@ -472,7 +499,13 @@ impl Space {
     /// [`Error::OutOfRange`].
     pub fn dirty_pages(&self, offset: usize, len: usize) -> Result<Vec<usize>> {
         let (first, end) = self.page_range(offset, len)?;
-        Ok(self.core()?.lock().dirty_pages(self.id, first, end))
+        let core = self.core()?;
+        let mm = core.lock();
+        if mm.is_plain(self.id) {
+            // Exact from the kernel's page tables: a page is allocated only when written.
+            return core.plain_written(&mm, self.id, first, end);
+        }
+        Ok(mm.dirty_pages(self.id, first, end))
     }
 
     /// Return the pages written since the last clean and mark them clean (mkclean: breaks
@@ -488,6 +521,7 @@ impl Space {
         }
         let core = self.core()?;
         let mut mm = core.lock();
+        core.adopt_if_plain(&mut mm, self.id, AdoptHow::Auto)?; // re-protecting needs the model
         let mut ops = Vec::new();
         let dirty = mm.mkclean(self.id, first, end, &mut ops);
         core.run_ops(&mut mm, &ops)?;

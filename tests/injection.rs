@@ -41,7 +41,7 @@ fn bystander(arena: &Arena) -> Space {
 fn eagain_is_retried() {
     let _g = serial();
     for mode in modes() {
-        let arena = Arena::builder().fault_mode(mode).build().unwrap();
+        let arena = Arena::builder().fault_mode(mode).plain_until_fork(false).build().unwrap();
         let mut s = arena.space(8 * PAGE).unwrap();
         arm(Point::UffdCopy, libc::EAGAIN, 5);
         s.write(0, b"api").unwrap();
@@ -61,7 +61,7 @@ fn eagain_is_retried() {
 fn failing_copy_is_a_typed_error_and_leaks_nothing() {
     let _g = serial();
     for errno in [libc::ENOMEM, libc::EEXIST, libc::EFAULT] {
-        let arena = Arena::new().unwrap();
+        let arena = Arena::builder().plain_until_fork(false).build().unwrap();
         let other = bystander(&arena);
         let mut s = arena.space(8 * PAGE).unwrap();
         arm(Point::UffdCopy, errno, 1);
@@ -89,7 +89,7 @@ fn failing_copy_is_a_typed_error_and_leaks_nothing() {
 fn refused_move_falls_back_to_a_copy() {
     let _g = serial();
     for mode in modes() {
-        let arena = Arena::builder().fault_mode(mode).build().unwrap();
+        let arena = Arena::builder().fault_mode(mode).plain_until_fork(false).build().unwrap();
         let mut s = arena.space(8 * PAGE).unwrap();
         s.write(0, &[3u8; 8 * PAGE]).unwrap();
         let c = s.fork_with(cowarena::ForkStrategy::Freeze).unwrap();
@@ -132,7 +132,7 @@ fn refused_move_falls_back_to_a_copy() {
 fn late_refill_never_deadlocks_a_freezing_fork() {
     let _g = serial();
     let _wd = Watchdog::new("late_refill_never_deadlocks_a_freezing_fork", std::time::Duration::from_secs(60));
-    let arena = Arena::builder().fault_mode(FaultMode::Signal).build().unwrap();
+    let arena = Arena::builder().fault_mode(FaultMode::Signal).plain_until_fork(false).build().unwrap();
     for round in 0..20u8 {
         let mut s = arena.space(64 * PAGE).unwrap();
         s.as_mut_slice()[..32 * PAGE].fill(round); // page 63 stays beyond fault-around's reach
@@ -151,7 +151,7 @@ fn late_refill_never_deadlocks_a_freezing_fork() {
 #[test]
 fn failing_unprotect_on_cow_is_a_typed_error() {
     let _g = serial();
-    let arena = Arena::new().unwrap();
+    let arena = Arena::builder().plain_until_fork(false).build().unwrap();
     let mut a = arena.space(8 * PAGE).unwrap();
     a.write(0, b"parent").unwrap();
     let mut b = a.fork().unwrap();
@@ -170,7 +170,7 @@ fn failing_unprotect_on_cow_is_a_typed_error() {
 #[test]
 fn panic_in_the_fault_path_is_a_typed_error_for_the_api() {
     let _g = serial();
-    let arena = Arena::new().unwrap();
+    let arena = Arena::builder().plain_until_fork(false).build().unwrap();
     let other = bystander(&arena);
     let mut s = arena.space(8 * PAGE).unwrap();
     arm(Point::FaultPath, 0, 1);
@@ -188,7 +188,7 @@ fn child_entry() {
     let Ok(what) = std::env::var("COWARENA_INJECT_CHILD") else { return };
     let (mode, point) = what.split_once(':').unwrap();
     let mode = if mode == "signal" { FaultMode::Signal } else { FaultMode::Thread };
-    let arena = Arena::builder().fault_mode(mode).build().unwrap();
+    let arena = Arena::builder().fault_mode(mode).plain_until_fork(false).build().unwrap();
     let mut s = arena.space(4 * PAGE).unwrap();
     match point {
         "copy" => arm(Point::UffdCopy, libc::ENOMEM, 1),
@@ -238,7 +238,7 @@ fn errno_survives_faults_whose_syscalls_fail() {
         unsafe { *libc::__errno_location() = v };
     }
     for mode in modes() {
-        let arena = Arena::builder().fault_mode(mode).build().unwrap();
+        let arena = Arena::builder().fault_mode(mode).plain_until_fork(false).build().unwrap();
         let mut s = arena.space(8 * PAGE).unwrap();
         s.write(0, &[3u8; 8 * PAGE]).unwrap();
         drop(s.fork_with(cowarena::ForkStrategy::Freeze).unwrap()); // s's frames: exclusive, frozen
@@ -252,6 +252,40 @@ fn errno_survives_faults_whose_syscalls_fail() {
         assert_eq!((v, errno()), (3, 1234), "{mode:?}: errno after a retried UFFDIO_COPY");
         disarm();
         set_errno(0);
+        drop(s);
+        assert_empty(&arena);
+    }
+}
+
+/// Adopting a plain space (its first fork) write-protects it in place for `KeepWarm`; when
+/// that fails, the fork is a typed error and the space is left plain and intact — its view
+/// unregistered again, so writes keep going to the kernel — and a later fork adopts it.
+#[test]
+fn failed_adoption_leaves_the_space_plain_and_intact() {
+    let _g = serial();
+    for mode in modes() {
+        let arena = Arena::builder().fault_mode(mode).build().unwrap();
+        let mut s = arena.space(4 << 20).unwrap();
+        for p in (0..1024).step_by(3) {
+            s.as_mut_slice()[p * PAGE] = p as u8 | 1;
+        }
+        arm(Point::UffdWriteprotect, libc::ENOMEM, 1);
+        let r = s.fork_with(cowarena::ForkStrategy::KeepWarm);
+        disarm();
+        assert!(matches!(r, Err(Error::Os { .. })), "{mode:?}: {r:?}");
+        let st = arena.stats();
+        assert_eq!((st.plain_spaces, st.adoptions, st.frames_in_use), (1, 0, 0), "{mode:?}");
+        // Still the kernel's memory: writes to new pages and old ones are served there.
+        s.as_mut_slice()[1000 * PAGE + 1] = 9;
+        s.as_mut_slice()[3 * PAGE] = 4;
+        let c = s.fork().unwrap();
+        for p in (0..1024).step_by(3) {
+            let want = if p == 3 { 4 } else { p as u8 | 1 };
+            assert_eq!((s.as_slice()[p * PAGE], c.as_slice()[p * PAGE]), (want, want), "{mode:?} page {p}");
+        }
+        assert_eq!(c.as_slice()[1000 * PAGE + 1], 9);
+        arena.check_invariants().unwrap();
+        drop(c);
         drop(s);
         assert_empty(&arena);
     }

@@ -202,7 +202,10 @@ fn child_blocked_sigbus_entry() {
         return;
     }
     let arena = Arena::builder().fault_mode(FaultMode::Signal).build().unwrap();
-    let mut s = arena.space(PAGE).unwrap();
+    // A fork's view is served by userfaultfd (a never-forked space is plain kernel memory
+    // and never faults to us: see `plain_until_fork`).
+    let root = arena.space(PAGE).unwrap();
+    let mut s = root.fork().unwrap();
     block_sigbus_in_this_thread();
     let v = std::hint::black_box(&mut s.as_mut_slice()[0]);
     *v = 1;

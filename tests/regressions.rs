@@ -71,7 +71,8 @@ fn fault_around_never_dirties_or_copies_unwritten_pages() {
 #[test]
 fn first_touch_sweep_dirties_only_what_it_writes() {
     for mode in modes() {
-        let arena = Arena::builder().fault_mode(mode).build().unwrap();
+        // A view registered from the start: one write fault and one frame per page.
+        let arena = Arena::builder().fault_mode(mode).plain_until_fork(false).build().unwrap();
         let mut s = arena.space(TABLE).unwrap();
         for p in 0..64 {
             s.as_mut_slice()[p * PAGE] = 1;
@@ -79,6 +80,26 @@ fn first_touch_sweep_dirties_only_what_it_writes() {
         assert_eq!(s.dirty_pages(0, TABLE).unwrap(), (0..64).collect::<Vec<_>>(), "{mode:?}");
         assert_eq!(arena.stats().frames_in_use, 64, "{mode:?}");
         assert_eq!(arena.stats().faults.write_zero, 64, "{mode:?}");
+
+        // A plain space: the kernel serves the writes; dirty from its page tables, exactly
+        // (reads of other pages map the zero page and are not "written"); the first fork
+        // adopts exactly the pages written.
+        let arena = Arena::builder().fault_mode(mode).build().unwrap();
+        let mut s = arena.space(TABLE).unwrap();
+        for p in 0..64 {
+            s.as_mut_slice()[p * PAGE] = 1;
+        }
+        assert_eq!(std::hint::black_box(s.as_slice()[100 * PAGE]), 0);
+        assert_eq!(s.dirty_pages(0, TABLE).unwrap(), (0..64).collect::<Vec<_>>(), "{mode:?} plain");
+        assert_eq!(s.referenced(0, TABLE).unwrap(), (0..64).chain([100]).collect::<Vec<_>>(), "{mode:?} plain");
+        let st = arena.stats();
+        assert_eq!((st.frames_in_use, st.faults.write_zero, st.plain_spaces), (0, 0, 1), "{mode:?} plain");
+        let child = s.fork().unwrap();
+        let st = arena.stats();
+        assert_eq!((st.frames_in_use, st.pages_adopted, st.plain_spaces), (64, 64, 0), "{mode:?} adopted");
+        assert_eq!(s.dirty_pages(0, TABLE).unwrap(), (0..64).collect::<Vec<_>>(), "{mode:?} adopted");
+        assert_eq!(child.dirty_pages(0, TABLE).unwrap(), (0..64).collect::<Vec<_>>(), "{mode:?} child");
+        arena.check_invariants().unwrap();
     }
 }
 

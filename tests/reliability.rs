@@ -173,8 +173,10 @@ fn address_space_exhaustion_is_a_typed_api_error() {
 fn signal_mode_arenas_do_not_wait_for_each_others_lock() {
     const BIG: usize = 256 << 20;
     const FAULTS: usize = 2000;
-    let a = Arena::builder().fault_mode(FaultMode::Signal).build().unwrap();
-    let b = Arena::builder().fault_mode(FaultMode::Signal).build().unwrap();
+    // Registered views from the start: the hog's populate must hold A's lock, and B's
+    // first touches must be faults we serve.
+    let a = Arena::builder().fault_mode(FaultMode::Signal).plain_until_fork(false).build().unwrap();
+    let b = Arena::builder().fault_mode(FaultMode::Signal).plain_until_fork(false).build().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let rounds = Arc::new(AtomicUsize::new(0));
     let hog = {

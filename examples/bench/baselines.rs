@@ -23,7 +23,9 @@ use std::sync::{Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use cowarena::__bench::{Uffd, UffdMsg, FEATURE_WP, PAGEFAULT_FLAG_WP};
+use cowarena::__bench::{
+    category, PageRun, Pagemap, Query, Uffd, UffdMsg, CHECK_WPASYNC, FEATURE_WP, PAGEFAULT_FLAG_WP, WP_MATCHING,
+};
 
 /// The page size every baseline works in.
 pub const PAGE: usize = 4096;
@@ -226,6 +228,18 @@ impl Mapping {
             // SAFETY: page `i` is inside both mappings, which are distinct mappings (so the
             // ranges do not overlap) kept alive by the borrows.
             unsafe { ptr::copy_nonoverlapping(src.page_ptr(i), self.page_ptr(i), PAGE) }
+        }
+    }
+
+    /// Copies pages `[first, first + n)` of `src` over the same pages of `self` (one
+    /// `memcpy`; clamped to both mappings).
+    #[inline]
+    fn copy_pages_from(&self, src: &Mapping, first: usize, n: usize) {
+        let end = (first.saturating_add(n)).min(self.pages()).min(src.pages());
+        if first < end {
+            // SAFETY: pages `first..end` are inside both mappings, which are distinct
+            // mappings (so the ranges do not overlap) kept alive by the borrows.
+            unsafe { ptr::copy_nonoverlapping(src.page_ptr(first), self.page_ptr(first), (end - first) * PAGE) }
         }
     }
 
@@ -787,9 +801,15 @@ pub fn memfd_reset_iters_per_sec(bytes: usize, writes: usize, reads: usize, iter
 /// Snapshot-fuzzer reset (LibAFL style): a working copy and a pristine copy of `bytes`;
 /// each of `iters` iterations writes `writes` random pages (recording each newly dirtied
 /// page in a software list, deduplicated by a bitmap), reads `reads` random pages, then
-/// restores every dirty page by `memcpy` from the pristine copy. Returns iterations per
-/// second.
-pub fn dirty_memcpy_reset_iters_per_sec(bytes: usize, writes: usize, reads: usize, iters: usize) -> io::Result<f64> {
+/// restores every dirty page by `memcpy` from the pristine copy. Pages are drawn from
+/// `Rng::new(seed)`. Returns iterations per second.
+pub fn dirty_memcpy_reset_iters_per_sec(
+    bytes: usize,
+    writes: usize,
+    reads: usize,
+    iters: usize,
+    seed: u64,
+) -> io::Result<f64> {
     let len = region_len(bytes)?;
     let pristine = Mapping::populated(len)?;
     let work = Mapping::anon(len)?;
@@ -798,7 +818,7 @@ pub fn dirty_memcpy_reset_iters_per_sec(bytes: usize, writes: usize, reads: usiz
     let pages = work.pages();
     let mut bitmap = vec![0u64; pages.div_ceil(64)];
     let mut dirty: Vec<usize> = Vec::with_capacity(writes.min(pages));
-    let mut rng = Rng::new(FUZZ_SEED);
+    let mut rng = Rng::new(seed);
     let iters = iters.max(1);
     let t = Instant::now();
     for it in 0..iters as u64 {
@@ -823,6 +843,287 @@ pub fn dirty_memcpy_reset_iters_per_sec(bytes: usize, writes: usize, reads: usiz
         dirty.clear();
     }
     Ok(per_second(iters, t.elapsed()))
+}
+
+// ---------------------------------------------------------------------------------------
+// 8b: the transparent kernel peer (W2, dirty tracking): userfaultfd WP_ASYNC + PAGEMAP_SCAN
+// ---------------------------------------------------------------------------------------
+
+/// The `PAGEMAP_SCAN` question "which pages were written since they were last protected?",
+/// refused (EPERM) on a range no async-WP userfaultfd covers.
+fn written_query() -> Query {
+    Query { required: category::WRITTEN, report: category::WRITTEN, flags: CHECK_WPASYNC, ..Query::default() }
+}
+
+/// Page indices (relative to `base`) of `runs`, in order.
+fn run_pages(runs: &[PageRun], base: usize) -> Vec<usize> {
+    runs.iter().flat_map(|r| (r.start - base) / PAGE..(r.end - base) / PAGE).collect()
+}
+
+/// Sorted, deduplicated `pages`.
+fn sorted_set(mut pages: Vec<usize>) -> Vec<usize> {
+    pages.sort_unstable();
+    pages.dedup();
+    pages
+}
+
+/// What one timed round of [`WpAsyncReset::fuzz_round`] measured.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ResetRound {
+    /// Iterations run.
+    pub iters: usize,
+    /// Wall time of the whole round (accesses and resets).
+    pub elapsed: Duration,
+    /// Time in `PAGEMAP_SCAN` listing the written pages.
+    pub scan: Duration,
+    /// Time copying the written pages back from the pristine copy.
+    pub copy: Duration,
+    /// Time in `PAGEMAP_SCAN` re-protecting them (`WP_MATCHING`).
+    pub rearm: Duration,
+    /// Pages restored over the round.
+    pub pages: usize,
+}
+
+impl ResetRound {
+    /// Iterations per second.
+    pub fn rate(&self) -> f64 {
+        per_second(self.iters, self.elapsed)
+    }
+
+    /// `d` per iteration.
+    pub fn per_iter(&self, d: Duration) -> Duration {
+        d / u32::try_from(self.iters.max(1)).unwrap_or(u32::MAX)
+    }
+}
+
+/// The kernel's transparent reset (Linux 6.7+), the peer of W2's `reset_to` (and
+/// `shared/anchors/w2_transparent_reset.c` in Rust, over cowarena's sys layer): a working
+/// region of `bytes` with every page written, registered in WP mode on a userfaultfd opened
+/// with `UFFD_FEATURE_WP_ASYNC` and wholly write-protected, beside a pristine copy. The
+/// application's writes take no fault in user space (the kernel un-protects the page and
+/// marks it written, ≈ 0.7 µs); a reset lists the written pages with `PAGEMAP_SCAN`
+/// (`PAGE_IS_WRITTEN`), `memcpy`s each run back from the pristine copy, and re-protects
+/// them with a second walk (`PM_SCAN_WP_MATCHING`).
+///
+/// Why two walks: the one-walk form (list and re-protect together, then copy back) is
+/// wrong — the copies write pages just protected, which marks them written again, so every
+/// reset restores the last one's pages too and the set grows towards the whole region (20
+/// iterations/s, 24 000 pages per iteration, in a C trial on 256 MiB).
+pub struct WpAsyncReset {
+    // Declared (so dropped) before the userfaultfd: the registered range goes first.
+    work: Mapping,
+    pristine: Mapping,
+    pagemap: Pagemap,
+    uffd: Uffd,
+    runs: Vec<PageRun>,
+}
+
+impl WpAsyncReset {
+    /// Set up the region (untimed: populating, registering and protecting 256 MiB takes a
+    /// few ms). Fails when the kernel has no `WP_ASYNC` or `PAGEMAP_SCAN` (before 6.7).
+    pub fn new(bytes: usize) -> io::Result<WpAsyncReset> {
+        let len = region_len(bytes)?;
+        let pristine = Mapping::populated(len)?;
+        let work = Mapping::anon(len)?;
+        work.copy_pages_from(&pristine, 0, pristine.pages());
+        let uffd = Uffd::open_wp_async().map_err(uffd_err)?;
+        uffd.register_modes(work.ptr as usize, len, false, true)?;
+        uffd.writeprotect(work.ptr as usize, len, true)?;
+        let pagemap = Pagemap::open()?;
+        let mut peer = WpAsyncReset { work, pristine, pagemap, uffd, runs: Vec::with_capacity(1024) };
+        if !peer.list_written()?.is_empty() {
+            return Err(io::Error::other("WP_ASYNC peer: pages listed as written right after protecting them all"));
+        }
+        Ok(peer)
+    }
+
+    fn range(&self) -> (usize, usize) {
+        let base = self.work.ptr as usize;
+        (base, base + self.work.len)
+    }
+
+    /// Pages of the working region.
+    pub fn pages(&self) -> usize {
+        self.work.pages()
+    }
+
+    /// The runs of pages written since they were last protected (one `PAGEMAP_SCAN`).
+    fn list_written(&mut self) -> io::Result<&[PageRun]> {
+        let (start, end) = self.range();
+        self.runs.clear();
+        self.pagemap.scan(start, end, written_query(), &mut self.runs)?;
+        Ok(&self.runs)
+    }
+
+    /// Copy the listed runs back from the pristine copy; returns the pages copied.
+    fn restore_listed(&self) -> usize {
+        let base = self.work.ptr as usize;
+        let mut pages = 0;
+        for r in &self.runs {
+            let (first, n) = ((r.start - base) / PAGE, (r.end - r.start) / PAGE);
+            self.work.copy_pages_from(&self.pristine, first, n);
+            pages += n;
+        }
+        pages
+    }
+
+    /// Re-protect every written page (one `PAGEMAP_SCAN` with `WP_MATCHING`, no output).
+    fn rearm(&self) -> io::Result<()> {
+        let (start, end) = self.range();
+        self.pagemap.protect(start, end, written_query())
+    }
+
+    /// `iters` iterations of the fuzz loop (`fuzz_accesses` with values `it0..`, pages
+    /// drawn from `rng`), each followed by a reset; the phases of the reset timed apart.
+    pub fn fuzz_round(
+        &mut self,
+        rng: &mut Rng,
+        writes: usize,
+        reads: usize,
+        it0: u64,
+        iters: usize,
+    ) -> io::Result<ResetRound> {
+        let mut r = ResetRound { iters, ..ResetRound::default() };
+        let t = Instant::now();
+        for it in it0..it0 + iters as u64 {
+            std::hint::black_box(fuzz_accesses(&self.work, rng, writes, reads, it));
+            let t0 = Instant::now();
+            self.list_written()?;
+            let t1 = Instant::now();
+            r.pages += self.restore_listed();
+            let t2 = Instant::now();
+            self.rearm()?;
+            let t3 = Instant::now();
+            r.scan += t1 - t0;
+            r.copy += t2 - t1;
+            r.rearm += t3 - t2;
+        }
+        r.elapsed = t.elapsed();
+        Ok(r)
+    }
+
+    /// Exactness, untimed: `iters` iterations in which the pages written are recorded too;
+    /// each reset must list exactly them, and afterwards every page must equal the pristine
+    /// copy. Returns the pages checked.
+    pub fn check_exact(&mut self, rng: &mut Rng, writes: usize, reads: usize, iters: usize) -> io::Result<usize> {
+        let pages = self.pages();
+        let mut checked = 0;
+        for it in 0..iters as u64 {
+            let written: Vec<usize> = (0..writes).map(|_| rng.below(pages)).collect();
+            for &p in &written {
+                self.work.write_page(p, it | 1 << 63);
+            }
+            let mut acc = 0u64;
+            for _ in 0..reads {
+                acc = acc.wrapping_add(self.work.read_page(rng.below(pages)));
+            }
+            std::hint::black_box(acc);
+            let base = self.work.ptr as usize;
+            let listed = run_pages(self.list_written()?, base);
+            let expected = sorted_set(written);
+            if listed != expected {
+                return Err(io::Error::other(format!(
+                    "WP_ASYNC peer: PAGEMAP_SCAN listed {} pages, {} were written (first listed {:?}, first written {:?})",
+                    listed.len(),
+                    expected.len(),
+                    listed.first(),
+                    expected.first()
+                )));
+            }
+            checked += listed.len();
+            self.restore_listed();
+            self.rearm()?;
+        }
+        if !self.list_written()?.is_empty() {
+            return Err(io::Error::other("WP_ASYNC peer: pages still listed as written after the re-arm"));
+        }
+        let differ = (0..pages).filter(|&p| self.work.read_page(p) != self.pristine.read_page(p)).count();
+        if differ != 0 {
+            return Err(io::Error::other(format!("WP_ASYNC peer: {differ} pages differ from the pristine copy")));
+        }
+        Ok(checked)
+    }
+}
+
+/// What [`wp_async_dirty_scan`] measured (medians over the rounds).
+#[derive(Clone, Copy, Debug)]
+pub struct DirtyScanReport {
+    /// Pages in the region.
+    pub pages: usize,
+    /// Distinct pages written per round.
+    pub written: usize,
+    /// `PAGEMAP_SCAN` for `PAGE_IS_WRITTEN` over the whole region ("which pages were
+    /// written?"; the `dirty_pages` question).
+    pub list: Duration,
+    /// The same with `PM_SCAN_WP_MATCHING` ("list them and re-arm"; the `clean` question).
+    pub list_rearm: Duration,
+    /// Rounds run.
+    pub rounds: usize,
+}
+
+/// Dirty tracking by the kernel (Linux 6.7+): a region of `bytes`, every page written,
+/// registered in WP mode on an async-WP userfaultfd and wholly write-protected (untimed).
+/// Each of `rounds` rounds writes `fraction` of its pages (distinct, random), then times
+/// a `PAGEMAP_SCAN` listing the written pages (three times: the median is kept) and one
+/// with `WP_MATCHING` that lists and re-protects them. Both answers must be exactly the
+/// pages written, and nothing may be listed after the re-protect (else an error).
+pub fn wp_async_dirty_scan(bytes: usize, fraction: f64, rounds: usize, seed: u64) -> io::Result<DirtyScanReport> {
+    let len = region_len(bytes)?;
+    let region = Mapping::populated(len)?;
+    let pages = region.pages();
+    let uffd = Uffd::open_wp_async().map_err(uffd_err)?;
+    let (start, end) = (region.ptr as usize, region.ptr as usize + len);
+    uffd.register_modes(start, len, false, true)?;
+    uffd.writeprotect(start, len, true)?;
+    let pagemap = Pagemap::open()?;
+    let mut rng = Rng::new(seed);
+    let mut runs = Vec::with_capacity(fraction_of(pages, fraction) + 16);
+    let (mut lists, mut rearms) = (Vec::new(), Vec::new());
+    let mut written = 0;
+    for round in 0..rounds.max(1) {
+        let targets = distinct_pages(&mut rng, pages, fraction_of(pages, fraction));
+        written = targets.len();
+        for &p in &targets {
+            region.write_page(p, round as u64 + 2);
+        }
+        let expected = sorted_set(targets);
+        let mut one = Vec::new();
+        for _ in 0..3 {
+            runs.clear();
+            let t = Instant::now();
+            pagemap.scan(start, end, written_query(), &mut runs)?;
+            one.push(t.elapsed());
+            if run_pages(&runs, start) != expected {
+                return Err(io::Error::other("WP_ASYNC dirty scan: the pages listed are not the pages written"));
+            }
+        }
+        one.sort();
+        lists.push(one[1]);
+        runs.clear();
+        let q = Query { flags: written_query().flags | WP_MATCHING, ..written_query() };
+        let t = Instant::now();
+        pagemap.scan(start, end, q, &mut runs)?;
+        rearms.push(t.elapsed());
+        if run_pages(&runs, start) != expected {
+            return Err(io::Error::other("WP_ASYNC dirty scan: list-and-re-arm did not list the pages written"));
+        }
+        runs.clear();
+        pagemap.scan(start, end, written_query(), &mut runs)?;
+        if !runs.is_empty() {
+            return Err(io::Error::other("WP_ASYNC dirty scan: pages still listed as written after the re-arm"));
+        }
+    }
+    drop(region); // unmapped before the userfaultfd closes
+    drop(uffd);
+    lists.sort();
+    rearms.sort();
+    Ok(DirtyScanReport {
+        pages,
+        written,
+        list: lists[lists.len() / 2],
+        list_rearm: rearms[rearms.len() / 2],
+        rounds: rounds.max(1),
+    })
 }
 
 // ---------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@
 //! compared in full (view and API), `check_invariants()` must pass, everything is dropped
 //! and the arena's gauges (spaces, frames, tables, views, frozen regions) must be zero.
 //!
-//! One arena per fault mode per process (a `OnceLock`): arenas in signal mode are limited
+//! One arena per fault mode and plain setting per process (a `OnceLock`): arenas in signal mode are limited
 //! to 64 live at once and creating one costs syscalls, so every input must leave the arena
 //! empty — which is what the final check asserts.
 
@@ -35,17 +35,17 @@ const MAX_OPS: usize = 256;
 /// at the end of the input anyway).
 const MAX_XFER: usize = 256 << 10;
 
-fn arena(mode: FaultMode) -> &'static Arena {
-    static SIGNAL: OnceLock<Arena> = OnceLock::new();
-    static THREAD: OnceLock<Arena> = OnceLock::new();
+fn arena(mode: FaultMode, plain: bool) -> &'static Arena {
+    static ARENAS: [OnceLock<Arena>; 4] = [const { OnceLock::new() }; 4];
     let cell = match mode {
-        FaultMode::Signal => &SIGNAL,
-        FaultMode::Thread => &THREAD,
+        FaultMode::Signal => &ARENAS[plain as usize],
+        FaultMode::Thread => &ARENAS[2 + plain as usize],
         m => panic!("fuzz target: no arena for {m:?}"),
     };
     cell.get_or_init(|| {
         Arena::builder()
             .fault_mode(mode)
+            .plain_until_fork(plain)
             .build()
             .unwrap_or_else(|e| panic!("cannot create a {mode:?}-mode arena (is userfaultfd available?): {e}"))
     })
@@ -210,7 +210,9 @@ enum Op {
 
 #[derive(Arbitrary, Debug)]
 struct Input {
-    /// Thread fault mode when `mode % 4 == 0` (its faults cost ~10x more), else signal mode.
+    /// Thread fault mode when `mode % 4 == 0` (its faults cost ~10x more), else signal mode;
+    /// new spaces plain until their first fork when `(mode / 4) % 2 == 0`, else registered
+    /// from the start.
     mode: u8,
     ops: Vec<Op>,
 }
@@ -284,7 +286,7 @@ fn check_invariants(arena: &Arena, when: &str) {
 
 fn run(input: Input) {
     let mode = if input.mode.is_multiple_of(4) { FaultMode::Thread } else { FaultMode::Signal };
-    let arena = arena(mode);
+    let arena = arena(mode, (input.mode / 4).is_multiple_of(2));
     let mut live: Vec<Entry> = Vec::new();
     let mut total = 0usize;
     let mut next_family = 0u32;

@@ -18,10 +18,12 @@ use crate::sys::mem::Mapping;
 use crate::sys::uffd::{self, Uffd, UffdMsg};
 use crate::sys::wake::EventFd;
 
+mod adopt;
 pub(crate) mod lock;
 mod registry;
 pub(crate) mod signal;
 
+pub(crate) use adopt::AdoptHow;
 pub use lock::LockStats;
 
 /// How view faults reach the engine.
@@ -100,6 +102,11 @@ pub(crate) struct Core {
     /// What the signal handler reads without the lock: the view ranges and the outcome of
     /// the last headroom refills.
     pub sig: SignalState,
+    /// `PAGEMAP_SCAN` (Linux 6.7+), to adopt plain spaces; `None` where the kernel lacks it.
+    pub pagemap: Option<crate::sys::pagemap::Pagemap>,
+    /// New spaces start plain (kernel memory until their first fork; see
+    /// `ArenaBuilder::plain_until_fork`).
+    pub plain: bool,
 }
 
 /// State the SIGBUS handler reads without taking the arena lock (atomics only).
@@ -312,6 +319,15 @@ impl Core {
     pub fn prepare_share(&self, mm: &mut Mm<Mapping>, sp: SpaceId, strategy: crate::ForkStrategy) -> Result<bool> {
         use crate::mm::SharePlan;
         self.housekeeping(mm);
+        self.adopt_if_plain(
+            mm,
+            sp,
+            match strategy {
+                crate::ForkStrategy::Auto => AdoptHow::Auto,
+                crate::ForkStrategy::KeepWarm => AdoptHow::InPlace,
+                crate::ForkStrategy::Freeze => AdoptHow::Freeze,
+            },
+        )?;
         let plan = match (mm.share_plan(sp), strategy) {
             (SharePlan::Ready, _) => SharePlan::Ready,
             (plan, crate::ForkStrategy::Auto) => plan,
@@ -529,6 +545,9 @@ impl Core {
     /// so does the first one beyond the memory limit.
     pub fn fault_in_around(&self, mm: &mut Mm<Mapping>, sp: SpaceId, page: usize, write: bool) -> Result<FaultKind> {
         let kind = self.fault_in(mm, sp, page, write)?;
+        if mm.is_plain(sp) {
+            return Ok(kind); // a stale fault on a plain view: nothing around it is ours
+        }
         let ahead = mm.fault_around(sp, page);
         if write || !mm.has_headroom_for(FAULT_AROUND_MAX + 2) {
             return Ok(kind);

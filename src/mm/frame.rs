@@ -52,6 +52,18 @@ impl FrameStore {
         }
     }
 
+    /// Allocate `n` frames with consecutive ids (appended, not taken from the free list:
+    /// a bulk adoption fills whole tables in one pass); frame `i` is homed at page
+    /// `first_page + i` of `region` and has index `first_index + i`. Returns the first id.
+    pub fn alloc_run(&mut self, n: usize, region: RegionId, first_page: u32, first_index: u32, family: u32) -> FrameId {
+        let start = self.slots.len() as u32;
+        self.slots.extend((0..n as u32).map(|i| {
+            Some(Frame { refs: 1, home: Home { region, page: first_page + i }, index: first_index + i, family })
+        }));
+        self.in_use += n;
+        FrameId(start)
+    }
+
     pub fn release(&mut self, id: FrameId) -> Frame {
         let f = self.slots[id.0 as usize].take().expect("release of a free frame");
         self.free.push(id.0);

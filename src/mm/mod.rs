@@ -8,11 +8,13 @@
 //! shared table before a write, as in the COW-PTE series; [`Mm::resolve_fault`] is the
 //! analog of `handle_pte_fault` / `do_wp_page`.
 
+mod adopt;
 mod bits;
 mod frame;
 mod rmap;
 mod table;
 
+pub use adopt::AdoptAt;
 pub use rmap::KernelOp;
 
 pub use bits::Bits;
@@ -111,6 +113,10 @@ pub struct SpaceMm {
     /// (like readahead).
     last_fault: Option<usize>,
     streak: u32,
+    /// The view is plain kernel memory, not registered with userfaultfd (a space never
+    /// forked; see `adopt.rs`). Invariant: then `dir` is all `None` and `vs` is empty — the
+    /// kernel, not the model, holds the contents.
+    pub plain: bool,
 }
 
 /// The most pages served ahead of one sequential fault.
@@ -307,6 +313,11 @@ pub struct MmCounters {
     /// Drops whose freeze failed (e.g. `vm.max_map_count` reached): the space was kept on
     /// the pending list and is retried at the next fork or drop.
     pub drops_deferred: u64,
+    /// Spaces created plain (their view kernel memory until the first fork), plain spaces
+    /// adopted, and the written pages those adoptions turned into frames.
+    pub plain_spaces_created: u64,
+    pub adoptions: u64,
+    pub pages_adopted: u64,
 }
 
 /// Shared tables broken, by the operation that needed an exclusive table.
@@ -603,6 +614,7 @@ impl<B> Mm<B> {
             vs: ViewState::new(pages),
             last_fault: None,
             streak: 0,
+            plain: false,
         }));
         self.region_mut(region).kind = RegionKind::View(sp);
         self.views.insert(base, sp);
@@ -617,15 +629,19 @@ impl<B> Mm<B> {
     /// (cheap when few were written: ~1 µs per run), or freeze the view (one `mremap`,
     /// O(tables), but the view re-faults what it touches afterwards).
     pub fn share_plan(&self, sp: SpaceId) -> SharePlan {
-        let s = self.space(sp);
-        let rw = s.vs.writable.count();
+        let rw = self.space(sp).vs.writable.count();
         if rw == 0 {
             SharePlan::Ready
-        } else if rw <= self.protect_limit.unwrap_or((s.pages / 256).max(256)) {
+        } else if rw <= self.protect_limit_for(sp) {
             SharePlan::Protect
         } else {
             SharePlan::Freeze
         }
+    }
+
+    /// The most written pages a fork protects in place rather than freezing the view.
+    pub fn protect_limit_for(&self, sp: SpaceId) -> usize {
+        self.protect_limit.unwrap_or((self.space(sp).pages / 256).max(256))
     }
 
     /// See [`Action::Take`]: on when the kernel offers UFFDIO_MOVE.
@@ -875,7 +891,7 @@ impl<B> Mm<B> {
     /// old address stays mapped but empty. Re-homes every frame of the view in O(1): the
     /// view's region becomes the frozen region. Read-only copies that moved along are not
     /// homes; their pages are queued for discard.
-    pub fn freeze_view(&mut self, sp: SpaceId, frozen_base: usize, frozen: B) {
+    pub fn freeze_view(&mut self, sp: SpaceId, frozen_base: usize, frozen: B) -> RegionId {
         let old = self.space(sp).view;
         let (pages, view_base) = (self.region(old).pages, self.region(old).base);
         // The region (and every Home naming it) now describes the frozen pages.
@@ -902,6 +918,7 @@ impl<B> Mm<B> {
             self.reclaim.discard.push((frozen_base + a * PAGE_SIZE, (b - a) * PAGE_SIZE));
         }
         self.counters.freezes += 1;
+        old
     }
 
     /// Fork `parent`: the child shares every table of the parent (O(tables)); no frame is
@@ -1153,7 +1170,9 @@ impl<B> Mm<B> {
         };
         let dst = self.region(view).base + page * PAGE_SIZE;
         let done = |action, commit| Resolution { action, space: sp, page, commit };
-        if writable || (!write && present) {
+        if writable || (!write && present) || self.space(sp).plain {
+            // (A plain view is the kernel's: a fault message for it is stale — it was
+            // unregistered after a failed adoption — and the access retries there.)
             return done(Action::Wake, Commit::None);
         }
         if !write {
@@ -1317,6 +1336,10 @@ impl<B> Mm<B> {
     /// Where the explicit read API finds the bytes of `page` of `sp`: zeros or a frame's
     /// home (populated memory). Marks the entry accessed.
     pub fn read_source(&mut self, sp: SpaceId, page: usize) -> Src {
+        if self.space(sp).plain {
+            // The kernel holds the bytes, in the (unregistered) view itself.
+            return Src::Addr(self.view_base(sp) + page * PAGE_SIZE);
+        }
         let Some(t) = self.space(sp).dir[page / PTRS_PER_PTE] else {
             return Src::Zero;
         };
@@ -1337,7 +1360,10 @@ impl<B> Mm<B> {
     pub fn check(&self) -> Result<(), String> {
         use std::collections::HashMap;
         let mut share: HashMap<TableId, u32> = HashMap::new();
-        for (_, s) in self.spaces.iter() {
+        for (i, s) in self.spaces.iter() {
+            if s.plain && (s.dir.iter().any(Option::is_some) || s.vs.present.count() > 0) {
+                return Err(format!("plain space {i} has tables or mapped view pages"));
+            }
             for t in s.dir.iter().flatten() {
                 *share.entry(*t).or_default() += 1;
             }

@@ -7,7 +7,8 @@
 use std::ffi::c_void;
 use std::io;
 
-use rustix::mm::{self, Advice, MapFlags, MprotectFlags, MremapFlags, ProtFlags};
+pub use rustix::mm::Advice;
+use rustix::mm::{self, MapFlags, MprotectFlags, MremapFlags, ProtFlags};
 
 /// Bytes per page.
 pub const PAGE: usize = 4096;

@@ -4,6 +4,7 @@
 pub mod futex;
 pub mod inject;
 pub mod mem;
+pub mod pagemap;
 pub mod process;
 pub mod signal;
 // Reached from outside only through the doc-hidden `cowarena::__bench` (the bench baselines).

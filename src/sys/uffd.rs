@@ -22,6 +22,8 @@ const USERFAULTFD_IOC_NEW: Opcode = opcode::none(UFFDIO, 0);
 const UFFDIO_API: Opcode = opcode::read_write::<g::uffdio_api>(UFFDIO, g::_UFFDIO_API as u8);
 /// `_IOWR(UFFDIO, _UFFDIO_REGISTER, struct uffdio_register)`.
 const UFFDIO_REGISTER: Opcode = opcode::read_write::<g::uffdio_register>(UFFDIO, g::_UFFDIO_REGISTER as u8);
+/// `_IOR(UFFDIO, _UFFDIO_UNREGISTER, struct uffdio_range)`.
+const UFFDIO_UNREGISTER: Opcode = opcode::read::<g::uffdio_range>(UFFDIO, g::_UFFDIO_UNREGISTER as u8);
 /// `_IOR(UFFDIO, _UFFDIO_WAKE, struct uffdio_range)`.
 const UFFDIO_WAKE: Opcode = opcode::read::<g::uffdio_range>(UFFDIO, g::_UFFDIO_WAKE as u8);
 /// `_IOWR(UFFDIO, _UFFDIO_COPY, struct uffdio_copy)`.
@@ -111,6 +113,7 @@ pub const FEATURE_NAMES: &[(u64, &str)] = &[
     (g::UFFD_FEATURE_THREAD_ID as u64, "UFFD_FEATURE_THREAD_ID"),
     (g::UFFD_FEATURE_WP_UNPOPULATED as u64, "UFFD_FEATURE_WP_UNPOPULATED"),
     (g::UFFD_FEATURE_MOVE as u64, "UFFD_FEATURE_MOVE"),
+    (g::UFFD_FEATURE_WP_ASYNC as u64, "UFFD_FEATURE_WP_ASYNC"),
 ];
 
 pub const FEATURE_WP: u64 = g::UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64;
@@ -118,6 +121,13 @@ pub const FEATURE_EVENT_REMAP: u64 = g::UFFD_FEATURE_EVENT_REMAP as u64;
 pub const FEATURE_SIGBUS: u64 = g::UFFD_FEATURE_SIGBUS as u64;
 pub const FEATURE_THREAD_ID: u64 = g::UFFD_FEATURE_THREAD_ID as u64;
 pub const FEATURE_MOVE: u64 = g::UFFD_FEATURE_MOVE as u64;
+/// Write-protect faults resolved by the kernel itself (Linux 6.7+): a write to a protected
+/// page proceeds at once and only marks the page written (`PAGEMAP_SCAN`'s
+/// `PAGE_IS_WRITTEN`); no message, no signal. Applies to every range of the userfaultfd.
+pub const FEATURE_WP_ASYNC: u64 = g::UFFD_FEATURE_WP_ASYNC as u64;
+/// `UFFDIO_WRITEPROTECT` also protects unpopulated pages (pte markers; Linux 6.4+). The
+/// kernel turns it on by itself with [`FEATURE_WP_ASYNC`].
+pub const FEATURE_WP_UNPOPULATED: u64 = g::UFFD_FEATURE_WP_UNPOPULATED as u64;
 
 pub const PAGEFAULT_FLAG_WRITE: u64 = g::UFFD_PAGEFAULT_FLAG_WRITE as u64;
 pub const PAGEFAULT_FLAG_WP: u64 = g::UFFD_PAGEFAULT_FLAG_WP as u64;
@@ -234,6 +244,20 @@ impl Uffd {
         Ok(Uffd { fd, access, features: want & got.features | want })
     }
 
+    /// Open a userfaultfd whose write-protect faults the kernel resolves itself
+    /// ([`FEATURE_WP_ASYNC`], Linux 6.7+; with [`FEATURE_WP_UNPOPULATED`], which the kernel
+    /// implies anyway). Register ranges with `register_modes(.., false, true)`, protect them
+    /// with [`Uffd::writeprotect`], and read (and re-arm) what was written with
+    /// `PAGEMAP_SCAN` (`sys::pagemap`). Never for a range whose writes must trap: the write
+    /// happens before anyone hears of it.
+    ///
+    /// # Errors
+    /// [`Error::MissingFeature`] naming `UFFD_FEATURE_WP_ASYNC` on kernels before 6.7; the
+    /// errors of [`Uffd::open`].
+    pub fn open_wp_async() -> Result<Uffd, Error> {
+        Self::open(FEATURE_WP | FEATURE_WP_ASYNC, FEATURE_WP_UNPOPULATED)
+    }
+
     pub fn access(&self) -> UffdAccess {
         self.access
     }
@@ -260,6 +284,15 @@ impl Uffd {
         // SAFETY: UFFDIO_REGISTER takes a `struct uffdio_register`; registering a range
         // touches no Rust memory.
         unsafe { uffd_ioctl::<UFFDIO_REGISTER, _>(self.fd.as_fd(), &mut r) }
+    }
+
+    /// Unregister `[start, start+len)` (undoes [`Uffd::register`]; clears write-protection
+    /// on its pages, O(pages) for a WP registration). Threads waiting on a fault in the
+    /// range are woken and retry against the kernel.
+    pub fn unregister(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut r = g::uffdio_range { start: start as u64, len: len as u64 };
+        // SAFETY: UFFDIO_UNREGISTER takes a `struct uffdio_range`; it touches no Rust memory.
+        unsafe { uffd_ioctl::<UFFDIO_UNREGISTER, _>(self.fd.as_fd(), &mut r) }
     }
 
     /// UFFDIO_COPY `len` bytes from `src` to `dst`, retried until complete. EAGAIN (a

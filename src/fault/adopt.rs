@@ -1,0 +1,163 @@
+//! The kernel side of adopting a plain space (see `crate::mm::adopt`): register its view,
+//! make its contents stable, find the written pages with `PAGEMAP_SCAN`, hand them to the
+//! core.
+
+use std::time::Instant;
+
+use super::Core;
+use crate::error::{Error, Result};
+use crate::mm::{AdoptAt, Mm, SpaceId, PAGE_SIZE};
+use crate::sys::mem::Mapping;
+use crate::sys::pagemap::{category, PageRun, Query};
+
+/// Written pages: present or swapped, and not the shared zero page (a read of a page never
+/// written maps the zero page; views are `MADV_NOHUGEPAGE`, so a write populates 4 KiB).
+fn written() -> Query {
+    Query {
+        excluded: category::PFNZERO,
+        any_of: category::PRESENT | category::SWAPPED,
+        report: category::PRESENT | category::SWAPPED,
+        ..Query::default()
+    }
+}
+
+/// Pages mapping the shared zero page (read, never written).
+fn zero_mapped() -> Query {
+    Query { required: category::PFNZERO, report: category::PFNZERO, ..Query::default() }
+}
+
+/// Pages touched at all (a read maps the zero page): what "referenced" means for a plain
+/// space, whose accessed bits only the kernel sees.
+fn touched() -> Query {
+    Query {
+        any_of: category::PRESENT | category::SWAPPED,
+        report: category::PRESENT | category::SWAPPED,
+        ..Query::default()
+    }
+}
+
+/// How to adopt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AdoptHow {
+    /// Keep the written pages mapped in the view (write-protected): no re-faults later,
+    /// but write-protecting costs O(written pages) in the kernel (~15–22 ms per GiB).
+    InPlace,
+    /// Freeze the view (`mremap`, O(tables)); the space re-faults what it touches later.
+    Freeze,
+    /// In place when few pages were written (the threshold of a protecting fork), else
+    /// freeze.
+    Auto,
+}
+
+impl Core {
+    /// Runs of pages of `sp`'s view (or of the region at `base` of the view's size) that
+    /// match `q`, as page runs.
+    fn scan_pages(&self, mm: &Mm<Mapping>, sp: SpaceId, base: usize, q: Query) -> Result<Vec<(usize, usize)>> {
+        let pm = self.pagemap.as_ref().ok_or(Error::Internal("a plain space without PAGEMAP_SCAN".into()))?;
+        let len = mm.pages(sp) * PAGE_SIZE;
+        let mut out: Vec<PageRun> = Vec::new();
+        pm.scan(base, base + len, q, &mut out).map_err(|e| Error::os("PAGEMAP_SCAN", e))?;
+        Ok(mm.page_runs(sp, base, out.iter().map(|r| (r.start, r.end))))
+    }
+
+    /// Pages in `[first, end)` of plain space `sp` written since it was created (exact:
+    /// the kernel allocated a page for them), without adopting it.
+    pub fn plain_written(&self, mm: &Mm<Mapping>, sp: SpaceId, first: usize, end: usize) -> Result<Vec<usize>> {
+        let runs = self.scan_pages(mm, sp, mm.view_base(sp), written())?;
+        Ok(pages_in(&runs, first, end))
+    }
+
+    /// Pages in `[first, end)` of plain space `sp` touched (read or written) since it was
+    /// created.
+    pub fn plain_touched(&self, mm: &Mm<Mapping>, sp: SpaceId, first: usize, end: usize) -> Result<Vec<usize>> {
+        let runs = self.scan_pages(mm, sp, mm.view_base(sp), touched())?;
+        Ok(pages_in(&runs, first, end))
+    }
+
+    /// Adopt `sp` if it is still plain: afterwards it is an ordinary space (registered
+    /// view, a frame per written page). On error the space is still plain and unchanged.
+    pub fn adopt_if_plain(&self, mm: &mut Mm<Mapping>, sp: SpaceId, how: AdoptHow) -> Result<()> {
+        if !mm.is_plain(sp) {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let (base, len) = (mm.view_base(sp), mm.pages(sp) * PAGE_SIZE);
+        // Register first: from here on every access to a page the kernel has not mapped
+        // traps to us (and waits for the lock we hold), so no write can slip in unseen
+        // between the scan and the adoption.
+        self.uffd.register(base, len).map_err(|e| Error::os("UFFDIO_REGISTER view", e))?;
+        let r = self.adopt_registered(mm, sp, how, base, len);
+        if r.is_err() {
+            // Back to plain: unregistering wakes any thread that trapped meanwhile, and its
+            // access retries against the kernel. (Also clears any write-protection.)
+            let _ = self.uffd.unregister(base, len);
+        }
+        let in_place = r?;
+        tracing::debug!(
+            space = sp.0,
+            in_place,
+            pages = mm.counters.pages_adopted,
+            elapsed_us = t0.elapsed().as_micros() as u64,
+            "plain space adopted"
+        );
+        Ok(())
+    }
+
+    /// [`Core::adopt_if_plain`] after the view was registered; returns whether it adopted
+    /// in place.
+    fn adopt_registered(
+        &self,
+        mm: &mut Mm<Mapping>,
+        sp: SpaceId,
+        how: AdoptHow,
+        base: usize,
+        len: usize,
+    ) -> Result<bool> {
+        let in_place = match how {
+            AdoptHow::InPlace => true,
+            AdoptHow::Freeze => false,
+            AdoptHow::Auto => {
+                // A count, stopped early: only the threshold matters.
+                let limit = mm.protect_limit_for(sp);
+                let mut q = written();
+                q.max_pages = limit + 1;
+                let runs = self.scan_pages(mm, sp, base, q)?;
+                runs.iter().map(|(a, b)| b - a).sum::<usize>() <= limit
+            }
+        };
+        if in_place {
+            // Stable contents: every write now traps (present pages are write-protected,
+            // absent ones are missing).
+            self.uffd.writeprotect(base, len, true).map_err(|e| Error::os("UFFDIO_WRITEPROTECT", e))?;
+            let runs = self.scan_pages(mm, sp, base, written())?;
+            // Zero-page mappings must go: the model says "not mapped", and a write to a
+            // mapped zero page would be served by the kernel's own copy-on-write.
+            for (a, b) in self.scan_pages(mm, sp, base, zero_mapped())? {
+                crate::sys::mem::discard_range(base + a * PAGE_SIZE, (b - a) * PAGE_SIZE)
+                    .map_err(|e| Error::os("MADV_DONTNEED zero pages", e))?;
+            }
+            mm.adopt(sp, &runs, AdoptAt::InPlace);
+        } else {
+            let frozen = self.freeze(mm, sp)?;
+            let fbase = frozen.addr();
+            // From here the view is empty and registered; the written pages are in
+            // `frozen`, which nothing else touches: scan it.
+            let runs = self.scan_pages(mm, sp, fbase, written()).unwrap_or_else(|e| {
+                // The pages have moved: adopt every one (never-written pages read as
+                // zeros from the frozen region). Contents stay exact; `dirty_pages` then
+                // over-reports until the next `clean`.
+                tracing::warn!(space = sp.0, error = %e, "PAGEMAP_SCAN failed; adopting every page of the view");
+                vec![(0, mm.pages(sp))]
+            });
+            let region = mm.freeze_view(sp, fbase, frozen);
+            mm.adopt(sp, &runs, AdoptAt::Frozen(region));
+            self.reclaim(mm);
+        }
+        Ok(in_place)
+    }
+}
+
+/// The pages of `runs` within `[first, end)`.
+fn pages_in(runs: &[(usize, usize)], first: usize, end: usize) -> Vec<usize> {
+    runs.iter().flat_map(|&(a, b)| a.max(first)..b.min(end)).collect()
+}
