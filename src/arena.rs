@@ -4,8 +4,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-pub use crate::fault::FaultMode;
 use crate::fault::{AdoptHow, Core, Engine};
+pub use crate::fault::{FaultMode, LockStats};
 use crate::mm::{Mm, PAGE_SIZE};
 use crate::space::Space;
 use crate::sys::mem::Mapping;
@@ -157,14 +157,13 @@ impl ArenaBuilder {
         let mut mm = Mm::new();
         mm.set_take_exclusive(!self.no_move && uffd.features() & uffd::FEATURE_MOVE != 0);
         let core = Arc::new(Core {
-            mm: std::sync::Mutex::new(mm),
+            mm: crate::fault::lock::ArenaLock::new(mm),
             uffd,
             max_memory: self.max_memory.unwrap_or(u64::MAX),
             faults_failed: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             mode,
             refill: crate::sys::wake::EventFd::new().map_err(|e| Error::open_fd("eventfd", "an eventfd", e))?,
-            owner: std::sync::atomic::AtomicI32::new(0),
             pid: crate::sys::process::pid(),
             dense_fill: !self.no_dense_fill,
             self_faults: std::sync::Mutex::new((0, 0)),
@@ -317,6 +316,7 @@ impl Arena {
             plain_spaces: mm.plain_spaces() as u64,
             adoptions: c.adoptions,
             pages_adopted: c.pages_adopted,
+            lock: self.inner.core.lock_stats(),
         }
     }
 
@@ -538,4 +538,8 @@ pub struct Stats {
     pub adoptions: u64,
     /// Written pages those adoptions turned into frames.
     pub pages_adopted: u64,
+    /// The arena lock as the fault path sees it: time held per fault (the serial part of
+    /// a fault, which bounds the arena's fault rate on any number of cores) and sleeps in
+    /// `FUTEX_WAIT`; see [`LockStats`].
+    pub lock: LockStats,
 }

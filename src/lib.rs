@@ -34,7 +34,7 @@ pub mod inject {
     pub use crate::sys::inject::{arm, disarm, Point};
 }
 
-pub use arena::{AgingStats, Arena, ArenaBuilder, BrokenBy, FaultMode, FaultStats, Stats, UffdAccess};
+pub use arena::{AgingStats, Arena, ArenaBuilder, BrokenBy, FaultMode, FaultStats, LockStats, Stats, UffdAccess};
 pub use error::{Error, Result, UffdBlock};
 pub use space::{ForkStrategy, Space};
 

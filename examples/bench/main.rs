@@ -1379,34 +1379,63 @@ fn w4_random(cfg: &Config, rep: &mut Report) -> Res<()> {
 // W4: fault throughput
 // ---------------------------------------------------------------------------------------
 
-/// Fault rates of one arena: `(first-touch writes, read faults in a fork, COW writes in
-/// the fork, COW writes in the parent)`, faults per second with `threads` threads.
-fn w4_cowarena(arena: &Arena, size: usize, threads: usize) -> Res<[f64; 4]> {
+/// One W4 run of an arena: per phase (first-touch writes, read faults in a fork, COW writes
+/// in the fork, COW writes in the parent), the fault rate (pages per second) and what the
+/// fault path spent holding the arena lock (`Stats::lock` before and after the phase).
+struct W4Run {
+    rates: [f64; 4],
+    /// Nanoseconds the fault path held the arena lock, per phase.
+    held_ns: [u64; 4],
+    /// Holds (one per fault served, a fault-around or dense fill included), per phase.
+    holds: [u64; 4],
+    /// Pages touched per phase.
+    pages: usize,
+}
+
+/// [`W4Run`] with `threads` threads.
+fn w4_cowarena(arena: &Arena, size: usize, threads: usize) -> Res<W4Run> {
+    let mut held_ns = [0; 4];
+    let mut holds = [0; 4];
+    let mut phase = |i: usize, f: &mut dyn FnMut() -> Duration| {
+        let before = arena.stats().lock;
+        let t = f();
+        let after = arena.stats().lock;
+        held_ns[i] = after.fault_held_ns - before.fault_held_ns;
+        holds[i] = after.fault_holds - before.fault_holds;
+        t
+    };
     let root = arena.space(size)?;
     let pages = pages_of(&root);
-    let first = threaded(pages, threads, |r| r.for_each(|p| store(&root, p, pattern(1, p))));
+    let first = phase(0, &mut || threaded(pages, threads, |r| r.for_each(|p| store(&root, p, pattern(1, p)))));
 
     let child = root.fork()?;
-    let read = threaded(pages, threads, |r| {
-        let mut acc = 0u64;
-        for p in r {
-            acc = acc.wrapping_add(load(&child, p));
-        }
-        std::hint::black_box(acc);
+    let read = phase(1, &mut || {
+        threaded(pages, threads, |r| {
+            let mut acc = 0u64;
+            for p in r {
+                acc = acc.wrapping_add(load(&child, p));
+            }
+            std::hint::black_box(acc);
+        })
     });
     drop(child);
 
     let child = root.fork()?;
-    let cow_child = threaded(pages, threads, |r| r.for_each(|p| store(&child, p, 2)));
+    let cow_child = phase(2, &mut || threaded(pages, threads, |r| r.for_each(|p| store(&child, p, 2))));
     if load(&root, pages / 2) != pattern(1, pages / 2) {
         return Err("W4: a child's write reached its parent".into());
     }
     drop(child);
 
     let child = root.fork()?;
-    let cow_parent = threaded(pages, threads, |r| r.for_each(|p| store(&root, p, 3)));
+    let cow_parent = phase(3, &mut || threaded(pages, threads, |r| r.for_each(|p| store(&root, p, 3))));
     drop(child);
-    Ok([per_sec(pages, first), per_sec(pages, read), per_sec(pages, cow_child), per_sec(pages, cow_parent)])
+    Ok(W4Run {
+        rates: [per_sec(pages, first), per_sec(pages, read), per_sec(pages, cow_child), per_sec(pages, cow_parent)],
+        held_ns,
+        holds,
+        pages,
+    })
 }
 
 /// Write faults on pages only the parent maps again (its snapshot was dropped): UFFDIO_MOVE
@@ -1422,6 +1451,104 @@ fn w4_reuse(size: usize, take: bool) -> Res<(f64, u64)> {
         return Err("W4: a reused page lost its write".into());
     }
     Ok((per_sec(pages, t), arena.stats().pages_moved))
+}
+
+/// CPU time of `clock` (`CLOCK_PROCESS_CPUTIME_ID`, `CLOCK_THREAD_CPUTIME_ID`), seconds.
+fn cpu_secs(clock: libc::clockid_t) -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into a live timespec.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// Issue 13 item 2 (no convoys), the waiting side: `faulters` threads keep faulting on one
+/// space while this thread holds the arena lock for a long operation (populating `size` of
+/// another space). Returns (the populate's wall time, the CPU time every other thread of
+/// the process burned meanwhile): waiters that sleep in `FUTEX_WAIT` burn next to nothing;
+/// waiters spinning on `try_lock` + `sched_yield` burn a whole vCPU each, up to the cores
+/// the holder leaves free.
+fn w4_waiters_cpu(size: usize, faulters: usize) -> Res<(f64, f64)> {
+    // Registered views: the faulters' faults must reach the fault path (a never-forked
+    // default space is plain kernel memory).
+    let arena = Arena::builder().plain_until_fork(false).build()?;
+    let held = arena.space(size)?;
+    let faulted = arena.space(4 * size)?;
+    let pages = pages_of(&faulted);
+    let stop = AtomicBool::new(false);
+    let barrier = Barrier::new(faulters + 1);
+    thread::scope(|s| {
+        for t in 0..faulters {
+            let (faulted, stop, barrier) = (&faulted, &stop, &barrier);
+            s.spawn(move || {
+                barrier.wait();
+                let range = pages * t / faulters..pages * (t + 1) / faulters;
+                for p in range {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    store(faulted, p, 1);
+                }
+            });
+        }
+        barrier.wait();
+        thread::sleep(Duration::from_millis(2)); // the faulters are faulting
+        let (process, me) = (cpu_secs(libc::CLOCK_PROCESS_CPUTIME_ID), cpu_secs(libc::CLOCK_THREAD_CPUTIME_ID));
+        let start = Instant::now();
+        let r = held.populate(0, held.len(), true);
+        let took = start.elapsed().as_secs_f64();
+        let others =
+            (cpu_secs(libc::CLOCK_PROCESS_CPUTIME_ID) - process) - (cpu_secs(libc::CLOCK_THREAD_CPUTIME_ID) - me);
+        stop.store(true, Ordering::Relaxed);
+        r?;
+        Ok((took, others.max(0.0)))
+    })
+}
+
+/// Issue 13 item 5, the projected ceiling: per phase, the time the fault path held the
+/// arena lock per page (the serial part of a fault) against the mean time per page, and
+/// the rate at which the lock saturates (Amdahl: 1 / held time per page) — what any number
+/// of cores could reach at most while one arena-wide lock serves every fault.
+fn w4_lock_rows(rep: &mut Report, t: &str, run: &W4Run) {
+    let names = ["first-touch write", "read in a fork", "COW write in the fork", "COW write in the parent"];
+    let mut note = format!("W4 {t}, arena lock held by the fault path (per page; holds):");
+    for (i, name) in names.iter().enumerate() {
+        if run.holds[i] == 0 {
+            continue;
+        }
+        let held = run.held_ns[i] as f64 * 1e-9 / run.pages as f64;
+        let fault = 1.0 / run.rates[i];
+        let ceiling = 1.0 / held;
+        // The 1- and 4-thread rows carry the figures; every count gets the note.
+        if t.starts_with("1 ") || t.starts_with("4 ") {
+            rep.row(
+                "W4",
+                format!("{name}: arena lock held per page, {t}"),
+                Unit::Secs,
+                Some(held),
+                "mean time per page",
+                Some(fault),
+            );
+            rep.row(
+                "W4",
+                format!("{name}: lock-saturation ceiling (1/held), {t}"),
+                Unit::PerSec,
+                Some(ceiling),
+                "measured rate",
+                Some(run.rates[i]),
+            );
+        }
+        let _ = write!(
+            note,
+            " {name} {:.2} µs of {:.2} µs = serial fraction {:.0} %, ceiling {:.0} k/s ({} holds, {:.2} µs each);",
+            held * 1e6,
+            fault * 1e6,
+            100.0 * held / fault,
+            ceiling / 1e3,
+            run.holds[i],
+            run.held_ns[i] as f64 / run.holds[i] as f64 / 1e3,
+        );
+    }
+    rep.note(note);
 }
 
 fn w4(cfg: &Config, rep: &mut Report) -> Res<()> {
@@ -1441,19 +1568,23 @@ fn w4(cfg: &Config, rep: &mut Report) -> Res<()> {
         );
     }
     rep.note(format!("W4 reuse: {n_moved} pages taken by UFFDIO_MOVE; move/copy = {:.2}x", moved / copied));
-    let mut cow_child_1 = None;
-    let mut kcow_1 = None;
-    for threads in [1, 2] {
+    // Per thread count: (threads, [first, read, cow_child, cow_parent], kernel first touch, kernel COW).
+    let mut by_threads: Vec<(usize, [f64; 4], f64, f64)> = Vec::new();
+    for threads in [1, 2, 4] {
         let touch = baselines::kernel_first_touch_rate(size, threads)?;
         let kcow = baselines::kernel_cow_fault_rate(size, threads)?;
-        let arena = Arena::new()?;
-        let [first, read, cow_child, cow_parent] = w4_cowarena(&arena, size, threads)?;
+        // Registered from the start: a never-forked default space is plain kernel memory,
+        // and these rows measure cowarena's fault path (and its lock) at every phase.
+        let arena = Arena::builder().plain_until_fork(false).build()?;
+        let run = w4_cowarena(&arena, size, threads)?;
+        let rates = run.rates;
+        let [first, read, cow_child, cow_parent] = rates;
         let s = arena.stats();
         drop(arena);
         let t = format!("{threads} thread{}", if threads > 1 { "s" } else { "" });
         rep.row(
             "W4",
-            format!("first-touch write faults, {t}"),
+            format!("first-touch write faults (registered view), {t}"),
             Unit::PerSec,
             Some(first),
             "kernel first touch",
@@ -1492,52 +1623,86 @@ fn w4(cfg: &Config, rep: &mut Report) -> Res<()> {
             s.faults.spurious,
             s.faults.failed
         ));
-        match cow_child_1 {
-            None => {
-                cow_child_1 = Some(cow_child);
-                kcow_1 = Some(kcow);
-                rep.target(
-                    "W4",
-                    "COW write faults, 1 thread >= 1.0x kernel COW",
-                    Some(cow_child / kcow),
-                    true,
-                    1.0,
-                    Unit::Factor,
-                );
-                rep.target(
-                    "W4",
-                    "COW write faults, 1 thread: aim 2x kernel COW",
-                    Some(cow_child / kcow),
-                    true,
-                    2.0,
-                    Unit::Factor,
-                );
-            }
-            Some(one) => {
-                rep.row(
-                    "W4",
-                    "COW write faults, 2 threads / 1 thread",
-                    Unit::Factor,
-                    Some(cow_child / one),
-                    "kernel COW 2t/1t",
-                    kcow_1.map(|k1| kcow / k1),
-                );
-                rep.target(
-                    "W4",
-                    "COW write faults, 2 threads >= 1.6x one thread",
-                    Some(cow_child / one),
-                    true,
-                    1.6,
-                    Unit::Factor,
-                );
-            }
+        w4_lock_rows(rep, &t, &run);
+        by_threads.push((threads, rates, touch, kcow));
+    }
+    let at = |n: usize| by_threads.iter().find(|r| r.0 == n).copied();
+    if let Some((_, [_, _, cow_child, _], _, kcow)) = at(1) {
+        rep.target(
+            "W4",
+            "COW write faults, 1 thread >= 1.0x kernel COW",
+            Some(cow_child / kcow),
+            true,
+            1.0,
+            Unit::Factor,
+        );
+        rep.target(
+            "W4",
+            "COW write faults, 1 thread: aim 2x kernel COW",
+            Some(cow_child / kcow),
+            true,
+            2.0,
+            Unit::Factor,
+        );
+    }
+    if let (Some(one), Some(two)) = (at(1), at(2)) {
+        rep.row(
+            "W4",
+            "COW write faults, 2 threads / 1 thread",
+            Unit::Factor,
+            Some(two.1[2] / one.1[2]),
+            "kernel COW 2t/1t",
+            Some(two.3 / one.3),
+        );
+        rep.target(
+            "W4",
+            "COW write faults, 2 threads >= 1.6x one thread",
+            Some(two.1[2] / one.1[2]),
+            true,
+            1.6,
+            Unit::Factor,
+        );
+    }
+    // Issue 13 item 2 (no convoys): more faulting threads than cores must not lose
+    // throughput to spinning on a lock whose holder is descheduled.
+    if let (Some(two), Some(four)) = (at(2), at(4)) {
+        for (i, what, kernel, k2, k4) in [
+            (0, "first-touch write faults", "kernel first touch 4t/2t", two.2, four.2),
+            (1, "read faults in a fork", "kernel first touch 4t/2t", two.2, four.2),
+            (2, "COW write faults in the fork", "kernel COW 4t/2t", two.3, four.3),
+        ] {
+            rep.row(
+                "W4",
+                format!("{what}, 4 threads / 2 threads"),
+                Unit::Factor,
+                Some(four.1[i] / two.1[i]),
+                kernel,
+                Some(k4 / k2),
+            );
+            rep.target(
+                "W4",
+                format!("{what}: 4 faulting threads aggregate >= 0.9x of 2 threads"),
+                Some(four.1[i] / two.1[i]),
+                true,
+                0.9,
+                Unit::Factor,
+            );
         }
     }
+    let (populate, burned) = w4_waiters_cpu(size, 3)?;
+    rep.row(
+        "W4",
+        format!("CPU burned by 3 faulting threads waiting for the lock ({} MiB populate)", size / MIB),
+        Unit::Secs,
+        Some(burned),
+        "the populate holding the lock",
+        Some(populate),
+    );
     // The handler-thread engine, for reference (a cross-thread wake-up per fault).
     let small = 32 * MIB;
     let kcow = baselines::kernel_cow_fault_rate(small, 1)?;
     let arena = Arena::builder().fault_mode(FaultMode::Thread).build()?;
-    let [_, read, cow_child, _] = w4_cowarena(&arena, small, 1)?;
+    let [_, read, cow_child, _] = w4_cowarena(&arena, small, 1)?.rates;
     drop(arena);
     rep.row("W4", "read faults, FaultMode::Thread, 1 thread", Unit::PerSec, Some(read), "kernel COW fault", Some(kcow));
     rep.row(

@@ -9,7 +9,7 @@
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::error::{Error, Result};
@@ -19,10 +19,12 @@ use crate::sys::uffd::{self, Uffd, UffdMsg};
 use crate::sys::wake::EventFd;
 
 mod adopt;
+pub(crate) mod lock;
 mod registry;
 pub(crate) mod signal;
 
 pub(crate) use adopt::AdoptHow;
+pub use lock::LockStats;
 
 /// How view faults reach the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -65,6 +67,8 @@ const FILL_WINDOW: usize = 64;
 /// How long the faulting thread must be seen holding its arena's lock before a fault
 /// message from it counts as a self-deadlock (thread mode; see `Core::lock_for`).
 const SELF_FAULT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often thread mode's worker, sleeping on a busy lock, looks at who holds it.
+const SELF_FAULT_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// A page of zeros, the source of zero fills.
 #[repr(C, align(4096))]
@@ -74,7 +78,10 @@ static ZERO_PAGE: ZeroPage = ZeroPage([0; PAGE_SIZE * FAULT_AROUND_MAX]);
 
 /// State shared by the API and the engine threads.
 pub(crate) struct Core {
-    pub mm: Mutex<Mm<Mapping>>,
+    /// The arena lock (a futex lock the SIGBUS handler may take; see `lock.rs`). It also
+    /// records its holder's thread id: a fault taken while the faulting thread itself holds
+    /// the lock would wait forever; the handler checks and dies loudly instead.
+    pub mm: lock::ArenaLock<Mm<Mapping>>,
     pub uffd: Uffd,
     /// Memory limit for frames, in bytes (`u64::MAX`: none).
     pub max_memory: u64,
@@ -84,9 +91,6 @@ pub(crate) struct Core {
     /// Written (from signal context) to ask the engine thread to refill the preallocated
     /// tables and frames the signal handler serves faults from.
     pub refill: EventFd,
-    /// Thread id of the lock holder (0: none): a fault taken while the faulting thread
-    /// itself holds the lock would spin forever; the handler checks and dies loudly instead.
-    pub owner: AtomicI32,
     /// The process that created the arena (see `crate::sys::process`).
     pub pid: i32,
     /// Map the rest of a 2 MiB table read-only once reads in it are dense (see
@@ -133,10 +137,10 @@ impl Default for SignalState {
     }
 }
 
-/// The arena lock, held; records its owner thread for the self-deadlock check, and
-/// republishes the view index on unlock when views were added or removed.
+/// The arena lock, held (by the thread recorded as its owner, for the self-deadlock
+/// check); republishes the view index on unlock when views were added or removed.
 pub(crate) struct MmGuard<'a> {
-    guard: MutexGuard<'a, Mm<Mapping>>,
+    guard: lock::Guard<'a, Mm<Mapping>>,
     core: &'a Core,
 }
 
@@ -155,8 +159,8 @@ impl std::ops::DerefMut for MmGuard<'_> {
 
 impl Drop for MmGuard<'_> {
     fn drop(&mut self) {
-        // Still under the lock (the MutexGuard field drops after this body): writers of the
-        // index are serialised. Views never change in the fault path, so the signal handler
+        // Still under the lock (the lock guard field drops after this body, releasing it):
+        // writers of the index are serialised. Views never change in the fault path, so the signal handler
         // never gets past the comparison (publishing allocates).
         let gen = self.guard.views_gen();
         let sig = &self.core.sig;
@@ -168,12 +172,16 @@ impl Drop for MmGuard<'_> {
             sig.index.publish(ranges);
             sig.published_gen.store(next, Ordering::Relaxed);
         }
-        self.core.owner.store(0, Ordering::Release);
     }
 }
 
-/// This thread's id, cached (async-signal-safe after the first call on a thread).
+/// This thread's id, cached per thread. Async-signal-safe, also on a thread's first call
+/// (from the SIGBUS handler, say): a `const`-initialised thread-local of a type without
+/// `Drop` is a plain `#[thread_local]` static — no lazy initialisation, no destructor
+/// registration, no allocation — and the first call adds one `gettid` (a raw syscall that
+/// leaves `errno` alone) and a store.
 fn this_tid() -> i32 {
+    const _: () = assert!(!std::mem::needs_drop::<std::cell::Cell<i32>>());
     thread_local! { static TID: std::cell::Cell<i32> = const { std::cell::Cell::new(0) }; }
     TID.with(|t| {
         if t.get() == 0 {
@@ -212,29 +220,27 @@ impl Core {
         crate::sys::process::pid_cached() == self.pid
     }
 
-    fn guard<'a>(&'a self, guard: MutexGuard<'a, Mm<Mapping>>) -> MmGuard<'a> {
-        self.owner.store(this_tid(), Ordering::Release);
+    fn guard<'a>(&'a self, guard: lock::Guard<'a, Mm<Mapping>>) -> MmGuard<'a> {
         MmGuard { guard, core: self }
     }
 
     /// [`Core::lock`] if the lock is free right now (refilling the headroom as `lock`
     /// does); `None` when someone holds it.
     pub fn try_lock(&self) -> Option<MmGuard<'_>> {
-        let g = match self.mm.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return None,
-        };
-        let mut mm = self.guard(g);
+        let mut mm = self.guard(self.mm.try_lock(this_tid())?);
         let _ = self.refill(&mut mm);
         Some(mm)
     }
 
+    /// Take the arena lock (sleeping in `FUTEX_WAIT` while another thread holds it) and
+    /// refill the fault path's headroom.
     pub fn lock(&self) -> MmGuard<'_> {
-        // A panic while holding the lock leaves state we cannot trust; but the views must
-        // stay served (a closed uffd would turn them into zero pages), so keep going with
-        // the state as it is and report the poisoning through `faults_failed`.
-        let mut mm = self.guard(self.mm.lock().unwrap_or_else(|p| p.into_inner()));
+        // No poisoning: a panic while holding the lock leaves state we cannot fully trust,
+        // but the views must stay served (a closed uffd would turn them into zero pages),
+        // so the guard dropped by the unwinding releases the lock and the next holder goes
+        // on with the state as it is. (The fault paths turn such panics into loud
+        // failures, counted in `faults_failed`; API calls into `Error::Internal`.)
+        let mut mm = self.guard(self.mm.lock(this_tid()));
         // A failed refill only shrinks headroom: it is recorded, faults that find no
         // headroom fail with its reason (see `refill_error`).
         let _ = self.refill(&mut mm);
@@ -418,26 +424,24 @@ impl Core {
         let _ = self.run_ops(mm, &ops); // copies only: cannot fail
     }
 
-    /// Take the lock without blocking in the kernel (signal context): spin on `try_lock`.
+    /// Take the lock from signal context (the SIGBUS handler) for one fault: a bounded
+    /// spin, a few `sched_yield`s, then `FUTEX_WAIT` (async-signal-safe) — never a spin
+    /// that burns the time slice while the holder is descheduled. No headroom refill (it
+    /// allocates). The hold is timed for [`LockStats`].
     /// Library code never faults on a view while holding the lock, so the holder is always
     /// another thread that will release it.
     /// Returns `None` when this very thread holds the lock (a fault inside a locked
     /// section: a user callback — tracing subscriber, allocator hook — touching view memory
-    /// of this arena during a cowarena call), which would otherwise spin forever.
+    /// of this arena during a cowarena call), which would otherwise wait forever.
     pub fn lock_spin(&self) -> Option<MmGuard<'_>> {
-        let me = this_tid();
-        loop {
-            match self.mm.try_lock() {
-                Ok(g) => return Some(self.guard(g)),
-                Err(std::sync::TryLockError::Poisoned(p)) => return Some(self.guard(p.into_inner())),
-                Err(std::sync::TryLockError::WouldBlock) => {
-                    if self.owner.load(Ordering::Acquire) == me {
-                        return None;
-                    }
-                    crate::sys::signal::yield_now()
-                }
-            }
-        }
+        let mut g = self.mm.lock_signal(this_tid())?;
+        g.time_hold();
+        Some(self.guard(g))
+    }
+
+    /// The arena lock's counters (see [`LockStats`]).
+    pub fn lock_stats(&self) -> LockStats {
+        self.mm.stats()
     }
 
     /// UFFDIO_COPY onto view pages the core knows to be unpopulated: finding one populated
@@ -689,30 +693,31 @@ impl Core {
     /// lasted [`SELF_FAULT_WAIT`]; even then the caller only wakes the address (a stale
     /// message is harmless; a real self-deadlock faults again) and fails loudly on the
     /// third such round for the same address.
-    fn lock_for(&self, tid: u32) -> Option<MmGuard<'_>> {
+    fn lock_for<'a>(&'a self, tid: u32) -> Option<MmGuard<'a>> {
+        let me = this_tid();
+        let timed = |mut g: lock::Guard<'a, Mm<Mapping>>| {
+            g.time_hold();
+            let mut mm = self.guard(g);
+            let _ = self.refill(&mut mm);
+            mm
+        };
         if tid == 0 {
-            return Some(self.lock());
+            return Some(timed(self.mm.lock(me)));
         }
-        let mut spins = 0u32;
         let mut held_since: Option<std::time::Instant> = None;
         loop {
-            if let Some(g) = self.try_lock() {
-                return Some(g);
+            // Busy with another thread's (possibly long) operation: sleep on the lock, but
+            // wake now and then to check who holds it.
+            if let Some(g) = self.mm.lock_timeout(me, SELF_FAULT_POLL) {
+                return Some(timed(g));
             }
-            if self.owner.load(Ordering::Acquire) == tid as i32 {
+            if self.mm.owner() == tid as i32 {
                 let since = *held_since.get_or_insert_with(std::time::Instant::now);
                 if since.elapsed() >= SELF_FAULT_WAIT {
                     return None;
                 }
             } else {
                 held_since = None;
-            }
-            // Busy with another thread's (possibly long) operation: spin briefly, then nap.
-            spins += 1;
-            if spins < 64 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(std::time::Duration::from_micros(50));
             }
         }
     }

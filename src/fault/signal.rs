@@ -2,7 +2,8 @@
 //!
 //! Async-signal-safe by construction: the registry is a fixed array of atomics; the owner
 //! of an address is found through each arena's lock-free view index (no lock taken); only
-//! the owner's lock is taken, with [`Core::lock_spin`]; the fault path allocates nothing as
+//! the owner's lock is taken, with [`Core::lock_spin`] (a bounded spin, then a futex
+//! sleep, refused when this thread holds it already); the fault path allocates nothing as
 //! long as [`Mm::has_headroom`](crate::mm::Mm::has_headroom) holds, and when it does not,
 //! the handler asks the engine thread to refill (an eventfd write) and waits for it — a
 //! bounded time once refills are failing, then it dies naming the errno.

@@ -1,6 +1,7 @@
 //! The kernel interface. Every raw syscall and ioctl of cowarena lives under this module;
 //! everything above it is safe Rust.
 
+pub mod futex;
 pub mod inject;
 pub mod mem;
 pub mod pagemap;

@@ -1,8 +1,9 @@
 //! The SIGBUS handler of the same-thread fault mode (`UFFD_FEATURE_SIGBUS`): the kernel
 //! delivers a view fault to the faulting thread as SIGBUS, and the thread serves it itself.
 //!
-//! Everything reachable from [`on_sigbus`] is async-signal-safe: no allocation, no
-//! blocking lock (the arena lock is only *tried*, spinning with `sched_yield`), no stdio.
+//! Everything reachable from [`on_sigbus`] is async-signal-safe: no allocation, no lock
+//! but the arena's own futex lock (a bounded spin, then `FUTEX_WAIT`: see
+//! `crate::fault::lock`), no stdio.
 //! A SIGBUS that is not ours goes to the handler installed before us.
 
 use std::io;
