@@ -83,7 +83,7 @@ fn rlimit_child(what: &str) {
     let arena = Arena::builder().fault_mode(mode_of(what)).build().unwrap();
     let mut p = arena.space(LEN).unwrap();
     p.populate(0, LEN, true).unwrap();
-    let _c = p.fork_with(ForkStrategy::KeepWarm).unwrap();
+    let c = p.fork_with(ForkStrategy::KeepWarm).unwrap();
     let limit = vm_size_bytes() + (6 << 20);
     let rl = libc::rlimit { rlim_cur: limit, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: setrlimit with a valid struct.
@@ -112,7 +112,15 @@ fn rlimit_child(what: &str) {
             unsafe { base.add(i * PAGE).write_volatile(2) };
         }
     }
-    println!("SURVIVED");
+    // Surviving would be a failure of the test's premise; a fork that saw the parent's
+    // later writes would be silent corruption: say which.
+    let mut b = [0u8; 1];
+    let seen = (0..LEN / PAGE).filter(|&i| c.read(i * PAGE, &mut b).is_ok() && b[0] != 0).count();
+    println!(
+        "SURVIVED (child pages changed: {seen}; VmSize now {} MiB, limit {} MiB)",
+        vm_size_bytes() >> 20,
+        limit >> 20
+    );
 }
 
 fn rlimit_case(what: &str) {
