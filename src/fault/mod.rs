@@ -123,6 +123,9 @@ pub(crate) struct SignalState {
     pub refill_alloc: AtomicBool,
     /// Failed refills so far: a handler waiting for headroom gives up after a few.
     pub refill_failures: AtomicU32,
+    /// Refills attempted so far (successful or not): a handler waiting for headroom waits
+    /// for this to move before it takes the lock again, leaving the lock to the refiller.
+    pub refills: AtomicU32,
 }
 
 impl Default for SignalState {
@@ -133,6 +136,7 @@ impl Default for SignalState {
             refill_errno: AtomicI32::new(0),
             refill_alloc: AtomicBool::new(false),
             refill_failures: AtomicU32::new(0),
+            refills: AtomicU32::new(0),
         }
     }
 }
@@ -172,6 +176,15 @@ impl Drop for MmGuard<'_> {
             sig.index.publish(ranges);
             sig.published_gen.store(next, Ordering::Relaxed);
         }
+    }
+}
+
+/// Increments its counter when dropped (after the refill's outcome is recorded).
+struct Bump<'a>(&'a AtomicU32);
+
+impl Drop for Bump<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -258,6 +271,8 @@ impl Core {
             }),
         };
         let sig = &self.sig;
+        // (Published after the outcome below is: see the end of this function.)
+        let _bump = Bump(&sig.refills);
         match r {
             Ok(()) => {
                 if sig.refill_errno.load(Ordering::Relaxed) != 0 {

@@ -86,6 +86,7 @@ fn serve_in(core: &Core, page_addr: usize, cpu_says_write: bool) -> Option<Outco
         };
         let (sp, page) = mm.space_at(page_addr)?;
         if !mm.has_headroom() {
+            let gen = core.sig.refills.load(Ordering::Acquire);
             drop(mm);
             let failures = core.sig.refill_failures.load(Ordering::Acquire);
             let now = signal::monotonic_ns();
@@ -99,7 +100,12 @@ fn serve_in(core: &Core, page_addr: usize, cpu_says_write: bool) -> Option<Outco
                 )));
             }
             let _ = core.refill.signal();
-            signal::yield_now();
+            // Leave the lock to the refiller (the reader thread only `try_lock`s, retrying
+            // every 1 ms): wait for a refill to happen, a bounded time, before locking again.
+            let t = signal::monotonic_ns();
+            while core.sig.refills.load(Ordering::Acquire) == gen && signal::monotonic_ns() - t < 2_000_000 {
+                signal::yield_now();
+            }
             continue;
         }
         // A fault on a page we already mapped (read-only) can only be a write.
