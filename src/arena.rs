@@ -63,6 +63,7 @@ pub struct ArenaBuilder {
     no_move: bool,
     no_dense_fill: bool,
     registered_from_start: bool,
+    async_wp: bool,
 }
 
 impl ArenaBuilder {
@@ -131,6 +132,31 @@ impl ArenaBuilder {
         self
     }
 
+    /// Whether stores to view pages mapped read-only — copies of a shared page, pages read
+    /// before they were written, pages made clean by [`Space::clean`](crate::Space::clean) —
+    /// are served by the kernel alone (`UFFD_FEATURE_WP_ASYNC`, Linux 6.7+) instead of a
+    /// write-protect fault to user space each. The kernel marks the page written; the arena
+    /// records it as a write at the next operation that needs to know (`PAGEMAP_SCAN` over
+    /// the read-only pages: a fork, a reset, `dirty_pages`, `clean`, aging), so dirty
+    /// tracking stays exact. Writes then get fault-around and the dense fill as reads do:
+    /// the pages around a write fault are mapped read-only, and the stores that follow
+    /// cost the kernel's own fault.
+    ///
+    /// What changes: a fork of a space whose view holds pages it wrote always *freezes*
+    /// the view ([`ForkStrategy::KeepWarm`](crate::ForkStrategy::KeepWarm) included: a page
+    /// written in place could not be write-protected against the sharers), and
+    /// [`Space::clear_referenced`](crate::Space::clear_referenced) no longer observes reads
+    /// of pages that stay mapped read-only (it re-arms only pages written since the last
+    /// fork). Default: off (new; measured in `examples/bench` W4, W2).
+    ///
+    /// # Errors (at [`ArenaBuilder::build`])
+    /// [`Error::MissingFeature`] naming `UFFD_FEATURE_WP_ASYNC` or `PAGEMAP_SCAN` on
+    /// kernels before 6.7.
+    pub fn async_wp(mut self, on: bool) -> Self {
+        self.async_wp = on;
+        self
+    }
+
     /// Open userfaultfd (the most capable access available), negotiate features and start
     /// the fault engine.
     ///
@@ -148,13 +174,19 @@ impl ArenaBuilder {
         } else {
             FaultMode::Thread
         });
-        let required = uffd::FEATURE_WP | if mode == FaultMode::Signal { uffd::FEATURE_SIGBUS } else { 0 };
+        let required = uffd::FEATURE_WP
+            | if mode == FaultMode::Signal { uffd::FEATURE_SIGBUS } else { 0 }
+            | if self.async_wp { uffd::FEATURE_WP_ASYNC } else { 0 };
         let optional = uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_THREAD_ID | uffd::FEATURE_MOVE;
         let uffd = Uffd::open(required, optional)?;
         tracing::debug!(access = ?uffd.access(), features = uffd.features(), ?mode, "userfaultfd opened");
         // Without PAGEMAP_SCAN (before 6.7, or no /proc) spaces are registered from the start.
         let pagemap = crate::sys::pagemap::Pagemap::open().ok();
+        if self.async_wp && pagemap.is_none() {
+            return Err(Error::MissingFeature { feature: "PAGEMAP_SCAN", kernel: crate::sys::uffd::kernel_release() });
+        }
         let mut mm = Mm::new();
+        mm.set_async_wp(self.async_wp);
         mm.set_take_exclusive(!self.no_move && uffd.features() & uffd::FEATURE_MOVE != 0);
         let core = Arc::new(Core {
             mm: crate::fault::lock::ArenaLock::new(mm),
@@ -316,6 +348,7 @@ impl Arena {
             plain_spaces: mm.plain_spaces() as u64,
             adoptions: c.adoptions,
             pages_adopted: c.pages_adopted,
+            writes_async: c.writes_async,
             lock: self.inner.core.lock_stats(),
         }
     }
@@ -358,6 +391,7 @@ impl Arena {
         core.check_process()?;
         let mut mm = core.lock();
         let mut n = 0;
+        core.sync_all_written(&mut mm)?;
         for sp in mm.space_ids() {
             // Aging needs the model: a plain space is adopted first.
             core.adopt_if_plain(&mut mm, sp, AdoptHow::Auto)?;
@@ -538,6 +572,9 @@ pub struct Stats {
     pub adoptions: u64,
     /// Written pages those adoptions turned into frames.
     pub pages_adopted: u64,
+    /// Stores to read-only view pages that the kernel served alone and a later sync
+    /// recorded as writes ([`ArenaBuilder::async_wp`]); not counted in `faults`.
+    pub writes_async: u64,
     /// The arena lock as the fault path sees it: time held per fault (the serial part of
     /// a fault, which bounds the arena's fault rate on any number of cores) and sleeps in
     /// `FUTEX_WAIT`; see [`LockStats`].

@@ -449,6 +449,10 @@ impl Space {
         }
         core.prepare_share(&mut mm, snapshot.id, ForkStrategy::Auto)?;
         let pages = mm.pages(self.id);
+        // Stores the kernel served alone in read-only pages must be undone too: record
+        // them, so their entries differ from the snapshot's. (A store racing the reset is
+        // ordered before it, and undone.)
+        core.sync_written(&mut mm, self.id, 0, pages)?;
         let need = mm.shared_homes(self.id, 0, pages).len();
         core.ensure_pool(&mut mm, need)?;
         let mut ops = Vec::new();
@@ -463,11 +467,12 @@ impl Space {
     pub fn referenced(&self, offset: usize, len: usize) -> Result<Vec<usize>> {
         let (first, end) = self.page_range(offset, len)?;
         let core = self.core()?;
-        let mm = core.lock();
+        let mut mm = core.lock();
         if mm.is_plain(self.id) {
             // Never cleared: every page touched since creation (the kernel's page tables).
             return core.plain_touched(&mm, self.id, first, end);
         }
+        core.sync_written(&mut mm, self.id, first, end)?;
         Ok(mm.referenced(self.id, first, end))
     }
 
@@ -486,6 +491,7 @@ impl Space {
         let core = self.core()?;
         let mut mm = core.lock();
         core.adopt_if_plain(&mut mm, self.id, AdoptHow::Auto)?; // re-arming needs the model
+        core.sync_written(&mut mm, self.id, first, end)?;
         let mut ops = Vec::new();
         let n = mm.clear_referenced(self.id, first, end, &mut ops);
         core.run_ops(&mut mm, &ops)?;
@@ -500,11 +506,12 @@ impl Space {
     pub fn dirty_pages(&self, offset: usize, len: usize) -> Result<Vec<usize>> {
         let (first, end) = self.page_range(offset, len)?;
         let core = self.core()?;
-        let mm = core.lock();
+        let mut mm = core.lock();
         if mm.is_plain(self.id) {
             // Exact from the kernel's page tables: a page is allocated only when written.
             return core.plain_written(&mm, self.id, first, end);
         }
+        core.sync_written(&mut mm, self.id, first, end)?;
         Ok(mm.dirty_pages(self.id, first, end))
     }
 
@@ -522,6 +529,7 @@ impl Space {
         let core = self.core()?;
         let mut mm = core.lock();
         core.adopt_if_plain(&mut mm, self.id, AdoptHow::Auto)?; // re-protecting needs the model
+        core.sync_written(&mut mm, self.id, first, end)?;
         let mut ops = Vec::new();
         let dirty = mm.mkclean(self.id, first, end, &mut ops);
         core.run_ops(&mut mm, &ops)?;

@@ -80,6 +80,11 @@ impl Core {
         if !mm.is_plain(sp) {
             return Ok(());
         }
+        // An async-WP arena keeps no home write-protected in a view across a fork, and
+        // there write-protecting the whole view would also leave uffd-wp markers in its
+        // holes (`UFFD_FEATURE_WP_UNPOPULATED` comes with WP_ASYNC), which the scan below
+        // reports as swapped pages: always freeze.
+        let how = if mm.async_wp() { AdoptHow::Freeze } else { how };
         let t0 = Instant::now();
         let (base, len) = (mm.view_base(sp), mm.pages(sp) * PAGE_SIZE);
         // Register first: from here on every access to a page the kernel has not mapped

@@ -19,6 +19,7 @@ use crate::sys::uffd::{self, Uffd, UffdMsg};
 use crate::sys::wake::EventFd;
 
 mod adopt;
+mod async_wp;
 pub(crate) mod lock;
 mod registry;
 pub(crate) mod signal;
@@ -334,20 +335,28 @@ impl Core {
     pub fn prepare_share(&self, mm: &mut Mm<Mapping>, sp: SpaceId, strategy: crate::ForkStrategy) -> Result<bool> {
         use crate::mm::SharePlan;
         self.housekeeping(mm);
+        let async_wp = mm.async_wp();
         self.adopt_if_plain(
             mm,
             sp,
             match strategy {
+                // (An async-WP arena never keeps homes write-protected in a view.)
+                _ if async_wp => AdoptHow::Freeze,
                 crate::ForkStrategy::Auto => AdoptHow::Auto,
                 crate::ForkStrategy::KeepWarm => AdoptHow::InPlace,
                 crate::ForkStrategy::Freeze => AdoptHow::Freeze,
             },
         )?;
+        if async_wp && mm.share_plan(sp) == SharePlan::Ready {
+            // Stores the kernel served alone make homes: record them to decide.
+            let pages = mm.pages(sp);
+            self.sync_written(mm, sp, 0, pages)?;
+        }
         let plan = match (mm.share_plan(sp), strategy) {
             (SharePlan::Ready, _) => SharePlan::Ready,
             (plan, crate::ForkStrategy::Auto) => plan,
-            (_, crate::ForkStrategy::KeepWarm) => SharePlan::Protect,
-            (_, crate::ForkStrategy::Freeze) => SharePlan::Freeze,
+            (_, crate::ForkStrategy::KeepWarm) if !async_wp => SharePlan::Protect,
+            (_, _) => SharePlan::Freeze,
         };
         match plan {
             crate::mm::SharePlan::Ready => Ok(false),
@@ -370,8 +379,10 @@ impl Core {
 
     /// Freeze `sp`'s view into a new frozen region (see `Mm::freeze_view`).
     fn freeze_into_mm(&self, mm: &mut Mm<Mapping>, sp: SpaceId) -> Result<()> {
+        let candidates = self.prepare_frozen_writes(mm, sp)?;
         let frozen = self.freeze(mm, sp)?;
         let base = frozen.addr();
+        self.record_frozen_writes(mm, sp, base, &candidates);
         mm.freeze_view(sp, base, frozen);
         self.reclaim(mm);
         Ok(())
@@ -564,7 +575,11 @@ impl Core {
             return Ok(kind); // a stale fault on a plain view: nothing around it is ours
         }
         let ahead = mm.fault_around(sp, page);
-        if write || !mm.has_headroom_for(FAULT_AROUND_MAX + 2) {
+        // Pages mapped read-only ahead of a *write* would each take a write-protect fault
+        // to user space — unless the kernel serves those alone (async WP), recording the
+        // store for the next sync: then writes get fault-around too, and dirty tracking
+        // stays exact.
+        if (write && !mm.async_wp()) || !mm.has_headroom_for(FAULT_AROUND_MAX + 2) {
             return Ok(kind);
         }
         if self.dense_fill && mm.dense_in_table(sp, page) {

@@ -9,6 +9,7 @@
 //! analog of `handle_pte_fault` / `do_wp_page`.
 
 mod adopt;
+mod async_wp;
 mod bits;
 mod frame;
 mod rmap;
@@ -318,6 +319,9 @@ pub struct MmCounters {
     pub plain_spaces_created: u64,
     pub adoptions: u64,
     pub pages_adopted: u64,
+    /// Writes to read-only view pages that the kernel served alone (async write-protect)
+    /// and a later sync recorded (see `async_wp.rs`).
+    pub writes_async: u64,
 }
 
 /// Shared tables broken, by the operation that needed an exclusive table.
@@ -434,6 +438,8 @@ pub struct Mm<B> {
     compact_cursor: usize,
     /// Dropped spaces whose view could not be frozen yet (retried by the engine).
     pending_drops: Vec<SpaceId>,
+    /// Read-only view pages are write-protected asynchronously (`async_wp.rs`).
+    async_wp: bool,
     pub counters: MmCounters,
 }
 
@@ -463,6 +469,7 @@ impl<B> Mm<B> {
             sparse: Vec::new(),
             compact_cursor: 0,
             pending_drops: Vec::new(),
+            async_wp: false,
             counters: MmCounters::default(),
         }
     }
@@ -628,7 +635,13 @@ impl<B> Mm<B> {
     /// become shared: either write-protect just those pages, keeping the whole view warm
     /// (cheap when few were written: ~1 µs per run), or freeze the view (one `mremap`,
     /// O(tables), but the view re-faults what it touches afterwards).
+    ///
+    /// In an async-WP arena (`async_wp.rs`) a home write-protected in the view would still
+    /// take stores without a trap, so a view holding any home is frozen.
     pub fn share_plan(&self, sp: SpaceId) -> SharePlan {
+        if self.async_wp {
+            return if self.region(self.space(sp).view).homes == 0 { SharePlan::Ready } else { SharePlan::Freeze };
+        }
         let rw = self.space(sp).vs.writable.count();
         if rw == 0 {
             SharePlan::Ready
@@ -1336,8 +1349,18 @@ impl<B> Mm<B> {
     /// Where the explicit read API finds the bytes of `page` of `sp`: zeros or a frame's
     /// home (populated memory). Marks the entry accessed.
     pub fn read_source(&mut self, sp: SpaceId, page: usize) -> Src {
-        if self.space(sp).plain {
+        let s = self.space(sp);
+        if s.plain {
             // The kernel holds the bytes, in the (unregistered) view itself.
+            return Src::Addr(self.view_base(sp) + page * PAGE_SIZE);
+        }
+        if self.async_wp && s.vs.present.get(page) && !s.vs.home.get(page) {
+            // A mapped copy holds its frame's bytes, or newer ones the kernel let a store
+            // write without telling us yet (`async_wp.rs`): the view is the truth.
+            if let Some(t) = s.dir[page / PTRS_PER_PTE] {
+                let e = &mut self.tables.get_mut(t).entries[page % PTRS_PER_PTE];
+                *e = e.with(Pte::ACCESSED);
+            }
             return Src::Addr(self.view_base(sp) + page * PAGE_SIZE);
         }
         let Some(t) = self.space(sp).dir[page / PTRS_PER_PTE] else {
@@ -1443,7 +1466,7 @@ impl<B> Mm<B> {
                 }
             }
         }
-        Ok(())
+        self.check_async_homes()
     }
 }
 

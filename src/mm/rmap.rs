@@ -179,6 +179,7 @@ impl<B> Mm<B> {
     pub fn clear_referenced(&mut self, sp: SpaceId, first: usize, end: usize, ops: &mut Vec<KernelOp>) -> usize {
         let mut count = 0;
         let mut rearmed = 0u64;
+        let async_wp = self.async_wp;
         let family = self.space(sp).family;
         let members = self.families.get(&family).cloned().unwrap_or_default();
         let mut ti = first / PTRS_PER_PTE;
@@ -209,11 +210,13 @@ impl<B> Mm<B> {
                                 push_page(ops, false, base, p);
                                 rearmed += 1;
                             }
-                        } else {
+                        } else if !async_wp {
                             vs.present.clear(p);
                             push_page(ops, true, base, p);
                             rearmed += 1;
                         }
+                        // (In an async-WP arena a read-only copy may hold a store the
+                        // kernel served alone: it stays mapped; see `async_wp.rs`.)
                     }
                 }
             }

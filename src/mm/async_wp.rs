@@ -1,0 +1,135 @@
+//! Writes the kernel serves alone (`UFFD_FEATURE_WP_ASYNC`, see
+//! `ArenaBuilder::async_wp`), and how they re-enter the model.
+//!
+//! In such an arena a view page mapped read-only is write-protected *asynchronously*: a
+//! store to it is resolved by the kernel at its own write-fault speed (the page becomes
+//! writable and is marked written; no trap reaches us). The page was a private copy of its
+//! frame — the view never maps a shared frame's home in such an arena, see below — so the
+//! store changed only this space's view, never bytes another space reads. The model learns
+//! about it later, at a *sync*: `PAGEMAP_SCAN` lists the written pages among those the
+//! model holds read-only ([`Mm::unseen_write_candidates`]), and [`Mm::commit_written`]
+//! records each as the write fault it would have been, minus the kernel work (the bytes are
+//! already in the view page, which becomes the home of a new frame, or of the exclusive
+//! frame it copied).
+//!
+//! What keeps this sound (checked by [`Mm::check`]):
+//! * **No view page is the home of a frame that another table or space can see.** A fork
+//!   (or a reset to a space) of an async arena never write-protects homes in place: if the
+//!   view holds any home, it is frozen ([`Mm::share_plan`]). Homes in a view are therefore
+//!   frames of refcount 1 in tables of share 1, and a store to one (after `clean` or aging
+//!   protected it) changes only what that one space sees.
+//! * **Every operation that reads entries syncs first** (`dirty_pages`, `clean`, aging, a
+//!   fork, a reset), and the API read path reads mapped pages from the view itself.
+//! * **Nothing zaps a read-only view page that may hold an unseen write.** A freeze moves
+//!   the pages (the uffd-wp bits move with them, `UFFD_FEATURE_EVENT_REMAP`), and the frozen
+//!   pages are scanned before the model re-homes them; aging does not zap read-only copies
+//!   in such an arena (it re-arms only writable homes); a reset or discard of a space drops
+//!   that space's own contents, so a store racing it is ordered before it.
+
+use super::*;
+
+/// Candidate runs closer than this (in pages) are scanned in one `PAGEMAP_SCAN` call: a
+/// call costs ~1 µs, walking a page ~1 ns.
+const SCAN_GAP: usize = PTRS_PER_PTE;
+
+impl<B> Mm<B> {
+    /// Views of this arena are registered with an async-WP userfaultfd (see the module
+    /// doc): forks freeze views that hold homes, and aging leaves read-only copies mapped.
+    pub fn set_async_wp(&mut self, on: bool) {
+        self.async_wp = on;
+    }
+
+    /// See [`Mm::set_async_wp`].
+    pub fn async_wp(&self) -> bool {
+        self.async_wp
+    }
+
+    /// Runs of pages in `[first, end)` of `sp` that the kernel may have written without a
+    /// trap: mapped in the view, not writable in the model. Ascending; runs less than a
+    /// table apart are merged (the gaps hold no candidate and are filtered by
+    /// [`Mm::commit_written`]).
+    pub fn unseen_write_candidates(&self, sp: SpaceId, first: usize, end: usize) -> Vec<(usize, usize)> {
+        let s = self.space(sp);
+        if !self.async_wp || s.plain {
+            return Vec::new();
+        }
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        for (a, b) in s.vs.present.runs_and_not(&s.vs.writable) {
+            let (a, b) = (a.max(first), b.min(end).min(s.pages));
+            if a >= b {
+                continue;
+            }
+            match out.last_mut() {
+                Some(last) if a - last.1 < SCAN_GAP => last.1 = b,
+                _ => out.push((a, b)),
+            }
+        }
+        out
+    }
+
+    /// Preallocate the bookkeeping [`Mm::commit_written`] needs for `pages` pages, so that
+    /// a sync after a freeze (which cannot be undone) cannot fail on memory.
+    pub fn reserve_for_written(&mut self, pages: usize) -> Result<(), std::collections::TryReserveError> {
+        let tables = pages.div_ceil(PTRS_PER_PTE) + 2;
+        self.tables.reserve(tables)?;
+        self.frames.reserve(pages + 2)?;
+        let chunks = 3 * tables;
+        self.bit_spares.try_reserve(chunks)?;
+        while self.bit_spares.len() < chunks {
+            self.bit_spares.push(Bits::try_new_chunk()?);
+        }
+        Ok(())
+    }
+
+    /// Record that the kernel served a write to `page` of `sp` on its own: the view page
+    /// (mapped read-only in the model) now holds bytes of its own and is writable. Exactly
+    /// what the write fault would have committed — a broken table, a new frame homed in the
+    /// view page (or the space's exclusive frame re-homed there), `DIRTY` — with no kernel
+    /// work left to do. Returns `false` (and changes nothing) for a page that is not mapped
+    /// read-only in the model: writable pages are already recorded, and a page not mapped
+    /// cannot have been written.
+    pub fn commit_written(&mut self, sp: SpaceId, page: usize) -> bool {
+        let vs = &self.space(sp).vs;
+        if !vs.present.get(page) || vs.writable.get(page) {
+            return false;
+        }
+        let r = self.resolve_fault(sp, page, true);
+        if !matches!(r.action, Action::Unprotect { .. }) {
+            // Only an evacuation (a shared frame homed in this view page) decides anything
+            // else, and no async arena keeps one (see the module doc).
+            debug_assert!(false, "unseen write to a shared home: {r:?}");
+            return false;
+        }
+        let kind = self.commit(r);
+        let c = &mut self.counters;
+        match kind {
+            FaultKind::WriteZero => c.faults_write_zero -= 1,
+            FaultKind::WriteCow => c.faults_write_cow -= 1,
+            FaultKind::WriteReuse => c.faults_write_reuse -= 1,
+            _ => unreachable!("a write commit"),
+        }
+        c.writes_async += 1;
+        true
+    }
+
+    /// In an async arena, no view page is the home of a frame that another table or space
+    /// can see (see the module doc).
+    pub(super) fn check_async_homes(&self) -> Result<(), String> {
+        if !self.async_wp {
+            return Ok(());
+        }
+        for (fid, f) in self.frames.iter() {
+            let RegionKind::View(sp) = self.region(f.home.region).kind else { continue };
+            let page = f.home.page as usize;
+            let t = self.space(sp).dir[page / PTRS_PER_PTE];
+            let share = t.map(|t| self.tables.get(t).share).unwrap_or(0);
+            if f.refs != 1 || share != 1 {
+                return Err(format!(
+                    "async arena: frame {fid:?} homed in the view of space {} page {page} has refs {} in a table of share {share}",
+                    sp.0, f.refs
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,245 @@
+//! Stores served by the kernel alone (`ArenaBuilder::async_wp`): writes to read-only view
+//! pages take no user-space fault, yet contents, dirty tracking, forks racing writers,
+//! aging and resets stay exact. Each test runs in both fault modes.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use common::{assert_nothing_left, Rng};
+use cowarena::{Arena, FaultMode, ForkStrategy, Space};
+
+const PAGE: usize = 4096;
+const TABLE: usize = 2 << 20;
+
+fn modes() -> [FaultMode; 2] {
+    [FaultMode::Signal, FaultMode::Thread]
+}
+
+fn arena(mode: FaultMode) -> Arena {
+    Arena::builder().fault_mode(mode).async_wp(true).build().expect("async-WP arena (Linux 6.7+)")
+}
+
+fn assert_same(s: &Space, want: &[u8], what: &str) {
+    let got = s.as_slice();
+    if let Some(i) = (0..want.len()).find(|&i| got[i] != want[i]) {
+        panic!("{what}: byte {i} (page {}) is {} but should be {}", i / PAGE, got[i], want[i]);
+    }
+    let mut buf = vec![0u8; want.len()];
+    s.read(0, &mut buf).unwrap();
+    if let Some(i) = (0..want.len()).find(|&i| buf[i] != want[i]) {
+        panic!("{what}: Space::read byte {i} (page {}) is {} but should be {}", i / PAGE, buf[i], want[i]);
+    }
+}
+
+/// A child reads every page of a written parent, then writes some: the writes cost no
+/// write fault (the kernel serves them), both sides keep their bytes, and `dirty_pages`
+/// lists exactly the pages written — after which those are counted as async writes.
+#[test]
+fn writes_to_read_pages_take_no_fault_and_are_tracked_exactly() {
+    for mode in modes() {
+        let a = arena(mode);
+        let len = 3 * TABLE;
+        let mut parent = a.space(len).unwrap();
+        let mut rng = Rng::new(7);
+        let mut want = vec![0u8; len];
+        rng.fill(&mut want);
+        parent.as_mut_slice().copy_from_slice(&want);
+        let mut child = parent.fork().unwrap();
+        child.clean(0, len).unwrap();
+        // Read every page (read faults: copies mapped read-only, async write-protected).
+        let sum: u64 = child.as_slice().iter().step_by(PAGE).map(|&b| b as u64).sum();
+        std::hint::black_box(sum);
+        let before = a.stats();
+        let mut child_want = want.clone();
+        let mut written = BTreeSet::new();
+        for _ in 0..300 {
+            let p = rng.below(len / PAGE);
+            let v = rng.below(255) as u8 + 1;
+            child.as_mut_slice()[p * PAGE + 17] = v;
+            child_want[p * PAGE + 17] = v;
+            written.insert(p);
+        }
+        let mid = a.stats();
+        let writes = |s: &cowarena::Stats| s.faults.write_zero + s.faults.write_cow + s.faults.write_reuse;
+        assert_eq!(writes(&mid), writes(&before), "{mode:?}: a write to a read-only page trapped");
+        let dirty: BTreeSet<usize> = child.dirty_pages(0, len).unwrap().into_iter().collect();
+        assert_eq!(dirty, written, "{mode:?}: dirty pages differ from the pages written");
+        assert_eq!(a.stats().writes_async - before.writes_async, written.len() as u64, "{mode:?}");
+        assert_same(&child, &child_want, &format!("{mode:?} child"));
+        assert_same(&parent, &want, &format!("{mode:?} parent"));
+        a.check_invariants().unwrap();
+        // clean, write again, the new writes are exactly what is dirty.
+        assert_eq!(child.clean(0, len).unwrap().into_iter().collect::<BTreeSet<_>>(), written);
+        child.as_mut_slice()[5 * PAGE] = 1;
+        child_want[5 * PAGE] = 1;
+        assert_eq!(child.dirty_pages(0, len).unwrap(), vec![5]);
+        assert_same(&child, &child_want, &format!("{mode:?} child after clean"));
+        drop((parent, child));
+        assert_nothing_left(&a, &format!("{mode:?}"));
+    }
+}
+
+/// Sequential writes in a fork get fault-around (pages ahead mapped read-only): pages
+/// skipped by the writer are never reported dirty, and never copied for writing.
+#[test]
+fn write_fault_around_keeps_dirty_tracking_exact() {
+    for mode in modes() {
+        let a = arena(mode);
+        let len = 2 * TABLE;
+        let mut parent = a.space(len).unwrap();
+        parent.as_mut_slice().fill(3);
+        let mut child = parent.fork().unwrap();
+        child.clean(0, len).unwrap();
+        let mut written = Vec::new();
+        for p in 0..len / PAGE {
+            if p % 7 != 3 {
+                child.as_mut_slice()[p * PAGE + 1] = 9;
+                written.push(p);
+            }
+        }
+        let s = a.stats();
+        assert!(s.faults.around > 0, "{mode:?}: no fault-around for sequential writes");
+        assert_eq!(child.dirty_pages(0, len).unwrap(), written, "{mode:?}");
+        let mut want = vec![3u8; len];
+        for &p in &written {
+            want[p * PAGE + 1] = 9;
+        }
+        assert_same(&child, &want, &format!("{mode:?} child"));
+        assert_same(&parent, &vec![3u8; len], &format!("{mode:?} parent"));
+        let traps = s.faults.write_zero + s.faults.write_cow + s.faults.write_reuse;
+        assert!(
+            traps * 4 < written.len() as u64,
+            "{mode:?}: {traps} write faults for {} sequential page writes",
+            written.len()
+        );
+    }
+}
+
+/// Writer threads store into pages the parent has mapped read-only while the main thread
+/// forks the space again and again (each fork freezes the view and scans the frozen pages
+/// for the stores the kernel served alone). No store may be lost: every child holds, for
+/// every word, a value between what was stored before its fork began and after it
+/// returned; at the end the parent holds the last value of every word.
+#[test]
+fn forks_racing_writers_lose_no_store() {
+    for mode in modes() {
+        let a = arena(mode);
+        let len = 8 << 20;
+        let words = len / 8;
+        let root = a.space(len).unwrap();
+        const WRITERS: usize = 2;
+        let done: Arc<Vec<AtomicU64>> = Arc::new((0..WRITERS).map(|_| AtomicU64::new(0)).collect());
+        let stop = Arc::new(AtomicBool::new(false));
+        // Word k belongs to writer k % WRITERS; in round r the writer stores r+1 into each
+        // of its words, in a fixed random order.
+        let base = root.as_mut_ptr() as usize;
+        let mut handles = Vec::new();
+        for w in 0..WRITERS {
+            let (done, stop) = (done.clone(), stop.clone());
+            handles.push(std::thread::spawn(move || {
+                let mut mine: Vec<usize> = (w..words).step_by(WRITERS).collect();
+                let mut rng = Rng::new(w as u64 + 1);
+                for i in (1..mine.len()).rev() {
+                    mine.swap(i, rng.below(i + 1));
+                }
+                let mut round = 0u64;
+                while !stop.load(Ordering::Relaxed) && round < 40 {
+                    round += 1;
+                    for &k in &mine {
+                        let at = (base + k * 8) as *mut u64;
+                        // SAFETY: inside the root's view, which outlives the threads; each
+                        // word is written by one thread only. Read first: a page not mapped
+                        // is mapped read-only, and the store is then the kernel's alone.
+                        unsafe {
+                            let v = at.read_volatile();
+                            assert_eq!(v, round - 1, "word {k} changed under its writer");
+                            at.write_volatile(round);
+                        }
+                    }
+                    done[w].store(round, Ordering::Release);
+                }
+            }));
+        }
+        let mut forks = 0;
+        while handles.iter().any(|h| !h.is_finished()) && forks < 60 {
+            let lo: Vec<u64> = done.iter().map(|d| d.load(Ordering::Acquire)).collect();
+            let strategy = if forks % 2 == 0 { ForkStrategy::Auto } else { ForkStrategy::KeepWarm };
+            let child = root.fork_with(strategy).unwrap();
+            let hi: Vec<u64> = done.iter().map(|d| d.load(Ordering::Acquire)).collect();
+            let got = child.as_slice();
+            for k in (0..words).step_by(97) {
+                let v = u64::from_ne_bytes(got[k * 8..k * 8 + 8].try_into().unwrap());
+                let w = k % WRITERS;
+                assert!(
+                    v >= lo[w] && v <= hi[w] + 1,
+                    "{mode:?} fork {forks}: word {k} is {v}, writer {w} had finished {}..{} rounds",
+                    lo[w],
+                    hi[w]
+                );
+            }
+            forks += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        for h in handles {
+            h.join().expect("writer");
+        }
+        let last: Vec<u64> = done.iter().map(|d| d.load(Ordering::Acquire)).collect();
+        let got = root.as_slice();
+        for k in 0..words {
+            let v = u64::from_ne_bytes(got[k * 8..k * 8 + 8].try_into().unwrap());
+            assert_eq!(v, last[k % WRITERS], "{mode:?}: word {k} lost a store");
+        }
+        assert!(forks >= 5, "{mode:?}: only {forks} forks raced the writers");
+        assert!(a.stats().writes_async > 0, "{mode:?}: no store went through the kernel alone");
+        a.check_invariants().unwrap();
+    }
+}
+
+/// Aging, resets and the rmap operations see the stores the kernel served alone.
+#[test]
+fn aging_reset_and_migration_keep_unseen_stores() {
+    for mode in modes() {
+        let a = arena(mode);
+        let len = TABLE + 5 * PAGE;
+        let mut snap = a.space(len).unwrap();
+        snap.as_mut_slice().fill(1);
+        let mut work = snap.fork().unwrap();
+        let _ = work.as_slice().iter().step_by(PAGE).count(); // map read-only copies
+        let sum: u64 = work.as_slice().iter().step_by(PAGE).map(|&b| b as u64).sum();
+        assert_eq!(sum, (len / PAGE) as u64);
+        for p in [0, 3, 200, 511, 512] {
+            work.as_mut_slice()[p * PAGE] = 5; // served by the kernel alone
+        }
+        let mut want = vec![1u8; len];
+        for p in [0, 3, 200, 511, 512] {
+            want[p * PAGE] = 5;
+        }
+        // Aging must not zap a read-only page holding an unseen store.
+        a.clear_referenced().unwrap();
+        work.clear_referenced(0, len).unwrap();
+        assert_same(&work, &want, &format!("{mode:?} after clear_referenced"));
+        // Migration moves frames, not the unseen stores.
+        work.migrate(0, len).unwrap();
+        a.compact().unwrap();
+        assert_same(&work, &want, &format!("{mode:?} after migrate"));
+        // A store after the sync those made, then a reset: every byte back to the snapshot.
+        work.as_mut_slice()[7 * PAGE] = 6;
+        work.reset_to(&snap).unwrap();
+        assert_same(&work, &vec![1u8; len], &format!("{mode:?} after reset"));
+        assert_same(&snap, &vec![1u8; len], &format!("{mode:?} snapshot"));
+        // Stores into the snapshot's own read-only pages, then a reset to it: the reset
+        // takes the snapshot as it is now.
+        let _ = snap.as_slice()[9 * PAGE];
+        snap.as_mut_slice()[9 * PAGE] = 8;
+        work.reset_to(&snap).unwrap();
+        let mut snap_want = vec![1u8; len];
+        snap_want[9 * PAGE] = 8;
+        assert_same(&work, &snap_want, &format!("{mode:?} reset to a written snapshot"));
+        a.check_invariants().unwrap();
+        drop((snap, work));
+        assert_nothing_left(&a, &format!("{mode:?}"));
+    }
+}
