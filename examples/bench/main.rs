@@ -650,8 +650,55 @@ fn w2(cfg: &Config, rep: &mut Report) -> Res<()> {
         s.faults.read_copy, s.faults.write_cow, s.faults.write_reuse, s.tables_broken, s.tables_reused
     ));
 
+    // The same reset loop in an async-WP arena (ArenaBuilder::async_wp): the fuzzer's
+    // stores to pages it has mapped read-only are the kernel's alone; each reset syncs.
+    let async_reset = match Arena::builder().async_wp(true).build() {
+        Ok(arena) => {
+            let snap = arena.space(size)?;
+            fill(&snap, 1);
+            drop(snap.fork()?);
+            let mut work = snap.fork()?;
+            let mut rng = Rng::new(W2_SEED);
+            let mut rates = Vec::new();
+            for round in 0..rounds {
+                let it0 = (round * per_round) as u64 + 1;
+                let t = Instant::now();
+                for it in it0..it0 + per_round as u64 {
+                    std::hint::black_box(fuzz_iteration(&work, &mut rng, it));
+                    work.reset_to(&snap)?;
+                }
+                rates.push(per_sec(per_round, t.elapsed()));
+            }
+            for p in (0..pages_of(&snap)).step_by(97) {
+                if load(&work, p) != pattern(1, p) {
+                    return Err(format!("W2 async_wp: page {p} not restored by reset").into());
+                }
+            }
+            let st = arena.stats();
+            rep.note(format!(
+                "W2 reset in place, async_wp, {rounds} rounds of {per_round}: {} it/s; write faults {} (zero {} cow {} reuse {}), stores served by the kernel alone {}, read faults {}",
+                rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(" "),
+                st.faults.write_zero + st.faults.write_cow + st.faults.write_reuse,
+                st.faults.write_zero,
+                st.faults.write_cow,
+                st.faults.write_reuse,
+                st.writes_async,
+                st.faults.read_copy + st.faults.read_zero,
+            ));
+            Some(median_f64(&rates))
+        }
+        Err(e) => {
+            rep.note(format!("W2: no async_wp arena: {e}"));
+            None
+        }
+    };
+
     let name = "fuzz iterations, 256 MiB";
-    for (how, v) in [("fork per iteration", Some(fork_rate)), ("reset in place", reset_rate)] {
+    for (how, v) in [
+        ("fork per iteration", Some(fork_rate)),
+        ("reset in place", reset_rate),
+        ("reset in place, async_wp", async_reset),
+    ] {
         let m = format!("{name} ({how})");
         rep.row("W2", &m, Unit::PerSec, v, "kernel fork server", Some(fork_server));
         rep.row("W2", &m, Unit::PerSec, v, "memfd + DONTNEED reset", Some(memfd));
@@ -1119,9 +1166,9 @@ fn w4_random_kernel(size: usize, orders: &[Vec<usize>]) -> Res<Pattern> {
     Ok([first, read, child, parent, parent])
 }
 
-fn w4_random_cowarena(size: usize, orders: &[Vec<usize>]) -> Res<Pattern> {
+fn w4_random_cowarena(arena: &Arena, size: usize, orders: &[Vec<usize>]) -> Res<Pattern> {
     use cowarena::ForkStrategy::{Freeze, KeepWarm};
-    let arena = Arena::new()?;
+    let arena = arena.clone();
     let r = [
         per_page(orders, |o| w4r_first_touch(&arena, size, o))?,
         per_page(orders, |o| w4r_after_fork(&arena, size, o, AfterFork::Read))?,
@@ -1134,8 +1181,12 @@ fn w4_random_cowarena(size: usize, orders: &[Vec<usize>]) -> Res<Pattern> {
 
 /// "fork + touch every page" with cowarena: a fresh space of `size`, every page written;
 /// `(fork, touches)` for one fork and `touch` of every page of `order` in the fork.
-fn w4_whole_cowarena(size: usize, order: &[usize], touch: baselines::Touch) -> Res<(Duration, Duration)> {
-    let arena = Arena::new()?;
+fn w4_whole_cowarena(
+    arena: &Arena,
+    size: usize,
+    order: &[usize],
+    touch: baselines::Touch,
+) -> Res<(Duration, Duration)> {
     let root = arena.space(size)?;
     fill(&root, 1);
     let t = Instant::now();
@@ -1178,8 +1229,19 @@ fn w4_random(cfg: &Config, rep: &mut Report) -> Res<()> {
     let floor_dense = secs(t) / n as f64;
     let (t, n) = baselines::sigbus_copy_floor(size, &sparse)?;
     let floor_sparse = secs(t) / n as f64;
-    let c_dense = w4_random_cowarena(size, &dense)?;
-    let c_sparse = w4_random_cowarena(size, &sparse)?;
+    let c_dense = w4_random_cowarena(&Arena::new()?, size, &dense)?;
+    let c_sparse = w4_random_cowarena(&Arena::new()?, size, &sparse)?;
+    // Stores to read-only pages served by the kernel alone (ArenaBuilder::async_wp; 6.7+).
+    let async_arena = || Arena::builder().async_wp(true).build();
+    let (a_dense, a_sparse) = match async_arena() {
+        Ok(a) => {
+            (Some(w4_random_cowarena(&a, size, &dense)?), Some(w4_random_cowarena(&async_arena()?, size, &sparse)?))
+        }
+        Err(e) => {
+            rep.note(format!("W4 random: async_wp rows skipped: {e}"));
+            (None, None)
+        }
+    };
     // The user-space first-touch path, for comparison: views registered from the start
     // (what every first touch cost before plain spaces, and what a fork's first touch of a
     // never-written page costs now).
@@ -1201,6 +1263,19 @@ fn w4_random(cfg: &Config, rep: &mut Report) -> Res<()> {
             rep.row(
                 "W4",
                 format!("random {kind} {sz}: {what}, per page"),
+                Unit::Secs,
+                Some(c[i]),
+                &format!("{base}, same order"),
+                Some(k[i]),
+            );
+        }
+    }
+    for (kind, c, k) in [("dense", &a_dense, &k_dense), ("sparse", &a_sparse, &k_sparse)] {
+        let Some(c) = c else { continue };
+        for (i, (what, base)) in names.iter().enumerate().skip(1) {
+            rep.row(
+                "W4",
+                format!("random {kind} {sz}: {what}, async_wp, per page"),
                 Unit::Secs,
                 Some(c[i]),
                 &format!("{base}, same order"),
@@ -1255,8 +1330,12 @@ fn w4_random(cfg: &Config, rep: &mut Report) -> Res<()> {
     let k_read = baselines::kernel_fork_child_touch(wsize, &worder, Touch::Read)?;
     let k_write = baselines::kernel_fork_child_touch(wsize, &worder, Touch::Write)?;
     let copy_all = baselines::uffd_copy_all(wsize)?;
-    let (c_fork_r, c_read) = w4_whole_cowarena(wsize, &worder, Touch::Read)?;
-    let (c_fork_w, c_write) = w4_whole_cowarena(wsize, &worder, Touch::Write)?;
+    let (c_fork_r, c_read) = w4_whole_cowarena(&Arena::new()?, wsize, &worder, Touch::Read)?;
+    let (c_fork_w, c_write) = w4_whole_cowarena(&Arena::new()?, wsize, &worder, Touch::Write)?;
+    let a_write = match async_arena() {
+        Ok(a) => Some(w4_whole_cowarena(&a, wsize, &worder, Touch::Write)?),
+        Err(_) => None,
+    };
     let wsz = size_name(wsize);
     let c_total_r = secs(c_fork_r + c_read);
     let floor_total = secs(c_fork_r + copy_all);
@@ -1284,6 +1363,16 @@ fn w4_random(cfg: &Config, rep: &mut Report) -> Res<()> {
         "kernel fork(2) + child COW writes",
         Some(secs(k_write.fork + k_write.touches)),
     );
+    if let Some((f, w)) = a_write {
+        rep.row(
+            "W4",
+            format!("fork + write every page of {wsz}, random, async_wp, total"),
+            Unit::Secs,
+            Some(secs(f + w)),
+            "kernel fork(2) + child COW writes",
+            Some(secs(k_write.fork + k_write.touches)),
+        );
+    }
     rep.note(format!(
         "W4 whole {wsz}: cowarena fork {:.2} / {:.2} ms, reads {:.1} ms, writes {:.1} ms; kernel fork(2) {:.2} / {:.2} ms, child reads {:.1} ms, child writes {:.1} ms; one UFFDIO_COPY of {wsz} {:.1} ms",
         secs(c_fork_r) * 1e3,
@@ -1351,6 +1440,24 @@ fn w4_random(cfg: &Config, rep: &mut Report) -> Res<()> {
             "W4",
             format!("dense random write in the parent after a fork ({s}) >= 1.0x kernel"),
             Some(k_dense[i] / c_dense[i]),
+            true,
+            1.0,
+            Unit::Factor,
+        );
+    }
+    if let Some(a) = &a_dense {
+        rep.target(
+            "W4",
+            "dense random COW write in the fork, async_wp >= 1.0x kernel",
+            Some(k_dense[2] / a[2]),
+            true,
+            1.0,
+            Unit::Factor,
+        );
+        rep.target(
+            "W4",
+            "dense random write in the parent after a fork, async_wp (forks freeze) >= 1.0x kernel",
+            Some(k_dense[4] / a[4]),
             true,
             1.0,
             Unit::Factor,
@@ -1625,6 +1732,33 @@ fn w4(cfg: &Config, rep: &mut Report) -> Res<()> {
         ));
         w4_lock_rows(rep, &t, &run);
         by_threads.push((threads, rates, touch, kcow));
+    }
+    if let Ok(arena) = Arena::builder().plain_until_fork(false).async_wp(true).build() {
+        let run = w4_cowarena(&arena, size, 1)?;
+        let s = arena.stats();
+        let (kcow, touch) = by_threads.first().map(|r| (r.3, r.2)).unwrap_or_default();
+        rep.row(
+            "W4",
+            "read faults in a fork, 1 thread, async_wp",
+            Unit::PerSec,
+            Some(run.rates[1]),
+            "kernel first touch",
+            Some(touch),
+        );
+        for (i, what) in [(2, "fork"), (3, "parent")] {
+            rep.row(
+                "W4",
+                format!("COW write faults in the {what}, 1 thread, async_wp"),
+                Unit::PerSec,
+                Some(run.rates[i]),
+                "kernel COW fault",
+                Some(kcow),
+            );
+        }
+        rep.note(format!(
+            "W4 1 thread async_wp: write_zero {} write_cow {} write_reuse {} writes served by the kernel alone {}",
+            s.faults.write_zero, s.faults.write_cow, s.faults.write_reuse, s.writes_async
+        ));
     }
     let at = |n: usize| by_threads.iter().find(|r| r.0 == n).copied();
     if let Some((_, [_, _, cow_child, _], _, kcow)) = at(1) {
