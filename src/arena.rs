@@ -349,6 +349,7 @@ impl Arena {
             adoptions: c.adoptions,
             pages_adopted: c.pages_adopted,
             writes_async: c.writes_async,
+            pages_restored: c.pages_restored,
             lock: self.inner.core.lock_stats(),
         }
     }
@@ -575,6 +576,10 @@ pub struct Stats {
     /// Stores to read-only view pages that the kernel served alone and a later sync
     /// recorded as writes ([`ArenaBuilder::async_wp`]); not counted in `faults`.
     pub writes_async: u64,
+    /// Pages [`Space::reset_to`](crate::Space::reset_to) restored in place (bytes copied
+    /// back from the snapshot, write-protected again) rather than by replacing their
+    /// table: stores the kernel served alone in an async-WP arena.
+    pub pages_restored: u64,
     /// The arena lock as the fault path sees it: time held per fault (the serial part of
     /// a fault, which bounds the arena's fault rate on any number of cores) and sleeps in
     /// `FUTEX_WAIT`; see [`LockStats`].

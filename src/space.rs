@@ -423,6 +423,15 @@ impl Space {
     /// next iteration of a fuzz loop does not fault on its clean working set again. (A
     /// space cannot be reset to itself: the borrow checker rejects `s.reset_to(&s)`.)
     ///
+    /// In an [async-WP arena](crate::ArenaBuilder::async_wp) the pages this space changed
+    /// only by stores to pages it had mapped read-only are put back in place instead — their
+    /// bytes copied from the snapshot and write-protected again, O(pages written), no table
+    /// touched — so a fuzz loop's next stores to them are again the kernel's alone.
+    ///
+    /// The reset takes `&mut self`: no other thread may touch this space's view meanwhile.
+    /// (A store through a raw pointer racing the reset is a data race on the view, as with
+    /// [`Space::as_mut_slice`]; the reset may then keep or lose it.)
+    ///
     /// # Errors
     /// [`Error::NotRelated`] when `snapshot` is of another arena, family or size;
     /// [`Error::Os`] when the snapshot's pages cannot be protected or frozen.
@@ -449,10 +458,10 @@ impl Space {
         }
         core.prepare_share(&mut mm, snapshot.id, ForkStrategy::Auto)?;
         let pages = mm.pages(self.id);
-        // Stores the kernel served alone in read-only pages must be undone too: record
-        // them, so their entries differ from the snapshot's. (A store racing the reset is
-        // ordered before it, and undone.)
-        core.sync_written(&mut mm, self.id, 0, pages)?;
+        // Stores the kernel served alone in read-only pages must be undone too: where the
+        // entry is still the snapshot's, the bytes are copied back in place (no table
+        // touched); the others are zapped with their table below.
+        core.restore_written(&mut mm, self.id, snapshot.id)?;
         let need = mm.shared_homes(self.id, 0, pages).len();
         core.ensure_pool(&mut mm, need)?;
         let mut ops = Vec::new();
@@ -529,7 +538,9 @@ impl Space {
         let core = self.core()?;
         let mut mm = core.lock();
         core.adopt_if_plain(&mut mm, self.id, AdoptHow::Auto)?; // re-protecting needs the model
-        core.sync_written(&mut mm, self.id, first, end)?;
+        if mm.async_wp() {
+            return core.clean_async(&mut mm, self.id, first, end);
+        }
         let mut ops = Vec::new();
         let dirty = mm.mkclean(self.id, first, end, &mut ops);
         core.run_ops(&mut mm, &ops)?;

@@ -758,10 +758,9 @@ const PEER_RESET: &str = "kernel WP_ASYNC + PAGEMAP_SCAN reset";
 /// answering the same questions with `PAGEMAP_SCAN` on an async-WP region (`PAGE_IS_WRITTEN`;
 /// with `PM_SCAN_WP_MATCHING` for the re-arm). Both sides must report exactly the pages
 /// written. Medians over the rounds (each round a fresh random 1 %).
-fn w2_dirty_tracking(cfg: &Config, rep: &mut Report) -> Res<()> {
-    let size = GIB;
-    let rounds = if cfg.quick { 3 } else { 7 };
-    let arena = Arena::new()?;
+/// cowarena's side of [`w2_dirty_tracking`]: medians of `(dirty_pages, clean)`, and the
+/// pages written per round and the fill + first clean time.
+fn w2_dirty_ours(arena: Arena, size: usize, rounds: usize) -> Res<(Duration, Duration, usize, Duration)> {
     let s = arena.space(size)?;
     let pages = pages_of(&s);
     let t = Instant::now();
@@ -800,7 +799,17 @@ fn w2_dirty_tracking(cfg: &Config, rep: &mut Report) -> Res<()> {
     }
     drop(s);
     drop(arena);
-    let (ours_list, ours_clean) = (median(lists), median(cleans));
+    Ok((median(lists), median(cleans), written, setup))
+}
+
+fn w2_dirty_tracking(cfg: &Config, rep: &mut Report) -> Res<()> {
+    let size = GIB;
+    let rounds = if cfg.quick { 3 } else { 7 };
+    let (ours_list, ours_clean, written, setup) = w2_dirty_ours(Arena::new()?, size, rounds)?;
+    let async_wp = match Arena::builder().async_wp(true).build() {
+        Ok(a) => Some(w2_dirty_ours(a, size, rounds)?),
+        Err(_) => None,
+    };
 
     let kernel = match baselines::wp_async_dirty_scan(size, 0.01, rounds, W2_SEED ^ 0xd1) {
         Ok(k) => Some(k),
@@ -831,6 +840,24 @@ fn w2_dirty_tracking(cfg: &Config, rep: &mut Report) -> Res<()> {
         "PAGEMAP_SCAN + WP_MATCHING",
         kernel.map(|k| secs(k.list_rearm)),
     );
+    if let Some((list, clean, _, _)) = async_wp {
+        rep.row(
+            "W2",
+            "dirty_pages after clean, 1 GiB, 1 % written, async_wp",
+            Unit::Secs,
+            Some(secs(list)),
+            "PAGEMAP_SCAN PAGE_IS_WRITTEN",
+            kernel.map(|k| secs(k.list)),
+        );
+        rep.row(
+            "W2",
+            "clean (list + re-arm), 1 GiB, 1 % written, async_wp",
+            Unit::Secs,
+            Some(secs(clean)),
+            "PAGEMAP_SCAN + WP_MATCHING",
+            kernel.map(|k| secs(k.list_rearm)),
+        );
+    }
     rep.target(
         "W2",
         "dirty_pages (1 GiB, 1 % written) >= 1.0x the PAGEMAP_SCAN peer (peer time / ours; issue 14)",

@@ -8,6 +8,9 @@ use crate::mm::{Mm, SpaceId, PAGE_SIZE};
 use crate::sys::mem::Mapping;
 use crate::sys::pagemap::{category, PageRun, Query};
 
+/// Above this many runs to re-protect, `clean` re-protects in one `PAGEMAP_SCAN` walk.
+const BATCH_PROTECT_RUNS: usize = 16;
+
 /// Pages written since they were last write-protected: mapped, and without the uffd-wp bit
 /// (an async-WP fault cleared it). A page not mapped is reported "written" by the kernel
 /// too (no uffd-wp marker), hence PRESENT.
@@ -46,6 +49,129 @@ impl Core {
             n += usize::from(mm.commit_written(sp, p));
         }
         Ok(n)
+    }
+
+    /// `clean` of pages `[first, end)` of `sp` in an async-WP arena: the stores the kernel
+    /// served alone are recorded, the dirty bits cleared ([`Mm::mkclean`]), and the pages
+    /// that were writable are re-protected — with one `UFFDIO_WRITEPROTECT` per run when the
+    /// runs are few, else in one `PAGEMAP_SCAN` walk (`PM_SCAN_WP_MATCHING`) of the range
+    /// that protects every written page and reports what it protected. A page it protected
+    /// that the model held read-only was stored to after the sync (a store racing `clean`):
+    /// it is recorded as written — dirty after the clean, as it was written after it — and
+    /// kept protected. Returns the pages that were dirty.
+    pub fn clean_async(&self, mm: &mut Mm<Mapping>, sp: SpaceId, first: usize, end: usize) -> Result<Vec<usize>> {
+        use crate::mm::KernelOp;
+        self.sync_written(mm, sp, first, end)?;
+        let mut ops = Vec::new();
+        let dirty = mm.mkclean(sp, first, end, &mut ops);
+        debug_assert!(ops.iter().all(|op| matches!(op, KernelOp::Protect { .. })));
+        let pm = self.pagemap.as_ref();
+        if ops.len() <= BATCH_PROTECT_RUNS || pm.is_none() {
+            self.run_ops(mm, &ops)?;
+            return Ok(dirty);
+        }
+        let base = mm.view_base(sp);
+        let q = Query {
+            required: category::WRITTEN | category::PRESENT,
+            report: category::WRITTEN,
+            flags: crate::sys::pagemap::WP_MATCHING | crate::sys::pagemap::CHECK_WPASYNC,
+            ..Query::default()
+        };
+        let mut out: Vec<PageRun> = Vec::new();
+        if let Err(e) = pm.expect("checked").scan(base + first * PAGE_SIZE, base + end * PAGE_SIZE, q, &mut out) {
+            // The kernel may have protected part of the range: protect the rest run by
+            // run, so that no page the model now holds clean stays writable.
+            tracing::warn!(space = sp.0, error = %e, "PAGEMAP_SCAN (WP_MATCHING) failed; re-protecting run by run");
+            self.run_ops(mm, &ops)?;
+            return Ok(dirty);
+        }
+        // Pages protected that were not writable before: stores racing this clean.
+        let expected: Vec<(usize, usize)> = ops
+            .iter()
+            .map(|op| match *op {
+                KernelOp::Protect { addr, len } => ((addr - base) / PAGE_SIZE, (addr - base + len) / PAGE_SIZE),
+                _ => unreachable!(),
+            })
+            .collect();
+        let mut k = 0;
+        for (a, b) in mm.page_runs(sp, base, out.iter().map(|r| (r.start, r.end))) {
+            for p in a..b {
+                while k < expected.len() && expected[k].1 <= p {
+                    k += 1;
+                }
+                if k < expected.len() && expected[k].0 <= p {
+                    continue; // was writable: protected as planned
+                }
+                self.ensure_headroom(mm)?;
+                if mm.commit_written(sp, p) {
+                    mm.mark_protected(sp, p);
+                }
+            }
+        }
+        Ok(dirty)
+    }
+
+    /// The first half of a reset of `sp` to `snap` in an async-WP arena: every page the
+    /// kernel let a store write since `sp`'s last sync is put back as it was — its bytes
+    /// copied from `snap`'s frame (or zeros) and the page write-protected again — where
+    /// `sp`'s entry is still `snap`'s; no table is broken for them, and they stay mapped.
+    /// Pages whose entries differ are left to [`Mm::reset_to`], which zaps them. O(pages
+    /// written) plus one `PAGEMAP_SCAN` of the read-only pages. Returns the pages restored.
+    ///
+    /// A store racing this (through a raw pointer: `reset_to` takes `&mut Space`) could land
+    /// between the copy and the write-protect and go unrecorded; the API excludes it.
+    pub fn restore_written(&self, mm: &mut Mm<Mapping>, sp: SpaceId, snap: SpaceId) -> Result<usize> {
+        let candidates = mm.unseen_write_candidates(sp, 0, mm.pages(sp));
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        let base = mm.view_base(sp);
+        let written = self.scan_written(mm, sp, base, &candidates)?;
+        let mut restored = 0;
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for p in written {
+            let Some(src) = mm.restore_source(sp, snap, p) else { continue };
+            let src = match src {
+                crate::mm::Src::Zero => super::ZERO_PAGE.0.as_ptr() as usize,
+                crate::mm::Src::Addr(a) => a,
+            };
+            // SAFETY: the view page is mapped and writable (the kernel resolved the store
+            // that wrote it), the source is a frame's home or the static zero page; both
+            // stay mapped while we hold the lock, and nothing else writes the view page
+            // (`reset_to` has the space exclusively).
+            unsafe { crate::sys::mem::copy_page(base + p * PAGE_SIZE, src) };
+            restored += 1;
+            match runs.last_mut() {
+                Some(r) if r.1 == p => r.1 = p + 1,
+                _ => runs.push((p, p + 1)),
+            }
+        }
+        match (runs.first(), runs.last(), self.pagemap.as_ref()) {
+            (Some(&(lo, _)), Some(&(_, hi)), Some(pm)) if runs.len() > BATCH_PROTECT_RUNS => {
+                // One walk instead of a write-protect (and TLB flush) per run. It protects
+                // every written page of the span: the restored ones, and written pages whose
+                // entries differ from the snapshot's, which the reset zaps anyway.
+                let q = Query {
+                    required: category::WRITTEN | category::PRESENT,
+                    flags: crate::sys::pagemap::CHECK_WPASYNC,
+                    ..Query::default()
+                };
+                pm.protect(base + lo * PAGE_SIZE, base + hi * PAGE_SIZE, q)
+                    .map_err(|e| Error::os("PAGEMAP_SCAN (WP_MATCHING) restored pages", e))?;
+            }
+            _ => {
+                for &(a, b) in &runs {
+                    self.reprotect(base, a, b)?;
+                }
+            }
+        }
+        Ok(restored)
+    }
+
+    fn reprotect(&self, base: usize, a: usize, b: usize) -> Result<()> {
+        self.uffd
+            .writeprotect(base + a * PAGE_SIZE, (b - a) * PAGE_SIZE, true)
+            .map_err(|e| Error::os("UFFDIO_WRITEPROTECT restored pages", e))
     }
 
     /// [`Core::sync_written`] over every space (the family-wide operations: aging of the

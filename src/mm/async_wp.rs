@@ -112,6 +112,30 @@ impl<B> Mm<B> {
         true
     }
 
+    /// The kernel write-protected `page` of `sp` (a batched re-arm): the model follows.
+    pub fn mark_protected(&mut self, sp: SpaceId, page: usize) {
+        self.space_mut(sp).vs.writable.clear(page);
+    }
+
+    /// Where a reset of `sp` to `snap` can restore `page` in place: when `sp`'s entry for
+    /// it is still `snap`'s (the page was written only by stores the kernel served alone),
+    /// copying the bytes of that frame (or zeros) back into the view page and
+    /// write-protecting it again leaves the page exactly as the reset's model says it is —
+    /// a read-only copy of `snap`'s frame — with no table broken, replaced or zapped.
+    /// `None` when the entries differ: the reset replaces that table and zaps the page.
+    pub fn restore_source(&mut self, sp: SpaceId, snap: SpaceId, page: usize) -> Option<Src> {
+        let (mine, theirs) = (self.lookup(sp, page), self.lookup(snap, page));
+        let vs = &self.space(sp).vs;
+        if mine.frame() != theirs.frame() || !vs.present.get(page) || vs.home.get(page) {
+            return None;
+        }
+        self.counters.pages_restored += 1;
+        Some(match mine.frame() {
+            None => Src::Zero,
+            Some(f) => Src::Addr(self.home_addr(self.frames.get(f).home)),
+        })
+    }
+
     /// In an async arena, no view page is the home of a frame that another table or space
     /// can see (see the module doc).
     pub(super) fn check_async_homes(&self) -> Result<(), String> {

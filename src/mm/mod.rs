@@ -322,6 +322,9 @@ pub struct MmCounters {
     /// Writes to read-only view pages that the kernel served alone (async write-protect)
     /// and a later sync recorded (see `async_wp.rs`).
     pub writes_async: u64,
+    /// Pages a reset restored in place (bytes copied back, write-protected again) instead
+    /// of replacing their table (async-WP arenas).
+    pub pages_restored: u64,
 }
 
 /// Shared tables broken, by the operation that needed an exclusive table.

@@ -284,7 +284,19 @@ impl<B> Mm<B> {
 
     /// Pages of `sp` in `[first, end)` written since the last [`Mm::mkclean`].
     pub fn dirty_pages(&self, sp: SpaceId, first: usize, end: usize) -> Vec<usize> {
-        (first..end).filter(|&p| self.lookup(sp, p).has(Pte::DIRTY)).collect()
+        let dir = &self.space(sp).dir;
+        let mut out = Vec::new();
+        let mut ti = first / PTRS_PER_PTE;
+        while ti * PTRS_PER_PTE < end {
+            let lo = first.max(ti * PTRS_PER_PTE);
+            let hi = end.min((ti + 1) * PTRS_PER_PTE);
+            if let Some(t) = dir[ti] {
+                let entries = &self.tables.get(t).entries;
+                out.extend((lo..hi).filter(|&p| entries[p % PTRS_PER_PTE].has(Pte::DIRTY)));
+            }
+            ti += 1;
+        }
+        out
     }
 
     /// mkclean pages `[first, end)` of `sp`: every table holding a dirty entry there is made
