@@ -35,17 +35,19 @@ const MAX_OPS: usize = 256;
 /// at the end of the input anyway).
 const MAX_XFER: usize = 256 << 10;
 
-fn arena(mode: FaultMode, plain: bool) -> &'static Arena {
-    static ARENAS: [OnceLock<Arena>; 4] = [const { OnceLock::new() }; 4];
+fn arena(mode: FaultMode, plain: bool, async_wp: bool) -> &'static Arena {
+    static ARENAS: [OnceLock<Arena>; 8] = [const { OnceLock::new() }; 8];
+    let i = plain as usize + 4 * async_wp as usize;
     let cell = match mode {
-        FaultMode::Signal => &ARENAS[plain as usize],
-        FaultMode::Thread => &ARENAS[2 + plain as usize],
+        FaultMode::Signal => &ARENAS[i],
+        FaultMode::Thread => &ARENAS[2 + i],
         m => panic!("fuzz target: no arena for {m:?}"),
     };
     cell.get_or_init(|| {
         Arena::builder()
             .fault_mode(mode)
             .plain_until_fork(plain)
+            .async_wp(async_wp)
             .build()
             .unwrap_or_else(|e| panic!("cannot create a {mode:?}-mode arena (is userfaultfd available?): {e}"))
     })
@@ -212,7 +214,8 @@ enum Op {
 struct Input {
     /// Thread fault mode when `mode % 4 == 0` (its faults cost ~10x more), else signal mode;
     /// new spaces plain until their first fork when `(mode / 4) % 2 == 0`, else registered
-    /// from the start.
+    /// from the start; stores to read-only pages served by the kernel alone
+    /// (`ArenaBuilder::async_wp`) when `(mode / 8) % 2 == 1`.
     mode: u8,
     ops: Vec<Op>,
 }
@@ -286,7 +289,7 @@ fn check_invariants(arena: &Arena, when: &str) {
 
 fn run(input: Input) {
     let mode = if input.mode.is_multiple_of(4) { FaultMode::Thread } else { FaultMode::Signal };
-    let arena = arena(mode, (input.mode / 4).is_multiple_of(2));
+    let arena = arena(mode, (input.mode / 4).is_multiple_of(2), (input.mode / 8) % 2 == 1);
     let mut live: Vec<Entry> = Vec::new();
     let mut total = 0usize;
     let mut next_family = 0u32;
