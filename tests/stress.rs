@@ -346,8 +346,12 @@ fn stress(mode: FaultMode, dur: Duration, workers: usize, seed: u64) {
 }
 
 fn stress_with(mode: FaultMode, dur: Duration, workers: usize, seed: u64, fork_children: bool) {
+    stress_arena(Arena::builder().fault_mode(mode).build().unwrap(), dur, workers, seed, fork_children)
+}
+
+fn stress_arena(arena: Arena, dur: Duration, workers: usize, seed: u64, fork_children: bool) {
+    let mode = arena.fault_mode();
     let _wd = Watchdog::new("stress", dur + Duration::from_secs(120));
-    let arena = Arena::builder().fault_mode(mode).build().unwrap();
     let mut root = arena.space(ROOT_LEN).unwrap();
     let mut root_init = vec![0u8; ROOT_LEN];
     Rng::new(seed).fill(&mut root_init);
@@ -418,6 +422,14 @@ fn stress_signal_mode() {
 fn stress_with_fork2_children() {
     stress_with(FaultMode::Signal, stress_duration(12) / 2, 2, seed() + 2, true);
     stress_with(FaultMode::Thread, stress_duration(12) / 4, 2, seed() + 3, true);
+}
+
+/// Stores to read-only pages served by the kernel alone (`ArenaBuilder::async_wp`), with
+/// forks, resets, cleans and aging racing them from other threads.
+#[test]
+fn stress_signal_mode_async_wp() {
+    let arena = Arena::builder().fault_mode(FaultMode::Signal).async_wp(true).build().unwrap();
+    stress_arena(arena, stress_duration(12) / 2, 3, seed() + 4, false);
 }
 
 #[test]
