@@ -5,6 +5,8 @@
 //! ```text
 //! cargo run --release --example snapshot_kv            # 128 MiB table, 2 snapshots per method
 //! cargo run --release --example snapshot_kv -- --quick # 32 MiB table, 1 snapshot per method
+//! cargo run --release --example snapshot_kv -- --quick --async-wp # stores to read-only
+//!                                                     # pages served by the kernel alone
 //! ```
 //!
 //! **The store.** An open-addressing hash table (linear probing) of 64-byte slots fills a
@@ -575,7 +577,11 @@ fn run() -> Res {
     );
 
     // 1. cowarena: the table lives in a space.
-    let arena = Arena::new()?;
+    let async_wp = std::env::args().skip(1).any(|a| a == "--async-wp");
+    let arena = Arena::builder().async_wp(async_wp).build()?;
+    if async_wp {
+        println!("arena: ArenaBuilder::async_wp (stores to read-only pages served by the kernel alone)");
+    }
     let cow = {
         let root = arena.space(cfg.bytes)?;
         // SAFETY: the view is page-aligned, zero-filled, mapped for `bytes` and outlives
