@@ -8,8 +8,8 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use common::{assert_nothing_left, Rng};
-use cowarena::{Arena, FaultMode, ForkStrategy, Space};
+use common::{assert_nothing_left, assert_space_is, Rng};
+use cowarena::{Arena, FaultMode, ForkStrategy};
 
 const PAGE: usize = 4096;
 const TABLE: usize = 2 << 20;
@@ -20,18 +20,6 @@ fn modes() -> [FaultMode; 2] {
 
 fn arena(mode: FaultMode) -> Arena {
     Arena::builder().fault_mode(mode).async_wp(true).build().expect("async-WP arena (Linux 6.7+)")
-}
-
-fn assert_same(s: &Space, want: &[u8], what: &str) {
-    let got = s.as_slice();
-    if let Some(i) = (0..want.len()).find(|&i| got[i] != want[i]) {
-        panic!("{what}: byte {i} (page {}) is {} but should be {}", i / PAGE, got[i], want[i]);
-    }
-    let mut buf = vec![0u8; want.len()];
-    s.read(0, &mut buf).unwrap();
-    if let Some(i) = (0..want.len()).find(|&i| buf[i] != want[i]) {
-        panic!("{what}: Space::read byte {i} (page {}) is {} but should be {}", i / PAGE, buf[i], want[i]);
-    }
 }
 
 /// A child reads every page of a written parent, then writes some: the writes cost no
@@ -68,15 +56,15 @@ fn writes_to_read_pages_take_no_fault_and_are_tracked_exactly() {
         let dirty: BTreeSet<usize> = child.dirty_pages(0, len).unwrap().into_iter().collect();
         assert_eq!(dirty, written, "{mode:?}: dirty pages differ from the pages written");
         assert_eq!(a.stats().writes_async - before.writes_async, written.len() as u64, "{mode:?}");
-        assert_same(&child, &child_want, &format!("{mode:?} child"));
-        assert_same(&parent, &want, &format!("{mode:?} parent"));
+        assert_space_is(&child, &child_want, &format!("{mode:?} child"));
+        assert_space_is(&parent, &want, &format!("{mode:?} parent"));
         a.check_invariants().unwrap();
         // clean, write again, the new writes are exactly what is dirty.
         assert_eq!(child.clean(0, len).unwrap().into_iter().collect::<BTreeSet<_>>(), written);
         child.as_mut_slice()[5 * PAGE] = 1;
         child_want[5 * PAGE] = 1;
         assert_eq!(child.dirty_pages(0, len).unwrap(), vec![5]);
-        assert_same(&child, &child_want, &format!("{mode:?} child after clean"));
+        assert_space_is(&child, &child_want, &format!("{mode:?} child after clean"));
         drop((parent, child));
         assert_nothing_left(&a, &format!("{mode:?}"));
     }
@@ -107,8 +95,8 @@ fn write_fault_around_keeps_dirty_tracking_exact() {
         for &p in &written {
             want[p * PAGE + 1] = 9;
         }
-        assert_same(&child, &want, &format!("{mode:?} child"));
-        assert_same(&parent, &vec![3u8; len], &format!("{mode:?} parent"));
+        assert_space_is(&child, &want, &format!("{mode:?} child"));
+        assert_space_is(&parent, &vec![3u8; len], &format!("{mode:?} parent"));
         let traps = s.faults.write_zero + s.faults.write_cow + s.faults.write_reuse;
         assert!(
             traps * 4 < written.len() as u64,
@@ -220,16 +208,16 @@ fn aging_reset_and_migration_keep_unseen_stores() {
         // Aging must not zap a read-only page holding an unseen store.
         a.clear_referenced().unwrap();
         work.clear_referenced(0, len).unwrap();
-        assert_same(&work, &want, &format!("{mode:?} after clear_referenced"));
+        assert_space_is(&work, &want, &format!("{mode:?} after clear_referenced"));
         // Migration moves frames, not the unseen stores.
         work.migrate(0, len).unwrap();
         a.compact().unwrap();
-        assert_same(&work, &want, &format!("{mode:?} after migrate"));
+        assert_space_is(&work, &want, &format!("{mode:?} after migrate"));
         // A store after the sync those made, then a reset: every byte back to the snapshot.
         work.as_mut_slice()[7 * PAGE] = 6;
         work.reset_to(&snap).unwrap();
-        assert_same(&work, &vec![1u8; len], &format!("{mode:?} after reset"));
-        assert_same(&snap, &vec![1u8; len], &format!("{mode:?} snapshot"));
+        assert_space_is(&work, &vec![1u8; len], &format!("{mode:?} after reset"));
+        assert_space_is(&snap, &vec![1u8; len], &format!("{mode:?} snapshot"));
         // Stores into the snapshot's own read-only pages, then a reset to it: the reset
         // takes the snapshot as it is now.
         let _ = snap.as_slice()[9 * PAGE];
@@ -237,7 +225,7 @@ fn aging_reset_and_migration_keep_unseen_stores() {
         work.reset_to(&snap).unwrap();
         let mut snap_want = vec![1u8; len];
         snap_want[9 * PAGE] = 8;
-        assert_same(&work, &snap_want, &format!("{mode:?} reset to a written snapshot"));
+        assert_space_is(&work, &snap_want, &format!("{mode:?} reset to a written snapshot"));
         a.check_invariants().unwrap();
         drop((snap, work));
         assert_nothing_left(&a, &format!("{mode:?}"));

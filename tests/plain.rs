@@ -8,24 +8,14 @@ mod common;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use common::Rng;
-use cowarena::{Arena, FaultMode, ForkStrategy, Space};
+use common::{assert_space_is, Rng};
+use cowarena::{Arena, FaultMode, ForkStrategy};
 
 const PAGE: usize = 4096;
 const TABLE: usize = 2 << 20;
 
 fn modes() -> [FaultMode; 2] {
     [FaultMode::Signal, FaultMode::Thread]
-}
-
-fn assert_same(s: &Space, want: &[u8], what: &str) {
-    let got = s.as_slice();
-    if let Some(i) = (0..want.len()).find(|&i| got[i] != want[i]) {
-        panic!("{what}: byte {i} (page {}) is {} but should be {}", i / PAGE, got[i], want[i]);
-    }
-    let mut buf = vec![0u8; want.len()];
-    s.read(0, &mut buf).unwrap();
-    assert!(buf == want, "{what}: Space::read differs from the reference");
 }
 
 /// Random pages written (and others only read) through the view of a plain space, then
@@ -67,8 +57,8 @@ fn first_fork_of_a_plain_space_with_each_strategy() {
                 assert_eq!((st.plain_spaces, st.adoptions, st.pages_adopted), (0, 1, want.len() as u64), "{what}");
                 assert_eq!(st.frames_in_use, want.len() as u64, "{what}: a frame per written page");
                 arena.check_invariants().unwrap();
-                assert_same(&s, &model, &format!("{what}: parent after fork"));
-                assert_same(&c, &model, &format!("{what}: child after fork"));
+                assert_space_is(&s, &model, &format!("{what}: parent after fork"));
+                assert_space_is(&c, &model, &format!("{what}: child after fork"));
                 assert_eq!(s.dirty_pages(0, len).unwrap(), want, "{what}: parent dirty after adoption");
                 assert_eq!(c.dirty_pages(0, len).unwrap(), want, "{what}: child inherits dirty");
 
@@ -85,8 +75,8 @@ fn first_fork_of_a_plain_space_with_each_strategy() {
                     c.write(off, &[0xC0]).unwrap();
                     cm[off] = 0xC0;
                 }
-                assert_same(&s, &model, &format!("{what}: parent after writes"));
-                assert_same(&c, &cm, &format!("{what}: child after writes"));
+                assert_space_is(&s, &model, &format!("{what}: parent after writes"));
+                assert_space_is(&c, &cm, &format!("{what}: child after writes"));
                 arena.check_invariants().unwrap();
                 drop(c);
                 drop(s);

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use cowarena::{Arena, Stats};
+use cowarena::{Arena, Space, Stats};
 
 pub const PAGE: usize = 4096;
 pub const TABLE: usize = 2 << 20;
@@ -175,5 +175,19 @@ impl Drop for Watchdog {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// `s` holds exactly `want`, through its view and through `Space::read`; the first differing
+/// byte is named.
+pub fn assert_space_is(s: &Space, want: &[u8], what: &str) {
+    let got = s.as_slice();
+    if let Some(i) = (0..want.len()).find(|&i| got[i] != want[i]) {
+        panic!("{what}: byte {i} (page {}) is {} but should be {}", i / PAGE, got[i], want[i]);
+    }
+    let mut buf = vec![0u8; want.len()];
+    s.read(0, &mut buf).unwrap();
+    if let Some(i) = (0..want.len()).find(|&i| buf[i] != want[i]) {
+        panic!("{what}: Space::read byte {i} (page {}) is {} but should be {}", i / PAGE, buf[i], want[i]);
     }
 }
