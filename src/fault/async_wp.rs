@@ -72,10 +72,8 @@ impl Core {
         }
         let base = mm.view_base(sp);
         let q = Query {
-            required: category::WRITTEN | category::PRESENT,
-            report: category::WRITTEN,
             flags: crate::sys::pagemap::WP_MATCHING | crate::sys::pagemap::CHECK_WPASYNC,
-            ..Query::default()
+            ..written_since_protected()
         };
         let mut out: Vec<PageRun> = Vec::new();
         if let Err(e) = pm.expect("checked").scan(base + first * PAGE_SIZE, base + end * PAGE_SIZE, q, &mut out) {
@@ -151,11 +149,7 @@ impl Core {
                 // One walk instead of a write-protect (and TLB flush) per run. It protects
                 // every written page of the span: the restored ones, and written pages whose
                 // entries differ from the snapshot's, which the reset zaps anyway.
-                let q = Query {
-                    required: category::WRITTEN | category::PRESENT,
-                    flags: crate::sys::pagemap::CHECK_WPASYNC,
-                    ..Query::default()
-                };
+                let q = Query { flags: crate::sys::pagemap::CHECK_WPASYNC, ..written_since_protected() };
                 pm.protect(base + lo * PAGE_SIZE, base + hi * PAGE_SIZE, q)
                     .map_err(|e| Error::os("PAGEMAP_SCAN (WP_MATCHING) restored pages", e))?;
             }
