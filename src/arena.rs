@@ -573,8 +573,9 @@ pub struct Stats {
     pub adoptions: u64,
     /// Written pages those adoptions turned into frames.
     pub pages_adopted: u64,
-    /// Stores to read-only view pages that the kernel served alone and a later sync
-    /// recorded as writes ([`ArenaBuilder::async_wp`]); not counted in `faults`.
+    /// Stores to read-only view pages that the kernel served alone, found by a later sync
+    /// ([`ArenaBuilder::async_wp`]): recorded as writes, or undone by a reset
+    /// (`pages_restored`); not counted in `faults`.
     pub writes_async: u64,
     /// Pages [`Space::reset_to`](crate::Space::reset_to) restored in place (bytes copied
     /// back from the snapshot, write-protected again) rather than by replacing their

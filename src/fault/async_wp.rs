@@ -4,12 +4,16 @@
 
 use super::Core;
 use crate::error::{Error, Result};
-use crate::mm::{Mm, SpaceId, PAGE_SIZE};
+use crate::mm::{Mm, ScanSpan, SpaceId, PAGE_SIZE};
 use crate::sys::mem::Mapping;
 use crate::sys::pagemap::{category, PageRun, Query};
 
 /// Above this many runs to re-protect, `clean` re-protects in one `PAGEMAP_SCAN` walk.
 const BATCH_PROTECT_RUNS: usize = 16;
+
+/// Pages per `PAGEMAP_SCAN` call of [`Core::clean_async`] (16 tables): the bookkeeping to
+/// record all of them is reserved before each call.
+const CLEAN_WALK_PAGES: usize = 16 * crate::mm::PTRS_PER_PTE;
 
 /// Pages written since they were last write-protected: mapped, and without the uffd-wp bit
 /// (an async-WP fault cleared it). A page not mapped is reported "written" by the kernel
@@ -18,19 +22,29 @@ fn written_since_protected() -> Query {
     Query { required: category::WRITTEN | category::PRESENT, report: category::WRITTEN, ..Query::default() }
 }
 
+/// Pages without the uffd-wp bit: written since they were last write-protected, or not
+/// mapped, or mapped writable. The kernel answers this on its fast path
+/// (`category_mask == return_mask == PAGE_IS_WRITTEN`, one bit test per PTE); see
+/// [`ScanSpan::one_bit_scan_pays`]. The model tells the written read-only pages from the
+/// rest ([`Mm::unseen_written`]).
+fn without_uffd_wp() -> Query {
+    Query { required: category::WRITTEN, report: category::WRITTEN, ..Query::default() }
+}
+
 impl Core {
-    /// The pages within `runs` (page runs of a mapping of `sp`'s view size at `base`: the
+    /// The candidate pages within `spans` (of a mapping of `sp`'s view size at `base`: the
     /// view itself or the region it was just frozen into) that were written since they were
     /// last write-protected.
-    fn scan_written(&self, mm: &Mm<Mapping>, sp: SpaceId, base: usize, runs: &[(usize, usize)]) -> Result<Vec<usize>> {
+    fn scan_written(&self, mm: &Mm<Mapping>, sp: SpaceId, base: usize, spans: &[ScanSpan]) -> Result<Vec<usize>> {
         let pm = self.pagemap.as_ref().ok_or(Error::Internal("an async-WP arena without PAGEMAP_SCAN".into()))?;
         let mut out: Vec<PageRun> = Vec::new();
-        for &(a, b) in runs {
-            pm.scan(base + a * PAGE_SIZE, base + b * PAGE_SIZE, written_since_protected(), &mut out)
+        for span in spans {
+            let q = if span.one_bit_scan_pays() { without_uffd_wp() } else { written_since_protected() };
+            pm.scan(base + span.first * PAGE_SIZE, base + span.end * PAGE_SIZE, q, &mut out)
                 .map_err(|e| Error::os("PAGEMAP_SCAN", e))?;
         }
         let runs = mm.page_runs(sp, base, out.iter().map(|r| (r.start, r.end)));
-        Ok(runs.into_iter().flat_map(|(a, b)| a..b).collect())
+        Ok(mm.unseen_written(sp, &runs))
     }
 
     /// Fold the stores the kernel served alone in pages `[first, end)` of `sp` into the
@@ -53,58 +67,68 @@ impl Core {
 
     /// `clean` of pages `[first, end)` of `sp` in an async-WP arena: the stores the kernel
     /// served alone are recorded, the dirty bits cleared ([`Mm::mkclean`]), and the pages
-    /// that were writable are re-protected — with one `UFFDIO_WRITEPROTECT` per run when the
-    /// runs are few, else in one `PAGEMAP_SCAN` walk (`PM_SCAN_WP_MATCHING`) of the range
-    /// that protects every written page and reports what it protected. A page it protected
-    /// that the model held read-only was stored to after the sync (a store racing `clean`):
-    /// it is recorded as written — dirty after the clean, as it was written after it — and
-    /// kept protected. Returns the pages that were dirty.
+    /// that were writable are re-protected. Returns the pages that were dirty.
+    ///
+    /// One `PAGEMAP_SCAN` walk (`PM_SCAN_WP_MATCHING`) over the mapped pages does both the
+    /// finding and the re-protecting — the kernel's own list-and-re-arm — in pieces of
+    /// [`CLEAN_WALK_PAGES`], before each of which the bookkeeping for recording every page of
+    /// the piece is reserved: a page the walk protected must be recorded, or its store would
+    /// be lost. A store racing the walk is either listed by it (then dirty in this clean's
+    /// list, and cleaned) or lands after it in a page the model now holds read-only (then
+    /// found by the next sync). Without unseen stores to find and with few writable runs,
+    /// one `UFFDIO_WRITEPROTECT` per run is cheaper than the walk.
     pub fn clean_async(&self, mm: &mut Mm<Mapping>, sp: SpaceId, first: usize, end: usize) -> Result<Vec<usize>> {
-        use crate::mm::KernelOp;
-        self.sync_written(mm, sp, first, end)?;
-        let mut ops = Vec::new();
-        let dirty = mm.mkclean(sp, first, end, &mut ops);
-        debug_assert!(ops.iter().all(|op| matches!(op, KernelOp::Protect { .. })));
+        let (writable, writable_runs) = mm.writable_in(sp, first, end);
         let pm = self.pagemap.as_ref();
-        if ops.len() <= BATCH_PROTECT_RUNS || pm.is_none() {
+        let mut ops = Vec::new();
+        if pm.is_none()
+            || (writable_runs <= BATCH_PROTECT_RUNS && mm.unseen_write_candidates(sp, first, end).is_empty())
+        {
+            self.sync_written(mm, sp, first, end)?; // (fails without PAGEMAP_SCAN if it must scan)
+            let dirty = mm.mkclean(sp, first, end, &mut ops);
             self.run_ops(mm, &ops)?;
             return Ok(dirty);
         }
+        let pm = pm.expect("checked");
         let base = mm.view_base(sp);
-        let q = Query {
-            flags: crate::sys::pagemap::WP_MATCHING | crate::sys::pagemap::CHECK_WPASYNC,
-            ..written_since_protected()
-        };
-        let mut out: Vec<PageRun> = Vec::new();
-        if let Err(e) = pm.expect("checked").scan(base + first * PAGE_SIZE, base + end * PAGE_SIZE, q, &mut out) {
-            // The kernel may have protected part of the range: protect the rest run by
-            // run, so that no page the model now holds clean stays writable.
-            tracing::warn!(space = sp.0, error = %e, "PAGEMAP_SCAN (WP_MATCHING) failed; re-protecting run by run");
-            self.run_ops(mm, &ops)?;
-            return Ok(dirty);
-        }
-        // Pages protected that were not writable before: stores racing this clean.
-        let expected: Vec<(usize, usize)> = ops
-            .iter()
-            .map(|op| match *op {
-                KernelOp::Protect { addr, len } => ((addr - base) / PAGE_SIZE, (addr - base + len) / PAGE_SIZE),
-                _ => unreachable!(),
-            })
-            .collect();
-        let mut k = 0;
-        for (a, b) in mm.page_runs(sp, base, out.iter().map(|r| (r.start, r.end))) {
-            for p in a..b {
-                while k < expected.len() && expected[k].1 <= p {
-                    k += 1;
+        let (mut walked_ok, mut listed_writable) = (true, 0);
+        for span in mm.mapped_spans(sp, first, end) {
+            let q = if span.one_bit_scan_pays() { without_uffd_wp() } else { written_since_protected() };
+            let q = Query { flags: crate::sys::pagemap::WP_MATCHING | crate::sys::pagemap::CHECK_WPASYNC, ..q };
+            let mut at = span.first;
+            while at < span.end {
+                let to = (at + CLEAN_WALK_PAGES).min(span.end);
+                mm.reserve_for_written(to - at).map_err(|_| {
+                    Error::os("allocate fault-path bookkeeping", std::io::Error::from_raw_os_error(libc::ENOMEM))
+                })?;
+                let mut out: Vec<PageRun> = Vec::new();
+                let listed = match pm.scan(base + at * PAGE_SIZE, base + to * PAGE_SIZE, q, &mut out) {
+                    Ok(()) => mm.page_runs(sp, base, out.iter().map(|r| (r.start, r.end))),
+                    Err(e) => {
+                        // The walk may have protected pages it did not list: record every
+                        // read-only page of the piece as written (contents exact; they are
+                        // listed dirty once too often), and re-protect run by run below.
+                        tracing::warn!(space = sp.0, error = %e, "PAGEMAP_SCAN (WP_MATCHING) failed; recording the piece as written");
+                        walked_ok = false;
+                        vec![(at, to)]
+                    }
+                };
+                if cfg!(debug_assertions) && walked_ok {
+                    listed_writable += listed.iter().map(|&(a, b)| mm.writable_in(sp, a, b).0).sum::<usize>();
                 }
-                if k < expected.len() && expected[k].0 <= p {
-                    continue; // was writable: protected as planned
+                for p in mm.unseen_written(sp, &listed) {
+                    mm.commit_written(sp, p); // reserved above: cannot fail
                 }
-                self.ensure_headroom(mm)?;
-                if mm.commit_written(sp, p) {
-                    mm.mark_protected(sp, p);
-                }
+                at = to;
             }
+        }
+        debug_assert!(
+            !walked_ok || listed_writable == writable,
+            "the walk must list (and protect) every writable page"
+        );
+        let dirty = mm.mkclean(sp, first, end, &mut ops);
+        if !walked_ok {
+            self.run_ops(mm, &ops)?;
         }
         Ok(dirty)
     }
@@ -125,6 +149,9 @@ impl Core {
         }
         let base = mm.view_base(sp);
         let written = self.scan_written(mm, sp, base, &candidates)?;
+        // Each was a store the kernel served alone; the reset undoes it rather than
+        // recording it (as `commit_written` would), but it counts all the same.
+        mm.counters.writes_async += written.len() as u64;
         let mut restored = 0;
         let mut runs: Vec<(usize, usize)> = Vec::new();
         for p in written {
@@ -149,7 +176,12 @@ impl Core {
                 // One walk instead of a write-protect (and TLB flush) per run. It protects
                 // every written page of the span: the restored ones, and written pages whose
                 // entries differ from the snapshot's, which the reset zaps anyway.
-                let q = Query { flags: crate::sys::pagemap::CHECK_WPASYNC, ..written_since_protected() };
+                let q = if candidates.iter().all(ScanSpan::one_bit_scan_pays) {
+                    without_uffd_wp()
+                } else {
+                    written_since_protected()
+                };
+                let q = Query { flags: crate::sys::pagemap::CHECK_WPASYNC, ..q };
                 pm.protect(base + lo * PAGE_SIZE, base + hi * PAGE_SIZE, q)
                     .map_err(|e| Error::os("PAGEMAP_SCAN (WP_MATCHING) restored pages", e))?;
             }
@@ -184,9 +216,9 @@ impl Core {
     /// The read-only pages of `sp` that may hold unseen stores, before its view is frozen
     /// (see [`Core::record_frozen_writes`]); the bookkeeping to record all of them is
     /// reserved now, because nothing may fail once the pages have moved.
-    pub(super) fn prepare_frozen_writes(&self, mm: &mut Mm<Mapping>, sp: SpaceId) -> Result<Vec<(usize, usize)>> {
+    pub(super) fn prepare_frozen_writes(&self, mm: &mut Mm<Mapping>, sp: SpaceId) -> Result<Vec<ScanSpan>> {
         let candidates = mm.unseen_write_candidates(sp, 0, mm.pages(sp));
-        let pages: usize = candidates.iter().map(|(a, b)| b - a).sum();
+        let pages: usize = candidates.iter().map(ScanSpan::pages).sum();
         if pages > 0 {
             mm.reserve_for_written(pages).map_err(|_| {
                 Error::os("allocate fault-path bookkeeping", std::io::Error::from_raw_os_error(libc::ENOMEM))
@@ -205,14 +237,14 @@ impl Core {
         mm: &mut Mm<Mapping>,
         sp: SpaceId,
         frozen_base: usize,
-        candidates: &[(usize, usize)],
+        candidates: &[ScanSpan],
     ) {
         if candidates.is_empty() {
             return;
         }
         let written = self.scan_written(mm, sp, frozen_base, candidates).unwrap_or_else(|e| {
             tracing::warn!(space = sp.0, error = %e, "PAGEMAP_SCAN failed; recording every read-only page as written");
-            candidates.iter().flat_map(|&(a, b)| a..b).collect()
+            candidates.iter().flat_map(|s| s.first..s.end).collect()
         });
         for p in written {
             mm.commit_written(sp, p);

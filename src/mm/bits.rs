@@ -136,27 +136,58 @@ impl Bits {
 
     /// Maximal runs `[start, end)` of indices set in `self` and clear in `other`.
     pub fn runs_and_not(&self, other: &Bits) -> Vec<(usize, usize)> {
+        self.runs_and_not_in(other, 0, self.bit_len())
+    }
+
+    /// [`Bits::runs_and_not`] clipped to `[start, end)`: O(words of the range), each word's
+    /// runs found with bit scans (a word that continues or ends nothing costs one test).
+    pub fn runs_and_not_in(&self, other: &Bits, start: usize, end: usize) -> Vec<(usize, usize)> {
+        self.runs_where(Some(other), start, end)
+    }
+
+    /// Maximal runs of indices set, clipped to `[start, end)`.
+    pub fn runs_in(&self, start: usize, end: usize) -> Vec<(usize, usize)> {
+        self.runs_where(None, start, end)
+    }
+
+    fn runs_where(&self, other: Option<&Bits>, start: usize, end: usize) -> Vec<(usize, usize)> {
+        let end = end.min(self.bit_len());
         let mut runs = Vec::new();
+        if start >= end {
+            return runs;
+        }
         let mut open: Option<usize> = None;
-        for wi in 0..self.words() {
-            let w = self.word(wi) & !other.word(wi);
-            if (w == 0 && open.is_none()) || (w == u64::MAX && open.is_some()) {
-                continue;
+        for wi in start / 64..end.div_ceil(64) {
+            let mut w = self.word(wi) & !other.map_or(0, |o| o.word(wi));
+            if wi == start / 64 {
+                w &= u64::MAX << (start % 64);
             }
-            for bit in 0..64 {
-                let i = wi * 64 + bit;
-                match (w >> bit & 1 != 0, open) {
-                    (true, None) => open = Some(i),
-                    (false, Some(s)) => {
-                        runs.push((s, i));
-                        open = None;
+            if wi == (end - 1) / 64 && end % 64 != 0 {
+                w &= (1u64 << (end % 64)) - 1;
+            }
+            let mut bit = 0u32;
+            while bit < 64 {
+                let rest = w >> bit;
+                match open {
+                    None => {
+                        if rest == 0 {
+                            break;
+                        }
+                        bit += rest.trailing_zeros();
+                        open = Some(wi * 64 + bit as usize);
                     }
-                    _ => {}
+                    Some(s) => {
+                        bit += rest.trailing_ones();
+                        if bit < 64 {
+                            runs.push((s, wi * 64 + bit as usize));
+                            open = None;
+                        }
+                    }
                 }
             }
         }
         if let Some(s) = open {
-            runs.push((s, self.words() * 64));
+            runs.push((s, end));
         }
         runs
     }
@@ -189,6 +220,53 @@ mod tests {
         assert!(!a.get(512) && a.get(511) && !a.get(1000));
         a.clear_all();
         assert_eq!(a.count(), 0);
+    }
+
+    /// The word-scanning runs against a bit-by-bit reference, on random sparse and dense
+    /// patterns and random clips.
+    #[test]
+    fn runs_and_not_matches_a_reference() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..200 {
+            let n = 64 + (next() % 3000) as usize;
+            let (mut a, mut b) = (Bits::new(n), Bits::new(n));
+            let density = next() % 4;
+            for i in 0..n {
+                let r = next() % 8;
+                if (density == 0 && r == 0) || (density == 1 && r < 4) || (density >= 2 && r < 7) {
+                    a.set(i);
+                }
+                if next() % 16 == 0 {
+                    b.set(i);
+                }
+            }
+            let (start, end) =
+                if round % 2 == 0 { (0, n) } else { ((next() as usize) % n, (next() as usize) % (n + 80)) };
+            let mut want = Vec::new();
+            let mut open = None;
+            for i in start..end.min(a.bit_len()) {
+                match (a.get(i) && !b.get(i), open) {
+                    (true, None) => open = Some(i),
+                    (false, Some(s)) => {
+                        want.push((s, i));
+                        open = None;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(s) = open {
+                want.push((s, end.min(a.bit_len())));
+            }
+            assert_eq!(a.runs_and_not_in(&b, start, end), want, "round {round}: n {n} [{start}, {end})");
+            let ones: Vec<usize> = a.runs_in(start, end).into_iter().flat_map(|(s, e)| s..e).collect();
+            assert_eq!(ones, a.ones(start, end.min(a.bit_len())).collect::<Vec<_>>(), "round {round}: runs_in");
+        }
     }
 
     #[test]

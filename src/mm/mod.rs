@@ -16,6 +16,7 @@ mod rmap;
 mod table;
 
 pub use adopt::AdoptAt;
+pub use async_wp::ScanSpan;
 pub use rmap::KernelOp;
 
 pub use bits::Bits;
@@ -677,7 +678,7 @@ impl<B> Mm<B> {
     pub fn protect_writable(&mut self, sp: SpaceId, ops: &mut Vec<KernelOp>) {
         let base = self.view_base(sp);
         let vs = &mut self.space_mut(sp).vs;
-        for (a, b) in vs.writable.runs_and_not(&Bits::new(vs.writable.bit_len())) {
+        for (a, b) in vs.writable.runs_in(0, vs.writable.bit_len()) {
             ops.push(KernelOp::Protect { addr: base + a * PAGE_SIZE, len: (b - a) * PAGE_SIZE });
         }
         vs.writable.clear_all();

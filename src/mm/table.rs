@@ -35,6 +35,10 @@ impl Pte {
     pub fn has(self, flag: u64) -> bool {
         self.0 & flag != 0
     }
+    /// The raw flags and frame (to test many entries at once).
+    pub fn bits(self) -> u64 {
+        self.0
+    }
     pub fn with(self, flag: u64) -> Pte {
         Pte(self.0 | flag)
     }
