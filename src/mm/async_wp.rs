@@ -212,3 +212,30 @@ impl<B> Mm<B> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_merge_close_runs_and_count_their_gaps() {
+        let spans = spans_of(vec![(0, 100), (110, 600), (600 + SCAN_GAP, 700 + SCAN_GAP)]);
+        assert_eq!(
+            spans,
+            vec![
+                ScanSpan { first: 0, end: 600, gap_pages: 10 },
+                ScanSpan { first: 600 + SCAN_GAP, end: 700 + SCAN_GAP, gap_pages: 0 }
+            ]
+        );
+        // A view mapped whole but for a few holes: the one-bit scan pays.
+        assert!(spans[0].one_bit_scan_pays() && spans[1].one_bit_scan_pays());
+        // Clusters of 16 mapped pages, 100 apart (a sparse view after fault-around): it loses.
+        let sparse = spans_of((0..100).map(|i| (i * 116, i * 116 + 16)).collect());
+        assert_eq!(sparse.len(), 1);
+        assert_eq!(sparse[0].gap_pages, 99 * 100);
+        assert!(!sparse[0].one_bit_scan_pays());
+        // At the threshold: gaps an eighth of the candidates do not pay, a little less do.
+        assert!(!ScanSpan { first: 0, end: 900, gap_pages: 100 }.one_bit_scan_pays());
+        assert!(ScanSpan { first: 0, end: 900, gap_pages: 99 }.one_bit_scan_pays());
+    }
+}

@@ -163,3 +163,33 @@ pub unsafe fn copy_page(dst: usize, src: usize) {
     // SAFETY: forwarded to the caller.
     unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, PAGE) };
 }
+
+/// Copy pages `(dst, src)`, each as [`copy_page`], prefetching the next pair while one is
+/// copied (scattered pages are cold: the first lines of each cost a memory round trip).
+///
+/// # Safety
+/// As [`copy_page`], for every pair.
+pub unsafe fn copy_pages(pairs: &[(usize, usize)]) {
+    for (i, &(dst, src)) in pairs.iter().enumerate() {
+        if let Some(&(nd, ns)) = pairs.get(i + 1) {
+            prefetch(ns);
+            prefetch(nd);
+        }
+        // SAFETY: forwarded to the caller.
+        unsafe { copy_page(dst, src) };
+    }
+}
+
+/// A hint to bring the first lines of the page at `addr` into the cache (no fault, no
+/// effect on memory).
+fn prefetch(addr: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for line in 0..4 {
+        // SAFETY: a prefetch never faults or writes, whatever the address.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>((addr + line * 64) as *const i8)
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = addr;
+}
