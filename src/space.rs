@@ -515,13 +515,34 @@ impl Space {
     pub fn dirty_pages(&self, offset: usize, len: usize) -> Result<Vec<usize>> {
         let (first, end) = self.page_range(offset, len)?;
         let core = self.core()?;
-        let mut mm = core.lock();
+        let mm = core.lock();
         if mm.is_plain(self.id) {
             // Exact from the kernel's page tables: a page is allocated only when written.
             return core.plain_written(&mm, self.id, first, end);
         }
-        core.sync_written(&mut mm, self.id, first, end)?;
-        Ok(mm.dirty_pages(self.id, first, end))
+        // Dirty in the model, or written by stores the kernel served alone (not recorded
+        // here: asking costs one scan, as the kernel's own dirty tracking does).
+        let unseen = core.unseen_written(&mm, self.id, first, end)?;
+        let dirty = mm.dirty_pages(self.id, first, end);
+        if unseen.is_empty() {
+            return Ok(dirty);
+        }
+        let mut all = Vec::with_capacity(dirty.len() + unseen.len());
+        let (mut a, mut b) = (dirty.into_iter().peekable(), unseen.into_iter().peekable());
+        loop {
+            let next = match (a.peek(), b.peek()) {
+                (Some(&x), Some(&y)) if x == y => {
+                    b.next();
+                    a.next()
+                }
+                (Some(&x), Some(&y)) if x < y => a.next(),
+                (Some(_), Some(_)) | (None, Some(_)) => b.next(),
+                (Some(_), None) => a.next(),
+                (None, None) => break,
+            };
+            all.extend(next);
+        }
+        Ok(all)
     }
 
     /// Return the pages written since the last clean and mark them clean (mkclean: breaks

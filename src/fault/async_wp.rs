@@ -71,6 +71,18 @@ impl Core {
         Ok(n)
     }
 
+    /// The pages of `[first, end)` of `sp` the kernel let stores write since they were last
+    /// write-protected, found as a sync finds them but not recorded: for `dirty_pages`,
+    /// which only asks. (Recording costs a model commit per page; the next sync that needs
+    /// the model — a fork, reset, `clean`, aging — finds them again.) Ascending.
+    pub fn unseen_written(&self, mm: &Mm<Mapping>, sp: SpaceId, first: usize, end: usize) -> Result<Vec<usize>> {
+        let candidates = mm.unseen_write_candidates(sp, first, end);
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.scan_written(mm, sp, mm.view_base(sp), &candidates)
+    }
+
     /// `clean` of pages `[first, end)` of `sp` in an async-WP arena: the stores the kernel
     /// served alone are recorded, the dirty bits cleared ([`Mm::mkclean`]), and the pages
     /// that were writable are re-protected. Returns the pages that were dirty.
