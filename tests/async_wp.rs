@@ -298,3 +298,126 @@ fn clean_racing_stores_loses_none() {
         println!("{mode:?}: {cleans} cleans raced {last} rounds of stores");
     }
 }
+
+/// The first `clean` of a never-forked (plain) space adopts it in place: no freeze, written
+/// pages stay mapped as homes, pages only read (the kernel's zero page) stay mapped as
+/// zeros, holes stay holes; afterwards stores to all three kinds are tracked exactly.
+#[test]
+fn clean_adopts_a_plain_space_in_place() {
+    for mode in modes() {
+        let a = arena(mode);
+        let len = 3 * TABLE;
+        let pages = len / PAGE;
+        let mut s = a.space(len).unwrap();
+        let mut want = vec![0u8; len];
+        let mut sum = 0u64;
+        for p in 0..pages {
+            match p % 3 {
+                0 => {
+                    s.as_mut_slice()[p * PAGE + 5] = (p % 251) as u8 + 1;
+                    want[p * PAGE + 5] = (p % 251) as u8 + 1;
+                }
+                // SAFETY: inside the view; a read maps the kernel's zero page.
+                1 => sum += unsafe { (s.as_ptr().add(p * PAGE) as *const u64).read_volatile() },
+                _ => {} // a hole
+            }
+        }
+        assert_eq!(sum, 0);
+        let before = a.stats();
+        let cleaned = s.clean(0, len).unwrap();
+        let after = a.stats();
+        assert_eq!(cleaned, (0..pages).step_by(3).collect::<Vec<_>>(), "{mode:?}: the written pages are dirty");
+        assert_eq!(after.freezes, before.freezes, "{mode:?}: adopted by freezing");
+        assert_eq!(after.pages_adopted - before.pages_adopted, pages.div_ceil(3) as u64, "{mode:?}");
+        a.check_invariants().unwrap();
+        // Reads of all three kinds fault only for holes.
+        let r0 = after.faults.read_copy + after.faults.read_zero;
+        assert_space_is(&s, &want, &format!("{mode:?} after adoption"));
+        let r1 = a.stats().faults.read_copy + a.stats().faults.read_zero;
+        assert!(r1 - r0 <= pages as u64 / 3, "{mode:?}: {} read faults for {} holes", r1 - r0, pages / 3);
+        // A store to a written page, a zero page and a hole: exactly those are dirty.
+        let targets = [3 * 7, 3 * 7 + 1, 3 * 7 + 2, 3 * 300, 3 * 300 + 1, 3 * 300 + 2];
+        for &p in &targets {
+            s.as_mut_slice()[p * PAGE + 100] = 0xee;
+            want[p * PAGE + 100] = 0xee;
+        }
+        assert_eq!(s.dirty_pages(0, len).unwrap(), targets.to_vec(), "{mode:?}");
+        assert_eq!(s.clean(0, len).unwrap(), targets.to_vec(), "{mode:?}");
+        assert!(s.dirty_pages(0, len).unwrap().is_empty());
+        let child = s.fork().unwrap();
+        assert_space_is(&child, &want, &format!("{mode:?} fork"));
+        assert_space_is(&s, &want, &format!("{mode:?} parent"));
+        a.check_invariants().unwrap();
+        drop((s, child));
+        assert_nothing_left(&a, &format!("{mode:?}"));
+    }
+}
+
+/// The in-place adoption of a plain space by `clean` races a thread storing to it (first
+/// round: even pages written, odd pages only read, i.e. mapped to the kernel's zero page;
+/// later rounds: every page written): no store is lost, in the space or in a fork after.
+#[test]
+fn in_place_adoption_racing_stores_loses_none() {
+    for mode in modes() {
+        let a = arena(mode);
+        let len = 2 * TABLE;
+        let pages = len / PAGE;
+        let mut adoptions = 0;
+        for trial in 0..12u64 {
+            let space = a.space(len).unwrap();
+            let base = space.as_mut_ptr() as usize;
+            let stop = Arc::new(AtomicBool::new(false));
+            let rounds = Arc::new(AtomicU64::new(0));
+            let writer = {
+                let (stop, rounds) = (stop.clone(), rounds.clone());
+                std::thread::spawn(move || {
+                    let mut order: Vec<usize> = (0..pages).collect();
+                    let mut rng = Rng::new(31 + trial);
+                    for i in (1..order.len()).rev() {
+                        order.swap(i, rng.below(i + 1));
+                    }
+                    let mut r = 0u64;
+                    while !stop.load(Ordering::Relaxed) || r < 3 {
+                        r += 1;
+                        for &p in &order {
+                            let at = (base + p * PAGE) as *mut u64;
+                            let prev = if p % 2 == 1 && r <= 2 { 0 } else { r - 1 };
+                            // SAFETY: inside the space's view, which outlives the thread;
+                            // only this thread accesses these words.
+                            unsafe {
+                                assert_eq!(at.read_volatile(), prev, "page {p} lost a store (round {r})");
+                                if p % 2 == 0 || r > 1 {
+                                    at.write_volatile(r);
+                                }
+                            }
+                        }
+                        rounds.store(r, Ordering::Release);
+                    }
+                    r
+                })
+            };
+            // Adopt while the writer is in its first or second round.
+            while rounds.load(Ordering::Acquire) < (trial % 2) {
+                std::hint::spin_loop();
+            }
+            let before = a.stats().adoptions;
+            space.clean(0, len).unwrap();
+            adoptions += a.stats().adoptions - before;
+            while rounds.load(Ordering::Acquire) < 4 {
+                std::thread::yield_now();
+            }
+            space.clean(0, len).unwrap();
+            stop.store(true, Ordering::Relaxed);
+            let last = writer.join().expect("writer");
+            let child = space.fork().unwrap();
+            for p in 0..pages {
+                let want = last.to_ne_bytes();
+                let at = p * PAGE;
+                assert_eq!(&space.as_slice()[at..at + 8], &want, "{mode:?} trial {trial}: page {p}");
+                assert_eq!(&child.as_slice()[at..at + 8], &want, "{mode:?} trial {trial}: fork page {p}");
+            }
+            a.check_invariants().unwrap();
+        }
+        assert_eq!(adoptions, 12, "{mode:?}: each clean of a fresh space adopts it");
+    }
+}

@@ -80,11 +80,14 @@ impl Core {
         if !mm.is_plain(sp) {
             return Ok(());
         }
-        // An async-WP arena keeps no home write-protected in a view across a fork, and
-        // there write-protecting the whole view would also leave uffd-wp markers in its
-        // holes (`UFFD_FEATURE_WP_UNPOPULATED` comes with WP_ASYNC), which the scan below
-        // reports as swapped pages: always freeze.
-        let how = if mm.async_wp() { AdoptHow::Freeze } else { how };
+        // An async-WP arena keeps no home write-protected in a view across a fork (its
+        // forks ask to freeze); `clean` and aging adopt in place there whatever the size
+        // ([`Core::adopt_in_place_async`]): the pages stay mapped, and stores to them keep
+        // costing no trap, where a freeze would make every later touch a fault.
+        let how = match how {
+            AdoptHow::Auto if mm.async_wp() => AdoptHow::InPlace,
+            how => how,
+        };
         let t0 = Instant::now();
         let (base, len) = (mm.view_base(sp), mm.pages(sp) * PAGE_SIZE);
         // Register first: from here on every access to a page the kernel has not mapped
@@ -130,7 +133,9 @@ impl Core {
                 runs.iter().map(|(a, b)| b - a).sum::<usize>() <= limit
             }
         };
-        if in_place {
+        if in_place && mm.async_wp() {
+            self.adopt_in_place_async(mm, sp, base, len)?;
+        } else if in_place {
             // Stable contents: every write now traps (present pages are write-protected,
             // absent ones are missing).
             self.uffd.writeprotect(base, len, true).map_err(|e| Error::os("UFFDIO_WRITEPROTECT", e))?;
@@ -162,7 +167,66 @@ impl Core {
     }
 }
 
+impl Core {
+    /// In-place adoption in an async-WP arena, where write-protecting does not make the
+    /// contents stable — a store to a protected page is the kernel's alone — and where
+    /// write-protecting the whole view leaves uffd-wp markers in its holes
+    /// (`UFFD_FEATURE_WP_UNPOPULATED` comes with WP_ASYNC), which `PAGEMAP_SCAN` reports as
+    /// swapped pages. So, the view being registered (a hole now traps and waits for the
+    /// lock we hold):
+    /// 1. the pages touched so far are listed *before* protecting: exactly the non-holes,
+    ///    from here until we let go of the lock — the markers land outside them;
+    /// 2. the whole view is write-protected;
+    /// 3. the pages mapping the shared zero page are listed, then the written ones (both
+    ///    within the touched ones). A store to a zero-page mapping after its listing turns
+    ///    it into a written page: listed written too if before that listing (the written
+    ///    listing wins), or left a zero copy with its uffd-wp bit cleared, which the next
+    ///    sync records. A store to a written page after the protection clears its bit: the
+    ///    page is adopted as a home, and the next sync records the store.
+    ///
+    /// The written pages become frames homed in place (refcount 1, a table of share 1 each:
+    /// DESIGN invariant 7 holds), the zero-page mappings read-only copies of zeros.
+    fn adopt_in_place_async(&self, mm: &mut Mm<Mapping>, sp: SpaceId, base: usize, len: usize) -> Result<()> {
+        let touched_runs = self.scan_pages(mm, sp, base, touched())?;
+        self.uffd.writeprotect(base, len, true).map_err(|e| Error::os("UFFDIO_WRITEPROTECT", e))?;
+        let zeros = intersect(&self.scan_pages(mm, sp, base, zero_mapped())?, &touched_runs);
+        let runs = intersect(&self.scan_pages(mm, sp, base, written())?, &touched_runs);
+        mm.adopt(sp, &runs, AdoptAt::InPlace);
+        mm.map_zero_copies(sp, &zeros);
+        Ok(())
+    }
+}
+
+/// Ascending disjoint runs: the pages in both `a` and `b`.
+fn intersect(a: &[(usize, usize)], b: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < a.len() && j < b.len() {
+        let (lo, hi) = (a[i].0.max(b[j].0), a[i].1.min(b[j].1));
+        if lo < hi {
+            out.push((lo, hi));
+        }
+        if a[i].1 < b[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
+}
+
 /// The pages of `runs` within `[first, end)`.
 fn pages_in(runs: &[(usize, usize)], first: usize, end: usize) -> Vec<usize> {
     runs.iter().flat_map(|&(a, b)| a.max(first)..b.min(end)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn intersect_runs() {
+        let a = [(0, 10), (20, 30), (40, 50)];
+        let b = [(5, 25), (28, 45), (60, 70)];
+        assert_eq!(super::intersect(&a, &b), vec![(5, 10), (20, 25), (28, 30), (40, 45)]);
+        assert_eq!(super::intersect(&a, &[]), vec![]);
+        assert_eq!(super::intersect(&[(0, 100)], &a), a.to_vec());
+    }
 }

@@ -114,6 +114,21 @@ impl<B> Mm<B> {
         self.counters.pages_adopted += adopted as u64;
     }
 
+    /// After an in-place adoption of `sp` (async-WP arenas): `runs` of its view map the
+    /// kernel's zero page, write-protected — read-only copies of zeros in the model, with
+    /// no frame. Pages already adopted as written are left as they are.
+    pub fn map_zero_copies(&mut self, sp: SpaceId, runs: &[(usize, usize)]) {
+        let Mm { spaces, bit_spares, .. } = self;
+        let vs = &mut spaces.get_mut(sp.0).expect("use of a dropped space").vs;
+        for &(a, b) in runs {
+            for p in a..b {
+                if !vs.present.get(p) {
+                    vs.present.set_with(p, bit_spares);
+                }
+            }
+        }
+    }
+
     /// Scan output (address runs `[start, end)` in the view at `base`) as page runs of
     /// `sp` for [`Mm::adopt`]: clamped to its pages, adjacent runs merged.
     pub fn page_runs(
