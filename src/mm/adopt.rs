@@ -84,9 +84,9 @@ impl<B> Mm<B> {
                 };
                 let stop = b.min((ti + 1) * PTRS_PER_PTE);
                 let first = self.frames.alloc_run(stop - page, region, page as u32, page as u32, family);
-                let entries = &mut self.tables.get_mut(t).entries[page % PTRS_PER_PTE..][..stop - page];
-                for (i, e) in entries.iter_mut().enumerate() {
-                    *e = Pte::new(FrameId(first.0 + i as u32), Pte::ACCESSED | Pte::DIRTY);
+                let tab = self.tables.get_mut(t);
+                for (i, p) in (page..stop).enumerate() {
+                    tab.set(p % PTRS_PER_PTE, Pte::new(FrameId(first.0 + i as u32), Pte::ACCESSED | Pte::DIRTY));
                 }
                 page = stop;
             }

@@ -734,7 +734,7 @@ impl<B> Mm<B> {
             .ones(first, end)
             .filter_map(|p| {
                 let t = s.dir[p / PTRS_PER_PTE]?;
-                let f = self.tables.get(t).entries[p % PTRS_PER_PTE].frame()?;
+                let f = self.tables.get(t).entry(p % PTRS_PER_PTE).frame()?;
                 (self.tables.get(t).share > 1 || self.frames.get(f).refs > 1).then_some((p, f))
             })
             .collect()
@@ -1067,7 +1067,7 @@ impl<B> Mm<B> {
         if tab.share > 0 {
             return;
         }
-        let entries = *tab.entries;
+        let entries = *tab.entries();
         for f in entries.iter().filter_map(|e| e.frame()) {
             self.put_frame(f);
         }
@@ -1129,7 +1129,7 @@ impl<B> Mm<B> {
     pub fn lookup(&self, sp: SpaceId, page: usize) -> Pte {
         match self.space(sp).dir[page / PTRS_PER_PTE] {
             None => Pte::NONE,
-            Some(t) => self.tables.get(t).entries[page % PTRS_PER_PTE],
+            Some(t) => self.tables.get(t).entry(page % PTRS_PER_PTE),
         }
     }
 
@@ -1153,7 +1153,7 @@ impl<B> Mm<B> {
                 t
             }
             Some(t) => {
-                let entries = *self.tables.get(t).entries;
+                let entries = *self.tables.get(t).entries();
                 let new = self.tables.alloc(Some(&entries));
                 for e in entries.iter() {
                     if let Some(f) = e.frame() {
@@ -1211,7 +1211,7 @@ impl<B> Mm<B> {
                 Action::Fill { dst, src, wp: false }
             }
         };
-        match self.tables.get(t).entries[page % PTRS_PER_PTE].frame() {
+        match self.tables.get(t).entry(page % PTRS_PER_PTE).frame() {
             None => done(fill_or_unprotect(Src::Zero), Commit::NewFrame { old: None, copied: false }),
             Some(f) => {
                 let fr = *self.frames.get(f);
@@ -1255,8 +1255,8 @@ impl<B> Mm<B> {
                 if frame.is_some() {
                     // Setting ACCESSED is the one change allowed on a shared table.
                     let t = self.space(sp).dir[page / PTRS_PER_PTE].expect("entry without table");
-                    let e = &mut self.tables.get_mut(t).entries[ei];
-                    *e = e.with(Pte::ACCESSED);
+                    let tab = self.tables.get_mut(t);
+                    tab.set(ei, tab.entry(ei).with(Pte::ACCESSED));
                     self.counters.bytes_copied += PAGE_SIZE as u64;
                     FaultKind::ReadCopy
                 } else {
@@ -1269,7 +1269,7 @@ impl<B> Mm<B> {
                 self.region_mut(view).homes += 1;
                 let t = self.space(sp).dir[page / PTRS_PER_PTE].expect("break_cow_pte ran");
                 debug_assert_eq!(self.tables.get(t).share, 1);
-                self.tables.get_mut(t).entries[ei] = Pte::new(g, Pte::ACCESSED | Pte::DIRTY);
+                self.tables.get_mut(t).set(ei, Pte::new(g, Pte::ACCESSED | Pte::DIRTY));
                 if let Some(old) = old {
                     let o = self.frames.get_mut(old);
                     debug_assert!(o.refs > 1);
@@ -1308,7 +1308,7 @@ impl<B> Mm<B> {
                 let g = self.frames.alloc(here, page as u32, family);
                 self.region_mut(view).homes += 1;
                 let t = self.space(sp).dir[page / PTRS_PER_PTE].expect("break_cow_pte ran");
-                self.tables.get_mut(t).entries[ei] = Pte::new(g, Pte::ACCESSED | Pte::DIRTY);
+                self.tables.get_mut(t).set(ei, Pte::new(g, Pte::ACCESSED | Pte::DIRTY));
                 let o = self.frames.get_mut(old);
                 debug_assert!(o.refs > 1);
                 o.refs -= 1;
@@ -1345,9 +1345,8 @@ impl<B> Mm<B> {
     fn set_entry_bits(&mut self, sp: SpaceId, page: usize, bits: u64) {
         let t = self.space(sp).dir[page / PTRS_PER_PTE].expect("entry without table");
         let tab = self.tables.get_mut(t);
-        let e = &mut tab.entries[page % PTRS_PER_PTE];
         debug_assert!(tab.share == 1 || bits == Pte::ACCESSED, "invariant 1: shared table modified");
-        *e = e.with(bits);
+        tab.set(page % PTRS_PER_PTE, tab.entry(page % PTRS_PER_PTE).with(bits));
     }
 
     /// Where the explicit read API finds the bytes of `page` of `sp`: zeros or a frame's
@@ -1362,19 +1361,20 @@ impl<B> Mm<B> {
             // A mapped copy holds its frame's bytes, or newer ones the kernel let a store
             // write without telling us yet (`async_wp.rs`): the view is the truth.
             if let Some(t) = s.dir[page / PTRS_PER_PTE] {
-                let e = &mut self.tables.get_mut(t).entries[page % PTRS_PER_PTE];
-                *e = e.with(Pte::ACCESSED);
+                let tab = self.tables.get_mut(t);
+                tab.set(page % PTRS_PER_PTE, tab.entry(page % PTRS_PER_PTE).with(Pte::ACCESSED));
             }
             return Src::Addr(self.view_base(sp) + page * PAGE_SIZE);
         }
         let Some(t) = self.space(sp).dir[page / PTRS_PER_PTE] else {
             return Src::Zero;
         };
-        let e = &mut self.tables.get_mut(t).entries[page % PTRS_PER_PTE];
+        let tab = self.tables.get_mut(t);
+        let e = tab.entry(page % PTRS_PER_PTE);
         match e.frame() {
             None => Src::Zero,
             Some(f) => {
-                *e = e.with(Pte::ACCESSED);
+                tab.set(page % PTRS_PER_PTE, e.with(Pte::ACCESSED));
                 Src::Addr(self.home_addr(self.frames.get(f).home))
             }
         }
@@ -1401,7 +1401,10 @@ impl<B> Mm<B> {
             if t.share != want {
                 return Err(format!("table {id:?}: share {} but {want} directories name it", t.share));
             }
-            for f in t.entries.iter().filter_map(|e| e.frame()) {
+            if !t.dirty_summary_ok() {
+                return Err(format!("table {id:?}: dirty summary out of step with its entries"));
+            }
+            for f in t.entries().iter().filter_map(|e| e.frame()) {
                 *refs.entry(f).or_default() += 1;
             }
         }

@@ -47,7 +47,7 @@ impl<B> Mm<B> {
                 continue;
             }
             let Some(t) = self.space(sp).dir[idx / PTRS_PER_PTE] else { continue };
-            if self.tables.get(t).entries[idx % PTRS_PER_PTE].frame() != Some(f) {
+            if self.tables.get(t).entry(idx % PTRS_PER_PTE).frame() != Some(f) {
                 continue;
             }
             let t = match break_cow {
@@ -109,9 +109,9 @@ impl<B> Mm<B> {
         self.region_mut(to).homes += 1;
         let ei = fr.index as usize % PTRS_PER_PTE;
         self.page_vma_mapped_walk(f, Some(BreakCause::Migrate), |mm, _, t| {
-            let e = &mut mm.tables.get_mut(t).entries[ei];
+            let e = mm.tables.get(t).entry(ei);
             let flags = [Pte::ACCESSED, Pte::DIRTY].iter().fold(0, |a, b| if e.has(*b) { a | b } else { a });
-            *e = Pte::new(g, flags);
+            mm.tables.get_mut(t).set(ei, Pte::new(g, flags));
             mm.frames.get_mut(g).refs += 1;
             mm.put_frame(f);
         });
@@ -143,7 +143,7 @@ impl<B> Mm<B> {
                 } else {
                     let t = self.break_cow_pte(sp, lo, BreakCause::Discard);
                     for p in lo..hi {
-                        let e = std::mem::take(&mut self.tables.get_mut(t).entries[p % PTRS_PER_PTE]);
+                        let e = self.tables.get_mut(t).take(p % PTRS_PER_PTE);
                         if let Some(f) = e.frame() {
                             self.put_frame(f);
                         }
@@ -187,10 +187,11 @@ impl<B> Mm<B> {
             let (lo, hi) = (first.max(ti * PTRS_PER_PTE), end.min((ti + 1) * PTRS_PER_PTE));
             if let Some(t) = self.space(sp).dir[ti] {
                 for p in lo..hi {
-                    let e = &mut self.tables.get_mut(t).entries[p % PTRS_PER_PTE];
+                    let tab = self.tables.get_mut(t);
+                    let e = tab.entry(p % PTRS_PER_PTE);
                     if e.has(Pte::ACCESSED) {
                         count += 1;
-                        *e = e.without(Pte::ACCESSED);
+                        tab.set(p % PTRS_PER_PTE, e.without(Pte::ACCESSED));
                     }
                 }
                 // Re-arm in every space that sees these entries through this table.
@@ -252,8 +253,8 @@ impl<B> Mm<B> {
             }
             changed += 1;
             for p in ti * PTRS_PER_PTE..((ti + 1) * PTRS_PER_PTE).min(pages) {
-                let a = mine.and_then(|t| self.tables.get(t).entries[p % PTRS_PER_PTE].frame());
-                let b = theirs.and_then(|t| self.tables.get(t).entries[p % PTRS_PER_PTE].frame());
+                let a = mine.and_then(|t| self.tables.get(t).entry(p % PTRS_PER_PTE).frame());
+                let b = theirs.and_then(|t| self.tables.get(t).entry(p % PTRS_PER_PTE).frame());
                 if a != b && self.space(sp).vs.home.get(p) {
                     let (t, f) = (mine.expect("a home has an entry"), a.expect("a home has an entry"));
                     if self.tables.get(t).share > 1 || self.frames.get(f).refs > 1 {
@@ -292,15 +293,7 @@ impl<B> Mm<B> {
             let hi = end.min((ti + 1) * PTRS_PER_PTE);
             if let Some(t) = dir[ti] {
                 let base = ti * PTRS_PER_PTE;
-                let entries = &self.tables.get(t).entries[lo - base..hi - base];
-                // Eight entries per test: a clean stretch costs one OR of a cache line.
-                for (ci, chunk) in entries.chunks(8).enumerate() {
-                    if chunk.iter().fold(0, |acc, e| acc | e.bits()) & Pte::DIRTY == 0 {
-                        continue;
-                    }
-                    let at = lo + ci * 8;
-                    out.extend(chunk.iter().enumerate().filter(|(_, e)| e.has(Pte::DIRTY)).map(|(i, _)| at + i));
-                }
+                out.extend(self.tables.get(t).dirty_in(lo - base, hi - base).map(|i| base + i));
             }
             ti += 1;
         }
@@ -320,8 +313,9 @@ impl<B> Mm<B> {
                 self.break_cow_pte(sp, p, BreakCause::Mkclean);
             }
             let t = self.space(sp).dir[p / PTRS_PER_PTE].expect("dirty entry without table");
-            let e = &mut self.tables.get_mut(t).entries[p % PTRS_PER_PTE];
-            *e = e.without(Pte::DIRTY);
+            let tab = self.tables.get_mut(t);
+            let e = tab.entry(p % PTRS_PER_PTE);
+            tab.set(p % PTRS_PER_PTE, e.without(Pte::DIRTY));
         }
         let base = self.view_base(sp);
         let vs = &mut self.space_mut(sp).vs;

@@ -35,10 +35,6 @@ impl Pte {
     pub fn has(self, flag: u64) -> bool {
         self.0 & flag != 0
     }
-    /// The raw flags and frame (to test many entries at once).
-    pub fn bits(self) -> u64 {
-        self.0
-    }
     pub fn with(self, flag: u64) -> Pte {
         Pte(self.0 | flag)
     }
@@ -76,7 +72,68 @@ pub struct PteTable {
     /// Set when the table became shared by a fork; a write that finds `share == 1` with
     /// this set *reuses* the table (the kernel's COW-PTE reuse path) and clears it.
     pub cow: bool,
-    pub entries: Box<[Pte; PTRS_PER_PTE]>,
+    entries: Box<[Pte; PTRS_PER_PTE]>,
+    /// Invariant: bit `i` is set iff `entries[i]` has `DIRTY` (checked by
+    /// [`PteTable::dirty_summary_ok`]), so that "which pages are dirty" reads 64 bytes of a
+    /// table rather than its 4 KiB of entries.
+    dirty: [u64; PTRS_PER_PTE / 64],
+}
+
+impl PteTable {
+    pub fn entries(&self) -> &[Pte; PTRS_PER_PTE] {
+        &self.entries
+    }
+
+    pub fn entry(&self, i: usize) -> Pte {
+        self.entries[i]
+    }
+
+    /// Replace entry `i`.
+    pub fn set(&mut self, i: usize, e: Pte) {
+        self.entries[i] = e;
+        let (w, b) = (i / 64, 1u64 << (i % 64));
+        if e.has(Pte::DIRTY) {
+            self.dirty[w] |= b;
+        } else {
+            self.dirty[w] &= !b;
+        }
+    }
+
+    /// Take entry `i`, leaving it empty.
+    pub fn take(&mut self, i: usize) -> Pte {
+        let e = self.entries[i];
+        self.set(i, Pte::NONE);
+        e
+    }
+
+    /// Indices in `[lo, hi)` (within the table) of the entries with `DIRTY`, ascending.
+    pub fn dirty_in(&self, lo: usize, hi: usize) -> impl Iterator<Item = usize> + '_ {
+        (lo / 64..hi.div_ceil(64)).flat_map(move |w| {
+            let mut bits = self.dirty[w];
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                Some(w * 64 + b)
+            })
+            .filter(move |&i| i >= lo && i < hi)
+        })
+    }
+
+    /// Whether the dirty summary matches the entries (the invariant above).
+    pub fn dirty_summary_ok(&self) -> bool {
+        self.dirty == summarise_dirty(&self.entries)
+    }
+}
+
+fn summarise_dirty(entries: &[Pte; PTRS_PER_PTE]) -> [u64; PTRS_PER_PTE / 64] {
+    let mut d = [0u64; PTRS_PER_PTE / 64];
+    for (i, e) in entries.iter().enumerate() {
+        d[i / 64] |= u64::from(e.has(Pte::DIRTY)) << (i % 64);
+    }
+    d
 }
 
 /// Slab of tables with a free list (ids are reused; boxes are kept for reuse).
@@ -95,7 +152,11 @@ impl TableStore {
             Some(e) => boxed.copy_from_slice(e),
             None => boxed.fill(Pte::NONE),
         }
-        let t = PteTable { share: 1, cow: false, entries: boxed };
+        let dirty = match entries {
+            Some(e) => summarise_dirty(e),
+            None => [0; PTRS_PER_PTE / 64],
+        };
+        let t = PteTable { share: 1, cow: false, entries: boxed, dirty };
         self.in_use += 1;
         match self.free.pop() {
             Some(i) => {
@@ -151,5 +212,34 @@ impl TableStore {
 
     pub fn iter(&self) -> impl Iterator<Item = (TableId, &PteTable)> {
         self.slots.iter().enumerate().filter_map(|(i, t)| t.as_ref().map(|t| (TableId(i as u32), t)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The dirty summary follows every way an entry changes, and lists exactly the dirty
+    /// entries of any range.
+    #[test]
+    fn dirty_summary_follows_the_entries() {
+        let mut store = TableStore::default();
+        let t = store.alloc(None);
+        let tab = store.get_mut(t);
+        for i in [0, 1, 63, 64, 200, 511] {
+            tab.set(i, Pte::new(crate::mm::FrameId(i as u32), Pte::DIRTY));
+        }
+        tab.set(1, tab.entry(1).without(Pte::DIRTY));
+        tab.set(300, Pte::new(crate::mm::FrameId(7), Pte::ACCESSED));
+        assert_eq!(tab.take(200).frame(), Some(crate::mm::FrameId(200)));
+        assert!(tab.dirty_summary_ok());
+        assert_eq!(tab.dirty_in(0, 512).collect::<Vec<_>>(), vec![0, 63, 64, 511]);
+        assert_eq!(tab.dirty_in(1, 64).collect::<Vec<_>>(), vec![63]);
+        assert_eq!(tab.dirty_in(64, 65).collect::<Vec<_>>(), vec![64]);
+        assert_eq!(tab.dirty_in(65, 511).count(), 0);
+        let entries = *store.get(t).entries();
+        let copy = store.alloc(Some(&entries));
+        assert!(store.get(copy).dirty_summary_ok());
+        assert_eq!(store.get(copy).dirty_in(0, 512).collect::<Vec<_>>(), vec![0, 63, 64, 511]);
     }
 }
