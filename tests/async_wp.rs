@@ -18,6 +18,16 @@ fn modes() -> [FaultMode; 2] {
     [FaultMode::Signal, FaultMode::Thread]
 }
 
+/// `0..n` in a random order (Fisher–Yates, seeded).
+fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = Rng::new(seed);
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i + 1));
+    }
+    order
+}
+
 fn arena(mode: FaultMode) -> Arena {
     Arena::builder().fault_mode(mode).async_wp(true).build().expect("async-WP arena (Linux 6.7+)")
 }
@@ -252,11 +262,7 @@ fn clean_racing_stores_loses_none() {
         let writer = {
             let (stop, rounds) = (stop.clone(), rounds.clone());
             std::thread::spawn(move || {
-                let mut order: Vec<usize> = (0..pages).collect();
-                let mut rng = Rng::new(11);
-                for i in (1..order.len()).rev() {
-                    order.swap(i, rng.below(i + 1));
-                }
+                let order = shuffled(pages, 11);
                 let mut r = 0u64;
                 while !stop.load(Ordering::Relaxed) || r < 3 {
                     r += 1;
@@ -371,11 +377,7 @@ fn in_place_adoption_racing_stores_loses_none() {
             let writer = {
                 let (stop, rounds) = (stop.clone(), rounds.clone());
                 std::thread::spawn(move || {
-                    let mut order: Vec<usize> = (0..pages).collect();
-                    let mut rng = Rng::new(31 + trial);
-                    for i in (1..order.len()).rev() {
-                        order.swap(i, rng.below(i + 1));
-                    }
+                    let order = shuffled(pages, 31 + trial);
                     let mut r = 0u64;
                     while !stop.load(Ordering::Relaxed) || r < 3 {
                         r += 1;

@@ -120,17 +120,7 @@ impl Bits {
         (w0 / CHUNK_WORDS..w1.div_ceil(CHUNK_WORDS))
             .filter(move |c| self.chunks[*c].is_some())
             .flat_map(move |c| (c * CHUNK_WORDS).max(w0)..((c + 1) * CHUNK_WORDS).min(w1))
-            .flat_map(move |wi| {
-                let mut w = self.word(wi);
-                std::iter::from_fn(move || {
-                    if w == 0 {
-                        return None;
-                    }
-                    let b = w.trailing_zeros() as usize;
-                    w &= w - 1;
-                    Some(wi * 64 + b)
-                })
-            })
+            .flat_map(move |wi| set_bits_of(self.word(wi), wi * 64))
             .filter(move |&i| i >= start && i < end)
     }
 
@@ -191,6 +181,18 @@ impl Bits {
         }
         runs
     }
+}
+
+/// The indices `base + b` of the bits `b` set in `w`, ascending.
+pub fn set_bits_of(mut w: u64, base: usize) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if w == 0 {
+            return None;
+        }
+        let b = w.trailing_zeros() as usize;
+        w &= w - 1;
+        Some(base + b)
+    })
 }
 
 #[cfg(test)]

@@ -108,18 +108,9 @@ impl PteTable {
 
     /// Indices in `[lo, hi)` (within the table) of the entries with `DIRTY`, ascending.
     pub fn dirty_in(&self, lo: usize, hi: usize) -> impl Iterator<Item = usize> + '_ {
-        (lo / 64..hi.div_ceil(64)).flat_map(move |w| {
-            let mut bits = self.dirty[w];
-            std::iter::from_fn(move || {
-                if bits == 0 {
-                    return None;
-                }
-                let b = bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                Some(w * 64 + b)
-            })
+        (lo / 64..hi.div_ceil(64))
+            .flat_map(move |w| super::bits::set_bits_of(self.dirty[w], w * 64))
             .filter(move |&i| i >= lo && i < hi)
-        })
     }
 
     /// Whether the dirty summary matches the entries (the invariant above).
