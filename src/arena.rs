@@ -63,7 +63,7 @@ pub struct ArenaBuilder {
     no_move: bool,
     no_dense_fill: bool,
     registered_from_start: bool,
-    async_wp: bool,
+    async_wp: Option<bool>,
 }
 
 impl ArenaBuilder {
@@ -142,18 +142,29 @@ impl ArenaBuilder {
     /// the pages around a write fault are mapped read-only, and the stores that follow
     /// cost the kernel's own fault.
     ///
-    /// What changes: a fork of a space whose view holds pages it wrote always *freezes*
-    /// the view ([`ForkStrategy::KeepWarm`](crate::ForkStrategy::KeepWarm) included: a page
-    /// written in place could not be write-protected against the sharers), and
-    /// [`Space::clear_referenced`](crate::Space::clear_referenced) no longer observes reads
-    /// of pages that stay mapped read-only (it re-arms only pages written since the last
-    /// fork). Default: off (new; measured in `examples/bench` W4, W2).
+    /// What changes: a page written in place cannot be write-protected against the sharers
+    /// of its frame, so a fork never leaves a written page in the view. A fork of a view
+    /// holding at most `max(256, pages/256)` pages written since the last fork keeps it
+    /// warm — their frames move to pool slots (one 4 KiB copy each) and the view keeps
+    /// read-only copies; more, or [`ForkStrategy::Freeze`](crate::ForkStrategy::Freeze),
+    /// *freeze* the view ([`ForkStrategy::KeepWarm`](crate::ForkStrategy::KeepWarm)
+    /// included). And [`Space::clear_referenced`](crate::Space::clear_referenced) no longer
+    /// observes reads of pages that stay mapped read-only (it re-arms only pages written
+    /// since the last fork).
+    ///
+    /// Default: off. What it costs where it loses (`examples/bench`, same run): a fork must
+    /// record the stores the kernel served since the last one, ~45 ns a page, so the fork of
+    /// a 256 MiB space rewritten whole takes ~3 ms instead of ~0.3 ms (W1; the stores
+    /// themselves cost ~130× less than their traps did); and a parent that reads its pages
+    /// again after a freezing fork holds two resident copies of each (W3 peak memory 1.8×
+    /// the kernel's, against 1.0× with `KeepWarm` protecting in place).
+    /// ([`Arena::async_wp`](crate::Arena::async_wp) says which you got.)
     ///
     /// # Errors (at [`ArenaBuilder::build`])
-    /// [`Error::MissingFeature`] naming `UFFD_FEATURE_WP_ASYNC` or `PAGEMAP_SCAN` on
-    /// kernels before 6.7.
+    /// `async_wp(true)` on kernels before 6.7: [`Error::MissingFeature`] naming
+    /// `UFFD_FEATURE_WP_ASYNC` or `PAGEMAP_SCAN`.
     pub fn async_wp(mut self, on: bool) -> Self {
-        self.async_wp = on;
+        self.async_wp = Some(on);
         self
     }
 
@@ -174,19 +185,28 @@ impl ArenaBuilder {
         } else {
             FaultMode::Thread
         });
+        // Without PAGEMAP_SCAN (before 6.7, or no /proc) spaces are registered from the start
+        // and stores are never the kernel's alone.
+        let pagemap = crate::sys::pagemap::Pagemap::open().ok();
+        let async_wp = match self.async_wp {
+            Some(true) if pagemap.is_none() => {
+                return Err(Error::MissingFeature {
+                    feature: "PAGEMAP_SCAN",
+                    kernel: crate::sys::uffd::kernel_release(),
+                })
+            }
+            Some(on) => on,
+            // Off by default: see the builder method for what it would cost W1 and W3.
+            None => false,
+        };
         let required = uffd::FEATURE_WP
             | if mode == FaultMode::Signal { uffd::FEATURE_SIGBUS } else { 0 }
-            | if self.async_wp { uffd::FEATURE_WP_ASYNC } else { 0 };
+            | if async_wp { uffd::FEATURE_WP_ASYNC } else { 0 };
         let optional = uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_THREAD_ID | uffd::FEATURE_MOVE;
         let uffd = Uffd::open(required, optional)?;
-        tracing::debug!(access = ?uffd.access(), features = uffd.features(), ?mode, "userfaultfd opened");
-        // Without PAGEMAP_SCAN (before 6.7, or no /proc) spaces are registered from the start.
-        let pagemap = crate::sys::pagemap::Pagemap::open().ok();
-        if self.async_wp && pagemap.is_none() {
-            return Err(Error::MissingFeature { feature: "PAGEMAP_SCAN", kernel: crate::sys::uffd::kernel_release() });
-        }
+        tracing::debug!(access = ?uffd.access(), features = uffd.features(), ?mode, async_wp, "userfaultfd opened");
         let mut mm = Mm::new();
-        mm.set_async_wp(self.async_wp);
+        mm.set_async_wp(async_wp);
         mm.set_take_exclusive(!self.no_move && uffd.features() & uffd::FEATURE_MOVE != 0);
         let core = Arc::new(Core {
             mm: crate::fault::lock::ArenaLock::new(mm),
@@ -200,6 +220,7 @@ impl ArenaBuilder {
             dense_fill: !self.no_dense_fill,
             self_faults: std::sync::Mutex::new((0, 0)),
             sig: Default::default(),
+            reaper: Default::default(),
             plain: !self.registered_from_start && self.max_memory.is_none() && pagemap.is_some(),
             pagemap,
         });
@@ -407,6 +428,12 @@ impl Arena {
     /// The fault mode in use.
     pub fn fault_mode(&self) -> FaultMode {
         self.inner.core.mode
+    }
+
+    /// Whether stores to read-only view pages are the kernel's alone in this arena
+    /// ([`ArenaBuilder::async_wp`]; on by default where the kernel offers it).
+    pub fn async_wp(&self) -> bool {
+        self.inner.core.lock().async_wp()
     }
 
     /// Check every internal invariant (O(everything); for tests and debugging).

@@ -11,6 +11,11 @@ use crate::sys::mem::Advice;
 
 /// What a fork does with the parent's pages written since its previous fork (they must
 /// stop being writable before their frames are shared).
+///
+/// In an arena whose stores to read-only pages are the kernel's alone
+/// ([`ArenaBuilder::async_wp`](crate::ArenaBuilder::async_wp)), a write-protected page
+/// would not stop a store: `Auto` and `KeepWarm` move a few written pages' frames out of
+/// the view (one copy each) and freeze it when many were written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum ForkStrategy {

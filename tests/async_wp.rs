@@ -423,3 +423,77 @@ fn in_place_adoption_racing_stores_loses_none() {
         assert_eq!(adoptions, 12, "{mode:?}: each clean of a fresh space adopts it");
     }
 }
+
+/// A fork of a view holding few homes (pages written since the last fork) keeps it warm:
+/// the homes move to pool slots and the view keeps read-only copies, so the parent reads
+/// them again with no fault and its next stores are the kernel's alone — while the child
+/// keeps the fork-time bytes. Many homes, or `ForkStrategy::Freeze`, freeze the view.
+#[test]
+fn forks_keep_a_view_with_few_homes_warm() {
+    for mode in modes() {
+        let a = arena(mode);
+        let len = 2 * TABLE;
+        let mut p = a.space(len).unwrap();
+        // First fork: adopts the plain space (it freezes); from now on the view is ours.
+        p.as_mut_slice()[0] = 1;
+        drop(p.fork().unwrap());
+        // 100 pages written in random order: few, so the next fork evacuates them.
+        let pages: Vec<usize> = shuffled(len / PAGE, 9).into_iter().take(100).collect();
+        for (i, &pg) in pages.iter().enumerate() {
+            p.as_mut_slice()[pg * PAGE + 7] = i as u8 + 2;
+        }
+        let mut want = p.as_slice().to_vec();
+        let before = a.stats();
+        let c = p.fork_with(ForkStrategy::Auto).unwrap();
+        let s = a.stats();
+        assert_eq!(s.freezes, before.freezes, "{mode:?}: a fork of a view with 100 homes froze it");
+        assert_eq!(s.frames_rehomed - before.frames_rehomed, 100, "{mode:?}: homes evacuated");
+        a.check_invariants().unwrap();
+        // The parent reads its pages again without a fault: the view stayed mapped.
+        let reads = a.stats().faults;
+        assert!(p.as_slice() == &want[..], "{mode:?}: parent after the fork");
+        let after = a.stats().faults;
+        assert_eq!((after.read_copy, after.read_zero), (reads.read_copy, reads.read_zero), "{mode:?}");
+        // Its stores to those pages: no trap, tracked exactly, the child unchanged.
+        let mut before_clean: Vec<usize> =
+            pages.iter().copied().chain([0]).collect::<BTreeSet<_>>().into_iter().collect();
+        let mut cleaned = p.clean(0, len).unwrap();
+        cleaned.sort_unstable();
+        before_clean.sort_unstable();
+        assert_eq!(cleaned, before_clean, "{mode:?}: dirty before the clean");
+        let fork_time = want.clone();
+        let again: Vec<usize> = pages.iter().copied().step_by(3).collect();
+        for &pg in &again {
+            p.as_mut_slice()[pg * PAGE + 9] = 0xAB;
+            want[pg * PAGE + 9] = 0xAB;
+        }
+        let mut dirty = again.clone();
+        dirty.sort_unstable();
+        assert_eq!(p.dirty_pages(0, len).unwrap(), dirty, "{mode:?}: dirty since the clean");
+        assert!(p.as_slice() == &want[..], "{mode:?}: parent after its writes");
+        assert!(c.as_slice() == &fork_time[..], "{mode:?}: child keeps the fork-time bytes");
+        let mut back = vec![0u8; len];
+        c.read(0, &mut back).unwrap();
+        assert!(back == fork_time, "{mode:?}: child through the API");
+        // The next fork records those stores (one each) and keeps the view warm again.
+        let w0 = a.stats().writes_async;
+        let c2 = p.fork().unwrap();
+        assert_eq!(a.stats().writes_async - w0, again.len() as u64, "{mode:?}: stores recorded at the fork");
+        assert_eq!(a.stats().freezes, before.freezes, "{mode:?}");
+        assert!(c2.as_slice() == &want[..], "{mode:?}: second child");
+        assert!(c.as_slice() == &fork_time[..], "{mode:?}: first child after the second fork");
+        // Freeze asked for: frozen.
+        p.as_mut_slice()[PAGE] = 3;
+        drop(p.fork_with(ForkStrategy::Freeze).unwrap());
+        assert_eq!(a.stats().freezes, before.freezes + 1, "{mode:?}: Freeze");
+        // Many homes (more than max(256, pages/256)): frozen.
+        for pg in 0..300 {
+            p.as_mut_slice()[pg * PAGE] = 4;
+        }
+        drop(p.fork_with(ForkStrategy::KeepWarm).unwrap());
+        assert_eq!(a.stats().freezes, before.freezes + 2, "{mode:?}: 300 homes");
+        a.check_invariants().unwrap();
+        drop((c, c2, p));
+        assert_nothing_left(&a, "forks_keep_a_view_with_few_homes_warm");
+    }
+}

@@ -29,7 +29,8 @@ fn set_errno(v: i32) {
 fn fault_around_never_dirties_or_copies_unwritten_pages() {
     for mode in modes() {
         for strategy in [ForkStrategy::KeepWarm, ForkStrategy::Freeze] {
-            let arena = Arena::builder().fault_mode(mode).build().unwrap();
+            // Counts a trap per first write (async_wp: tests/async_wp.rs).
+            let arena = Arena::builder().fault_mode(mode).async_wp(false).build().unwrap();
             let mut parent = arena.space(TABLE).unwrap();
             parent.write(0, &vec![7u8; 128 * PAGE]).unwrap();
             parent.clean(0, TABLE).unwrap();
@@ -71,8 +72,9 @@ fn fault_around_never_dirties_or_copies_unwritten_pages() {
 #[test]
 fn first_touch_sweep_dirties_only_what_it_writes() {
     for mode in modes() {
-        // A view registered from the start: one write fault and one frame per page.
-        let arena = Arena::builder().fault_mode(mode).plain_until_fork(false).build().unwrap();
+        // A view registered from the start: one write fault and one frame per page (a
+        // trap per first write; async_wp serves most of them in the kernel).
+        let arena = Arena::builder().fault_mode(mode).plain_until_fork(false).async_wp(false).build().unwrap();
         let mut s = arena.space(TABLE).unwrap();
         for p in 0..64 {
             s.as_mut_slice()[p * PAGE] = 1;
@@ -169,7 +171,8 @@ fn errno_survives_view_faults() {
 /// `Arena::clear_referenced` counts distinct entries: one shared by 4 spaces counts once.
 #[test]
 fn arena_clear_referenced_counts_distinct_entries_and_aging_is_counted() {
-    let arena = Arena::new().unwrap();
+    // Re-arming reads of read-only copies needs a trap per store (ArenaBuilder::async_wp).
+    let arena = Arena::builder().async_wp(false).build().unwrap();
     let mut root = arena.space(TABLE).unwrap();
     root.write(0, &vec![1u8; 8 * PAGE]).unwrap();
     let kids: Vec<_> = (0..3).map(|_| root.fork().unwrap()).collect();

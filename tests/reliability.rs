@@ -85,7 +85,9 @@ fn vm_size_bytes() -> u64 {
 /// write evacuates the shared home into the pool, which soon cannot be refilled.
 fn rlimit_child(what: &str) {
     const LEN: usize = 64 << 20;
-    let arena = Arena::builder().fault_mode(mode_of(what)).build().unwrap();
+    // A trap per store, so that KeepWarm keeps the homes in the view and each write
+    // evacuates one (async_wp forks freeze a view this written).
+    let arena = Arena::builder().fault_mode(mode_of(what)).async_wp(false).build().unwrap();
     let mut p = arena.space(LEN).unwrap();
     p.populate(0, LEN, true).unwrap();
     let c = p.fork_with(ForkStrategy::KeepWarm).unwrap();

@@ -66,7 +66,8 @@ fn mkclean_breaks_the_table_and_tracks_new_writes() {
 
 #[test]
 fn aging_100_sharers_breaks_nothing_and_one_access_is_seen_by_all() {
-    let arena = Arena::new().unwrap();
+    // Re-arming reads of read-only copies needs a trap per store (ArenaBuilder::async_wp).
+    let arena = Arena::builder().async_wp(false).build().unwrap();
     let mut root = arena.space(TABLE).unwrap();
     root.write(0, &[42; PAGE]).unwrap();
     let forks: Vec<Space> = (0..99).map(|_| root.fork().unwrap()).collect();
@@ -202,7 +203,9 @@ fn reset_to_restores_the_snapshot_and_keeps_clean_pages_mapped() {
 
 #[test]
 fn fork_strategies_keep_or_freeze_the_parent_view() {
-    let arena = Arena::new().unwrap();
+    // Homes write-protected in the view need a trap per store; async_wp forks evacuate a
+    // few homes or freeze (tests/async_wp.rs::forks_keep_a_view_with_few_homes_warm).
+    let arena = Arena::builder().async_wp(false).build().unwrap();
     for strategy in [cowarena::ForkStrategy::KeepWarm, cowarena::ForkStrategy::Freeze, cowarena::ForkStrategy::Auto] {
         let mut a = arena.space(2 * TABLE).unwrap();
         for p in (0..2 * TABLE).step_by(PAGE) {

@@ -64,6 +64,12 @@ pub(crate) const COMPACT_SCAN: usize = 1 << 16;
 /// Pages decided (and copied from consecutive homes in one `UFFDIO_COPY`) per window of a
 /// read-only fill; zero runs are bounded by the static zero source's size instead.
 const FILL_WINDOW: usize = 64;
+/// Async-WP forks: how many times the view's homes are evacuated again after stores
+/// raced the copies before the fork freezes the view instead (`Core::prepare_share_async`).
+const EVACUATE_ROUNDS: usize = 4;
+/// Dead regions at least this large are unmapped by the reader thread, not by the fork
+/// that found them dead (`Core::reclaim_off_path`).
+const REAP_OFF_PATH_BYTES: usize = 16 << 20;
 
 /// How long the faulting thread must be seen holding its arena's lock before a fault
 /// message from it counts as a self-deadlock (thread mode; see `Core::lock_for`).
@@ -108,6 +114,11 @@ pub(crate) struct Core {
     /// New spaces start plain (kernel memory until their first fork; see
     /// `ArenaBuilder::plain_until_fork`).
     pub plain: bool,
+    /// Dead regions of at least [`REAP_OFF_PATH_BYTES`] waiting for the reader thread to
+    /// unmap them (`Core::reclaim_off_path`): unmapping a populated 256 MiB frozen region
+    /// costs ~10 ms of page freeing, which a fork need not wait for. Never touched from
+    /// signal context.
+    pub reaper: std::sync::Mutex<Vec<Mapping>>,
 }
 
 /// State the SIGBUS handler reads without taking the arena lock (atomics only).
@@ -347,10 +358,8 @@ impl Core {
                 crate::ForkStrategy::Freeze => AdoptHow::Freeze,
             },
         )?;
-        if async_wp && mm.share_plan(sp) == SharePlan::Ready {
-            // Stores the kernel served alone make homes: record them to decide.
-            let pages = mm.pages(sp);
-            self.sync_written(mm, sp, 0, pages)?;
+        if async_wp {
+            return self.prepare_share_async(mm, sp, strategy);
         }
         let plan = match (mm.share_plan(sp), strategy) {
             (SharePlan::Ready, _) => SharePlan::Ready,
@@ -373,6 +382,50 @@ impl Core {
         }
     }
 
+    /// [`Core::prepare_share`] in an async-WP arena, where a home write-protected in the
+    /// view would still take stores without a trap. A view holding no home is ready once
+    /// the stores the kernel served alone are recorded (they make homes). One holding at
+    /// most [`Mm::protect_limit_for`] homes stays warm (`Auto`, `KeepWarm`): the homes
+    /// move to pool slots, one 4 KiB copy each, and the view keeps read-only copies
+    /// ([`Mm::evacuate_view_homes`]).
+    ///
+    /// Stores do not wait for us here, so a writer may run ahead of the copies: the fork
+    /// is a consistent cut of every writer's program order only if one scan, started after
+    /// the last protect, finds *no* page of the view written — then every page was
+    /// unchanged over a common window, and the copies are the view at one instant. So each
+    /// round syncs the whole view: the pages found written are recorded (a frame, still
+    /// exclusive, goes back into the view with the bytes the store left) and evacuated
+    /// again, up to [`EVACUATE_ROUNDS`] times. Anything else freezes the view (`mremap`,
+    /// atomic). (`tests/threads.rs` catches a sync over only the re-evacuated pages.)
+    fn prepare_share_async(&self, mm: &mut Mm<Mapping>, sp: SpaceId, strategy: crate::ForkStrategy) -> Result<bool> {
+        let limit = mm.protect_limit_for(sp);
+        let pages = mm.pages(sp);
+        for round in 0..=EVACUATE_ROUNDS {
+            // A view already holding homes and asked to freeze needs no sync: the freeze
+            // records the stores it finds in the frozen pages.
+            if !(strategy == crate::ForkStrategy::Freeze && mm.view_homes(sp) > 0) {
+                self.sync_written(mm, sp, 0, pages)?;
+            }
+            let homes = mm.view_homes(sp);
+            if homes == 0 {
+                return Ok(false);
+            }
+            if round == EVACUATE_ROUNDS
+                || strategy == crate::ForkStrategy::Freeze
+                || homes > limit
+                || self.ensure_pool(mm, homes).is_err()
+            {
+                break;
+            }
+            let mut ops = Vec::new();
+            mm.evacuate_view_homes(sp, &mut ops);
+            self.run_ops(mm, &ops)?;
+            tracing::trace!(space = sp.0, homes, round, "view homes evacuated to keep the view warm");
+        }
+        self.freeze_into_mm(mm, sp)?;
+        Ok(true)
+    }
+
     fn freeze(&self, mm: &mut Mm<Mapping>, sp: SpaceId) -> Result<Mapping> {
         mm.view_backing(sp).freeze().map_err(|e| Error::os("mremap(MREMAP_DONTUNMAP) freezing the view", e))
     }
@@ -384,7 +437,7 @@ impl Core {
         let base = frozen.addr();
         self.record_frozen_writes(mm, sp, base, &candidates);
         mm.freeze_view(sp, base, frozen);
-        self.reclaim(mm);
+        self.reclaim_off_path(mm);
         Ok(())
     }
 
@@ -422,7 +475,9 @@ impl Core {
                 }
             },
         };
+        // A drop gives memory back before it returns (dead regions queued by forks too).
         self.reclaim(mm);
+        self.reap();
         drop(view);
         Ok(())
     }
@@ -711,6 +766,37 @@ impl Core {
         );
     }
 
+    /// [`Core::reclaim`] for a fork's freeze (never the fault path): large dead regions go
+    /// to the reader thread to be unmapped there. Their address space stays reserved until
+    /// then, so nothing can be mapped over them early; a drop unmaps what is still queued
+    /// before it returns, so dropping spaces gives memory back at once.
+    pub fn reclaim_off_path(&self, mm: &mut Mm<Mapping>) {
+        let mut queued = false;
+        mm.drain_reclaim(
+            |addr, len| {
+                let _ = crate::sys::mem::discard_range(addr, len);
+            },
+            |b| {
+                if b.len() >= REAP_OFF_PATH_BYTES {
+                    self.reaper.lock().unwrap_or_else(|p| p.into_inner()).push(b);
+                    queued = true;
+                } else {
+                    drop(b);
+                }
+            },
+        );
+        if queued && self.refill.signal().is_err() {
+            // No wake-up: unmap here after all.
+            self.reap();
+        }
+    }
+
+    /// Unmap the dead regions queued by [`Core::reclaim_off_path`].
+    pub fn reap(&self) {
+        let dead = std::mem::take(&mut *self.reaper.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(dead);
+    }
+
     /// Take the lock to serve a fault of thread `tid` (0: unknown, the kernel did not
     /// report it). `None` when `tid` itself holds the lock: it faulted inside a locked
     /// section (a user callback touching this arena's view memory during a cowarena call)
@@ -905,6 +991,7 @@ fn reader_loop(core: &Core, stop: &EventFd, tx: mpsc::Sender<(u64, u64, u32)>) {
             Ok((uffd_ready, false, refill)) => {
                 if refill {
                     core.refill.clear();
+                    core.reap();
                     refill_pending = true;
                     if let Some(ms) = crate::sys::inject::hit(crate::sys::inject::Point::RefillDelay) {
                         std::thread::sleep(std::time::Duration::from_millis(ms as u64));

@@ -641,7 +641,8 @@ impl<B> Mm<B> {
     /// O(tables), but the view re-faults what it touches afterwards).
     ///
     /// In an async-WP arena (`async_wp.rs`) a home write-protected in the view would still
-    /// take stores without a trap, so a view holding any home is frozen.
+    /// take stores without a trap, so a view holding any home is not ready: the engine
+    /// moves a few out ([`Mm::evacuate_view_homes`]) or freezes the view.
     pub fn share_plan(&self, sp: SpaceId) -> SharePlan {
         if self.async_wp {
             return if self.region(self.space(sp).view).homes == 0 { SharePlan::Ready } else { SharePlan::Freeze };
@@ -883,6 +884,42 @@ impl<B> Mm<B> {
             ops.push(op);
             self.counters.frames_rehomed += 1;
         }
+    }
+
+    /// Async-WP arenas, before sharing `sp`'s tables (a fork that keeps the view warm):
+    /// write-protect every writable page of the view and move the home of every frame
+    /// homed in it to a pool slot (the pool must have [`Mm::view_homes`] free); the view
+    /// keeps each page as a read-only copy, so a later store there is a private copy's,
+    /// which the kernel may serve alone. The ops (protects first, then the copies) are
+    /// appended to `ops`; perform them in order. Returns the pages evacuated.
+    ///
+    /// A store racing the copies lands after the protect, so the kernel marks the page
+    /// written: the next sync records it as a write that takes the frame back into the
+    /// view (its only reference). The caller must then evacuate again, and share nothing
+    /// until a sync of the whole view finds no page written (`Core::prepare_share_async`).
+    pub fn evacuate_view_homes(&mut self, sp: SpaceId, ops: &mut Vec<KernelOp>) -> usize {
+        debug_assert!(self.async_wp, "only async-WP arenas share a view that way");
+        self.protect_writable(sp, ops);
+        let s = self.space(sp);
+        let homes: Vec<(usize, FrameId)> =
+            s.vs.home
+                .ones(0, s.pages)
+                .map(|p| {
+                    let t = s.dir[p / PTRS_PER_PTE].expect("a home is named by its table");
+                    (p, self.tables.get(t).entry(p % PTRS_PER_PTE).frame().expect("a home is named by its entry"))
+                })
+                .collect();
+        for &(p, f) in &homes {
+            let op = self.evacuate(sp, p, f);
+            ops.push(op);
+            self.counters.frames_rehomed += 1;
+        }
+        homes.len()
+    }
+
+    /// Frames homed in `sp`'s view.
+    pub fn view_homes(&self, sp: SpaceId) -> usize {
+        self.region(self.space(sp).view).homes
     }
 
     /// A drop whose freeze failed: keep `sp` (tables released, view still holding the
