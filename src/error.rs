@@ -124,6 +124,17 @@ pub enum Error {
     #[error("the spaces are not related: reset_to needs a space of the same fork family, size and arena")]
     NotRelated,
 
+    /// The writer given to [`Space::write_to`](crate::Space::write_to) failed after
+    /// `written` bytes of the space had been written to it.
+    #[error("writing the space out failed after {written} bytes: {source}")]
+    WriteFailed {
+        /// Bytes the writer accepted before it failed.
+        written: u64,
+        /// The writer's error.
+        #[source]
+        source: io::Error,
+    },
+
     /// An internal error (a bug, or an injected failure) in the fault path; the operation
     /// did not happen. Other spaces are unaffected.
     #[error("internal error in cowarena's fault path: {0}; please report it")]

@@ -250,6 +250,125 @@ impl Space {
         Ok(())
     }
 
+    /// Write the space's bytes, in order, to `w`; returns the bytes written (`len()`).
+    ///
+    /// The bytes come straight from where the arena keeps them: no view page is faulted
+    /// in, and the pages of a snapshot (frozen or pooled homes, the usual case for a fork)
+    /// are handed to `w` in place, in runs of contiguous pages, with the arena lock
+    /// released — so a slow writer does not hold up faults elsewhere. Only pages that live
+    /// in a view (this space's own writes, a warm parent's pages) are copied first, under
+    /// the lock, 256 at most at a time. Never-written pages are written as zeros. While a
+    /// stream is open, the arena defers unmapping and discarding released memory and
+    /// copies pages it would otherwise move with `UFFDIO_MOVE`, so streaming a large space
+    /// keeps dead memory resident until it ends.
+    ///
+    /// The space is read as through a shared borrow: stores into it from other threads
+    /// (through [`Space::as_mut_ptr`]) while the stream runs are a data race the caller
+    /// promised not to have. Forks, reads and writes of other spaces go on meanwhile.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), cowarena::Error> {
+    /// let arena = cowarena::Arena::new()?;
+    /// let mut s = arena.space(3 << 20)?;
+    /// s.write(5, b"snapshot")?;
+    /// let snap = s.fork()?;
+    /// s.write(5, b"changed!")?;
+    /// let mut out = Vec::new();
+    /// assert_eq!(snap.write_to(&mut out)?, 3 << 20);
+    /// assert_eq!(&out[5..13], b"snapshot");
+    /// assert!(out[13..].iter().all(|&b| b == 0));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::WriteFailed`] with the bytes written so far when `w` fails;
+    /// [`Error::ForkedProcess`] in a `fork(2)` child.
+    pub fn write_to<W: std::io::Write + ?Sized>(&self, w: &mut W) -> Result<u64> {
+        /// Pages planned per lock hold.
+        const BATCH: usize = 256;
+        static ZEROS: [u8; 16 * PAGE_SIZE] = [0; 16 * PAGE_SIZE];
+        enum Piece {
+            Zeros(usize),
+            /// A run of stable homes: address, bytes.
+            Home(usize, usize),
+            /// Bytes copied into the bounce buffer: offset, bytes.
+            Copied(usize, usize),
+        }
+        let core = self.core()?;
+        struct Stream<'a>(&'a crate::fault::Core);
+        impl Drop for Stream<'_> {
+            fn drop(&mut self) {
+                let mut mm = self.0.lock();
+                mm.end_stream();
+                self.0.reclaim(&mut mm);
+            }
+        }
+        core.lock().begin_stream();
+        let _stream = Stream(core);
+        let mut bounce: Vec<u8> = Vec::new();
+        let mut plan: Vec<Piece> = Vec::with_capacity(BATCH);
+        let pages = self.len.div_ceil(PAGE_SIZE);
+        let mut written = 0u64;
+        let mut page = 0;
+        while page < pages {
+            let end = (page + BATCH).min(pages);
+            plan.clear();
+            {
+                let mut mm = core.lock();
+                let mut copied = 0;
+                for p in page..end {
+                    let n = PAGE_SIZE.min(self.len - p * PAGE_SIZE);
+                    match (mm.stream_source(self.id, p), plan.last_mut()) {
+                        (None, Some(Piece::Zeros(z))) => *z += n,
+                        (None, _) => plan.push(Piece::Zeros(n)),
+                        (Some(Ok(a)), Some(Piece::Home(at, len))) if *at + *len == a => *len += n,
+                        (Some(Ok(a)), _) => plan.push(Piece::Home(a, n)),
+                        (Some(Err(a)), last) => {
+                            if bounce.len() < BATCH * PAGE_SIZE {
+                                bounce.resize(BATCH * PAGE_SIZE, 0);
+                            }
+                            // SAFETY: a view page or a frame's home, mapped and populated
+                            // while we hold the lock (`stream_source`); `n <= PAGE_SIZE`.
+                            unsafe { crate::sys::mem::read_raw(a, &mut bounce[copied..copied + n]) };
+                            match last {
+                                Some(Piece::Copied(at, len)) if *at + *len == copied => *len += n,
+                                _ => plan.push(Piece::Copied(copied, n)),
+                            }
+                            copied += n;
+                        }
+                    }
+                }
+            }
+            // As in `read`: the copies must really happen under the lock.
+            std::hint::black_box(&mut bounce);
+            for piece in &plan {
+                let r = match *piece {
+                    Piece::Zeros(mut n) => {
+                        let mut r = Ok(());
+                        while n > 0 && r.is_ok() {
+                            let k = n.min(ZEROS.len());
+                            r = w.write_all(&ZEROS[..k]);
+                            n -= k;
+                        }
+                        r
+                    }
+                    // SAFETY: frozen or pool homes, which keep their bytes and stay mapped
+                    // while the stream is open (`Mm::begin_stream`); the slice lives for
+                    // this call only.
+                    Piece::Home(a, n) => w.write_all(unsafe { crate::sys::mem::bytes_at(a, n) }),
+                    Piece::Copied(at, n) => w.write_all(&bounce[at..at + n]),
+                };
+                let n = match *piece {
+                    Piece::Zeros(n) | Piece::Home(_, n) | Piece::Copied(_, n) => n,
+                };
+                r.map_err(|source| Error::WriteFailed { written, source })?;
+                written += n as u64;
+            }
+            page = end;
+        }
+        Ok(written)
+    }
+
     /// Write `data` at `offset`, without faulting the view (the pages are made private to
     /// this space as a write fault would).
     ///

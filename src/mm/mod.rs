@@ -444,6 +444,11 @@ pub struct Mm<B> {
     pending_drops: Vec<SpaceId>,
     /// Read-only view pages are write-protected asynchronously (`async_wp.rs`).
     async_wp: bool,
+    /// Streams reading frame homes outside the lock ([`Mm::begin_stream`]). While any is
+    /// open, a frozen or pool home keeps its address and bytes: nothing is discarded or
+    /// unmapped ([`Mm::drain_reclaim`] holds the queue) and no home is taken by
+    /// `UFFDIO_MOVE` ([`Action::Take`]).
+    streams: u32,
     pub counters: MmCounters,
 }
 
@@ -473,6 +478,7 @@ impl<B> Mm<B> {
             sparse: Vec::new(),
             compact_cursor: 0,
             pending_drops: Vec::new(),
+            streams: 0,
             async_wp: false,
             counters: MmCounters::default(),
         }
@@ -1036,6 +1042,9 @@ impl<B> Mm<B> {
     /// frozen page range, then `unmap(backing)` for each dead region. Keeps the queues'
     /// capacity (the fault path must not allocate).
     pub fn drain_reclaim(&mut self, mut discard: impl FnMut(usize, usize), mut unmap: impl FnMut(B)) {
+        if self.streams > 0 {
+            return; // a stream may be reading a home queued here (see `Mm::begin_stream`)
+        }
         for (a, l) in self.reclaim.discard.drain(..) {
             discard(a, l);
         }
@@ -1264,7 +1273,7 @@ impl<B> Mm<B> {
                     done(Action::Evacuate { dst, to }, Commit::Evacuate { old: f, slot })
                 } else if fr.refs == 1 {
                     let src = self.home_addr(fr.home);
-                    if !present && self.take_exclusive {
+                    if !present && self.take_exclusive && self.streams == 0 {
                         done(Action::Take { dst, src }, Commit::Rehome { frame: f, copied: false, moved: true })
                     } else {
                         let action = fill_or_unprotect(Src::Addr(src));
@@ -1388,6 +1397,40 @@ impl<B> Mm<B> {
 
     /// Where the explicit read API finds the bytes of `page` of `sp`: zeros or a frame's
     /// home (populated memory). Marks the entry accessed.
+    /// Open a stream: until the matching [`Mm::end_stream`], every address
+    /// [`Mm::stream_source`] calls stable keeps its bytes and stays mapped, so the caller
+    /// may read it without the lock (`Space::write_to`).
+    pub fn begin_stream(&mut self) {
+        self.streams += 1;
+    }
+
+    /// Close a stream opened by [`Mm::begin_stream`]; the held reclaim queue drains at the
+    /// next reclaim.
+    pub fn end_stream(&mut self) {
+        debug_assert!(self.streams > 0, "end_stream without begin_stream");
+        self.streams -= 1;
+    }
+
+    /// Where page `page` of `sp` can be read for a stream, as [`Mm::read_source`] (the page
+    /// counts as accessed): zeros; a frozen or pool home, which keeps its bytes while a
+    /// stream is open (`Ok(addr)`, readable without the lock); or memory that may change
+    /// or move once the lock is dropped — a view page (this space's own home or copy,
+    /// another view's warm home, a plain view) — which must be copied under the lock
+    /// (`Err(addr)`).
+    pub fn stream_source(&mut self, sp: SpaceId, page: usize) -> Option<std::result::Result<usize, usize>> {
+        debug_assert!(self.streams > 0, "stream_source outside a stream");
+        let a = match self.read_source(sp, page) {
+            Src::Zero => return None,
+            Src::Addr(a) => a,
+        };
+        let stable = self.lookup(sp, page).frame().is_some_and(|f| {
+            let home = self.frames.get(f).home;
+            // (`read_source` may answer with a view page instead of the home.)
+            self.home_addr(home) == a && matches!(self.region(home.region).kind, RegionKind::Frozen)
+        });
+        Some(if stable { Ok(a) } else { Err(a) })
+    }
+
     pub fn read_source(&mut self, sp: SpaceId, page: usize) -> Src {
         let s = self.space(sp);
         if s.plain {

@@ -130,6 +130,17 @@ pub unsafe fn read_raw(src: usize, dst: &mut [u8]) {
     unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
 }
 
+/// The `len` bytes at `addr`, borrowed.
+///
+/// # Safety
+/// `addr..addr+len` must be mapped, readable and populated (not a view page that would
+/// fault into the engine), and must neither change nor be unmapped while the returned
+/// slice lives.
+pub unsafe fn bytes_at<'a>(addr: usize, len: usize) -> &'a [u8] {
+    // SAFETY: forwarded to the caller.
+    unsafe { std::slice::from_raw_parts(addr as *const u8, len) }
+}
+
 /// Copy `src` into memory at `dst`.
 ///
 /// # Safety
