@@ -1549,3 +1549,88 @@ pub fn uffd_copy_all(bytes: usize) -> io::Result<Duration> {
     }
     Ok(elapsed)
 }
+
+// ---------------------------------------------------------------------------------------
+// W6: a snapshot streamed out while writers go on
+// ---------------------------------------------------------------------------------------
+
+/// What one streamed snapshot cost: from just before the fork to the last byte written,
+/// and the writers' stores over that window.
+#[derive(Clone, Copy, Debug)]
+pub struct Streamed {
+    pub time: Duration,
+    pub stores: u64,
+}
+
+/// Runs `writers` threads storing random words into `base..base+len` (thread `t` owns the
+/// words `≡ t` mod `writers`) while `body` runs; returns `body`'s result, its time and the
+/// stores made meanwhile. The threads are started (and storing) before `body` begins.
+pub fn with_writers<R>(base: usize, len: usize, writers: usize, body: impl FnOnce() -> R) -> (R, Duration, u64) {
+    let stop = AtomicBool::new(false);
+    let counts: Vec<AtomicU64> = (0..writers).map(|_| AtomicU64::new(0)).collect();
+    let started = AtomicUsize::new(0);
+    thread::scope(|s| {
+        for t in 0..writers {
+            let (stop, counts, started) = (&stop, &counts, &started);
+            s.spawn(move || {
+                let mut rng = Rng::new(0x57e4 + t as u64);
+                let words = len / 8 / writers;
+                started.fetch_add(1, Ordering::Release);
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..64 {
+                        let w = rng.below(words) * writers + t;
+                        // SAFETY: `w * 8 + 8 <= len`: inside the caller's mapping, which
+                        // outlives this scope; each word has one writer.
+                        unsafe { ((base + w * 8) as *mut u64).write_volatile(n) };
+                        n += 1;
+                    }
+                    counts[t].store(n, Ordering::Relaxed);
+                }
+            });
+        }
+        while started.load(Ordering::Acquire) < writers {
+            thread::yield_now();
+        }
+        thread::sleep(Duration::from_millis(20)); // the writers are in their loops
+        let before: u64 = counts.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+        let t = Instant::now();
+        let r = body();
+        let time = t.elapsed();
+        let after: u64 = counts.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+        stop.store(true, Ordering::Relaxed);
+        (r, time, after - before)
+    })
+}
+
+/// The kernel peer of `Space::write_to` under writers: a region of `bytes`, every page
+/// written, with two threads storing into it; `fork(2)`, and the child `write(2)`s the
+/// whole region to `path` and exits. Timed from the fork to the child's exit.
+pub fn kernel_fork_stream(bytes: usize, path: &std::path::Path) -> io::Result<Streamed> {
+    let region = Mapping::populated(region_len(bytes)?)?;
+    let file = std::fs::File::create(path)?;
+    let fd = file.as_raw_fd();
+    let (base, len) = (region.ptr as usize, region.len);
+    let (r, time, stores) = with_writers(base, len, 2, || -> io::Result<()> {
+        let child = fork_child(move || {
+            let mut off = 0;
+            while off < len {
+                let n = (len - off).min(1 << 20);
+                // SAFETY: write(2) from the child's copy of the region, inside the mapping.
+                let w = unsafe { libc::write(fd, (base + off) as *const libc::c_void, n) };
+                if w <= 0 {
+                    return 1;
+                }
+                off += w as usize;
+            }
+            0
+        })?;
+        child.wait()
+    });
+    r?;
+    drop(file);
+    if std::fs::metadata(path)?.len() != len as u64 {
+        return Err(io::Error::other("the fork(2) child did not write the whole region"));
+    }
+    Ok(Streamed { time, stores })
+}

@@ -2238,6 +2238,106 @@ fn today() -> String {
 
 // ---------------------------------------------------------------------------------------
 
+/// W6 (issue 15): a snapshot of a fully written space streamed to a file with
+/// `Space::write_to` while two threads keep storing random words into the parent, against
+/// `fork(2)` and the child `write(2)`ing the same memory: the time from the fork to the
+/// last byte, and the writers' stores over that window. Medians of `reps` runs.
+fn w6(cfg: &Config, rep: &mut Report) -> Res<()> {
+    let size = if cfg.quick { 256 * MIB } else { GIB };
+    let reps = if cfg.quick { 3 } else { 5 };
+    let dir = std::env::temp_dir();
+    let path = dir.join(format!("cowarena-bench-w6-{}.img", std::process::id()));
+    let mut kernel = Vec::new();
+    let mut ours = Vec::new();
+    let mut ours_async = Vec::new();
+    for r in 0..reps * 2 {
+        let async_wp = r % 2 == 1;
+        if !async_wp {
+            kernel.push(baselines::kernel_fork_stream(size, &path)?);
+        }
+        let Ok(arena) = Arena::builder().async_wp(async_wp).build() else {
+            continue; // no async_wp before Linux 6.7
+        };
+        let parent = arena.space(size)?;
+        fill(&parent, r as u64 + 1);
+        drop(parent.fork()?); // adopt the plain space: the parent's stores now fault to us
+        let file = std::fs::File::create(&path)?;
+        let (res, time, stores) = baselines::with_writers(parent.as_mut_ptr() as usize, size, 2, || -> Res<u64> {
+            let snap = parent.fork()?;
+            let mut f = &file;
+            Ok(snap.write_to(&mut f)?)
+        });
+        if res? != size as u64 || std::fs::metadata(&path)?.len() != size as u64 {
+            return Err("W6: write_to did not write the whole space".into());
+        }
+        if async_wp { &mut ours_async } else { &mut ours }.push(baselines::Streamed { time, stores });
+        drop(file);
+    }
+    let _ = std::fs::remove_file(&path);
+    let med = |v: &[baselines::Streamed]| {
+        let t: Vec<f64> = v.iter().map(|s| secs(s.time)).collect();
+        let w: Vec<f64> = v.iter().map(|s| s.stores as f64 / secs(s.time)).collect();
+        (median_f64(&t), median_f64(&w))
+    };
+    let ((ct, cw), (kt, kw)) = (med(&ours), med(&kernel));
+    let sz = size_name(size);
+    let ms = |v: &[baselines::Streamed]| {
+        v.iter().map(|s| format!("{:.0}", secs(s.time) * 1e3)).collect::<Vec<_>>().join(" ")
+    };
+    let rate = |v: &[baselines::Streamed]| {
+        v.iter().map(|s| format!("{:.2e}", s.stores as f64 / secs(s.time))).collect::<Vec<_>>().join(" ")
+    };
+    rep.note(format!(
+        "W6 {sz} to {}: cowarena {} ms (async_wp {} ms), kernel {} ms; writer stores/s cowarena {} (async_wp {}), kernel {}",
+        dir.display(),
+        ms(&ours),
+        ms(&ours_async),
+        ms(&kernel),
+        rate(&ours),
+        rate(&ours_async),
+        rate(&kernel),
+    ));
+    let what = format!("snapshot of {sz} streamed to a file, 2 writers on the parent");
+    rep.row("W6", format!("{what}: fork to last byte"), Unit::Secs, Some(ct), "fork(2) + child write(2)", Some(kt));
+    rep.row("W6", format!("{what}: writer stores"), Unit::PerSec, Some(cw), "fork(2) + child write(2)", Some(kw));
+    if !ours_async.is_empty() {
+        let (at, aw) = med(&ours_async);
+        rep.row(
+            "W6",
+            format!("{what}, async_wp: fork to last byte"),
+            Unit::Secs,
+            Some(at),
+            "fork(2) + child write(2)",
+            Some(kt),
+        );
+        rep.row(
+            "W6",
+            format!("{what}, async_wp: writer stores"),
+            Unit::PerSec,
+            Some(aw),
+            "fork(2) + child write(2)",
+            Some(kw),
+        );
+    }
+    rep.target(
+        "W6",
+        "snapshot streamed out: time >= 1.0x fork(2) + write(2) (issue 15)",
+        Some(kt / ct),
+        true,
+        1.0,
+        Unit::Factor,
+    );
+    rep.target(
+        "W6",
+        "snapshot streamed out: writer stores >= 1.0x those beside fork(2) + write(2) (issue 15)",
+        Some(cw / kw),
+        true,
+        1.0,
+        Unit::Factor,
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -2275,12 +2375,13 @@ fn run() -> Res<()> {
     let start = Instant::now();
     let mut rep = Report::default();
     type Workload = fn(&Config, &mut Report) -> Res<()>;
-    let workloads: [(&str, &str, Workload); 5] = [
+    let workloads: [(&str, &str, Workload); 6] = [
         ("W1", "fork latency vs size", w1),
         ("W2", "fuzz loop", w2),
         ("W3", "live snapshot", w3),
         ("W4", "fault throughput", w4),
         ("W5", "fan-out", w5),
+        ("W6", "snapshot streamed out", w6),
     ];
     for (id, name, f) in workloads {
         if !cfg.runs(id) {
