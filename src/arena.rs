@@ -313,6 +313,47 @@ impl Arena {
         Ok(Space::new(self.inner.clone(), id, base, len))
     }
 
+    /// A space holding the image at `path` (written by [`Space::save`]), ready at once:
+    /// the header and index are read and checked, the image's data area is mapped
+    /// read-only, and each stored page becomes a frame whose home is that mapping — so a
+    /// page is read from the file (the page cache) only when first touched through the
+    /// view or the API, as Firecracker's and CRIU's lazy restores do, and its checksum is
+    /// checked then. A page that fails it is never used: [`Error::CorruptPage`] from the
+    /// API, a loud failure (SIGBUS or SIGSEGV, the reason on stderr) at a view access. The
+    /// loaded space forks, resets, streams and saves like any other.
+    ///
+    /// The file must not change while spaces loaded from it (or their forks) still use
+    /// pages homed in it; pages already brought in are unaffected.
+    ///
+    /// # Errors
+    /// [`Error::BadImage`] naming the problem — not an image, a newer format version, a
+    /// damaged header or index, a truncated file — with nothing mapped;
+    /// [`Error::ImageIo`] when the file cannot be opened, read or mapped.
+    pub fn load(&self, path: impl AsRef<std::path::Path>) -> Result<Space> {
+        use std::io::Read;
+        let path = path.as_ref();
+        let core = &self.inner.core;
+        core.check_process()?;
+        core.check_sigmask()?;
+        let io = |op: &'static str| move |source| Error::ImageIo { op, path: path.to_path_buf(), source };
+        let bad = |problem| Error::BadImage { path: path.to_path_buf(), problem };
+        let mut file = std::fs::File::open(path).map_err(io("open"))?;
+        let file_len = file.metadata().map_err(io("read"))?.len();
+        let mut head = Vec::with_capacity(crate::image::HEADER_LEN);
+        (&mut file).take(crate::image::HEADER_LEN as u64).read_to_end(&mut head).map_err(io("read"))?;
+        let h = crate::image::parse_header(&head, file_len).map_err(bad)?;
+        let mut index = vec![0u8; crate::image::index_len(h.pages) as usize];
+        file.read_exact(&mut index).map_err(io("read"))?;
+        let crcs = crate::image::parse_index(&index, &h).map_err(bad)?;
+        let (len, pages) = (h.len as usize, h.pages as usize);
+        let data = Mapping::file_read_only(&file, h.data_offset, pages * PAGE_SIZE).map_err(io("map"))?;
+        let view = new_view(core, pages)?;
+        let base = view.addr();
+        let id = core.lock().new_loaded_space(pages, base, view, data.addr(), data, &crcs);
+        tracing::debug!(space = id.0, len, stored = h.stored, path = %path.display(), "space loaded");
+        Ok(Space::new(self.inner.clone(), id, base, len))
+    }
+
     /// A snapshot of the arena's counters.
     #[must_use]
     pub fn stats(&self) -> Stats {
@@ -369,6 +410,9 @@ impl Arena {
             plain_spaces: mm.plain_spaces() as u64,
             adoptions: c.adoptions,
             pages_adopted: c.pages_adopted,
+            spaces_loaded: c.spaces_loaded,
+            pages_loaded: c.pages_loaded,
+            pages_verified: c.pages_verified,
             writes_async: c.writes_async,
             pages_restored: c.pages_restored,
             lock: self.inner.core.lock_stats(),
@@ -600,6 +644,12 @@ pub struct Stats {
     pub adoptions: u64,
     /// Written pages those adoptions turned into frames.
     pub pages_adopted: u64,
+    /// Spaces created by [`Arena::load`].
+    pub spaces_loaded: u64,
+    /// Pages those images stored (frames homed in the image files).
+    pub pages_loaded: u64,
+    /// Loaded pages whose checksum was checked when first brought in.
+    pub pages_verified: u64,
     /// Stores to read-only view pages that the kernel served alone, found by a later sync
     /// ([`ArenaBuilder::async_wp`]): recorded as writes, or undone by a reset
     /// (`pages_restored`); not counted in `faults`.

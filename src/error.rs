@@ -135,6 +135,40 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// [`Arena::load`](crate::Arena::load): the file is not an image this build can load;
+    /// `problem` says why. Nothing was mapped.
+    #[error("cannot load {}: {problem}", path.display())]
+    BadImage {
+        /// The file given to `load`.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        problem: crate::ImageProblem,
+    },
+
+    /// Reading or writing an image file failed (`op` names the step).
+    #[error("{op} {}: {source}", path.display())]
+    ImageIo {
+        /// The step: "open", "read", "write", "sync", "rename", "map".
+        op: &'static str,
+        /// The image file.
+        path: std::path::PathBuf,
+        /// The system's error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A page of a space loaded from an image failed its checksum when it was first
+    /// brought in: the file is damaged, or was changed after it was saved. The page was not
+    /// used; load the space again from a good copy.
+    #[error(
+        "page {page} of a loaded image failed its checksum: the image file is damaged or was changed after it \
+         was saved (load it again from a good copy)"
+    )]
+    CorruptPage {
+        /// The page's index in the space.
+        page: usize,
+    },
+
     /// An internal error (a bug, or an injected failure) in the fault path; the operation
     /// did not happen. Other spaces are unaffected.
     #[error("internal error in cowarena's fault path: {0}; please report it")]

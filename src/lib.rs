@@ -10,6 +10,7 @@ compile_error!(
 pub mod arena;
 pub mod error;
 mod fault;
+pub(crate) mod image;
 pub(crate) mod mm;
 pub mod probe;
 pub mod space;
@@ -36,6 +37,7 @@ pub mod inject {
 
 pub use arena::{AgingStats, Arena, ArenaBuilder, BrokenBy, FaultMode, FaultStats, LockStats, Stats, UffdAccess};
 pub use error::{Error, Result, UffdBlock};
+pub use image::ImageProblem;
 pub use space::{ForkStrategy, Space};
 
 // Compile-time guarantees of the documented thread-safety: `Arena` and `Space` are

@@ -9,6 +9,9 @@ use crate::fault::AdoptHow;
 use crate::mm::{SpaceId, Src, PAGE_SIZE};
 use crate::sys::mem::Advice;
 
+/// Distinguishes the temporary files of concurrent saves.
+static SAVE_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// What a fork does with the parent's pages written since its previous fork (they must
 /// stop being writable before their frames are shared).
 ///
@@ -234,9 +237,12 @@ impl Space {
                     let out = &mut bounce[filled..filled + n];
                     match mm.read_source(self.id, page) {
                         Src::Zero => out.fill(0),
-                        // SAFETY: a frame's home is populated memory that stays mapped while
-                        // we hold the lock; `off + n <= PAGE_SIZE`.
-                        Src::Addr(a) => unsafe { crate::sys::mem::read_raw(a + off, out) },
+                        Src::Addr(a) => {
+                            core.verify_src(&mut mm, a)?;
+                            // SAFETY: a frame's home is populated memory that stays mapped
+                            // while we hold the lock; `off + n <= PAGE_SIZE`.
+                            unsafe { crate::sys::mem::read_raw(a + off, out) }
+                        }
                     }
                     filled += n;
                 }
@@ -318,7 +324,11 @@ impl Space {
                 let mut copied = 0;
                 for p in page..end {
                     let n = PAGE_SIZE.min(self.len - p * PAGE_SIZE);
-                    match (mm.stream_source(self.id, p), plan.last_mut()) {
+                    let src = mm.stream_source(self.id, p);
+                    if let Some(Ok(a) | Err(a)) = src {
+                        core.verify_src(&mut mm, a)?;
+                    }
+                    match (src, plan.last_mut()) {
                         (None, Some(Piece::Zeros(z))) => *z += n,
                         (None, _) => plan.push(Piece::Zeros(n)),
                         (Some(Ok(a)), Some(Piece::Home(at, len))) if *at + *len == a => *len += n,
@@ -367,6 +377,103 @@ impl Space {
             page = end;
         }
         Ok(written)
+    }
+
+    /// Save the space to `path` as a versioned, checksummed image that
+    /// [`Arena::load`](crate::Arena::load) brings back lazily. Pages that are all zeros
+    /// (never written, or zeroed) take no disk space: the file is sparse. The image is
+    /// written to a temporary file beside `path`, synced, and renamed over it, so `path`
+    /// holds either the old file or the complete new image, never a torn one.
+    ///
+    /// The bytes are read as [`Space::read`] reads them (no view faults); like it, `save`
+    /// is not atomic against other threads storing into this space — save a fork of a
+    /// space that is being written.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), cowarena::Error> {
+    /// let arena = cowarena::Arena::new()?;
+    /// let mut s = arena.space(4 << 20)?;
+    /// s.write(1 << 20, b"persisted")?;
+    /// let path = std::env::temp_dir().join(format!("cowarena-doc-{}.img", std::process::id()));
+    /// s.save(&path)?;
+    /// let back = arena.load(&path)?;
+    /// assert_eq!(back.len(), 4 << 20);
+    /// assert_eq!(&back.as_slice()[1 << 20..(1 << 20) + 9], b"persisted");
+    /// # std::fs::remove_file(&path).unwrap();
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::ImageIo`] naming the step (create, write, sync, rename) and the file; the
+    /// temporary file is removed.
+    pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let path = path.as_ref();
+        self.core()?;
+        let io = |op: &'static str| move |source| Error::ImageIo { op, path: path.to_path_buf(), source };
+        let name = path.file_name().ok_or_else(|| {
+            io("create")(std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file"))
+        })?;
+        let tmp = path.with_file_name(format!(
+            ".{}.cowarena-{}-{}.tmp",
+            name.to_string_lossy(),
+            std::process::id(),
+            SAVE_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let result = (|| {
+            let file = std::fs::File::create(&tmp).map_err(io("create"))?;
+            let pages = self.len.div_ceil(PAGE_SIZE);
+            let data = crate::image::data_offset(pages as u64);
+            file.set_len(data + (pages * PAGE_SIZE) as u64).map_err(io("write"))?;
+            let mut crcs: Vec<Option<u32>> = vec![None; pages];
+            const CHUNK: usize = 256;
+            let mut buf = vec![0u8; CHUNK * PAGE_SIZE];
+            for first in (0..pages).step_by(CHUNK) {
+                let n = CHUNK.min(pages - first);
+                let bytes = (n * PAGE_SIZE).min(self.len - first * PAGE_SIZE);
+                buf[bytes..].fill(0);
+                self.read(first * PAGE_SIZE, &mut buf[..bytes])?;
+                // Runs of stored (non-zero) pages, one positioned write each.
+                let mut p = 0;
+                while p < n {
+                    let page = |i: usize| &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+                    if page(p).iter().all(|&b| b == 0) {
+                        p += 1;
+                        continue;
+                    }
+                    let start = p;
+                    while p < n && !page(p).iter().all(|&b| b == 0) {
+                        crcs[first + p] = Some(crate::image::crc(page(p)));
+                        p += 1;
+                    }
+                    let at = data + ((first + start) * PAGE_SIZE) as u64;
+                    file.write_all_at(&buf[start * PAGE_SIZE..p * PAGE_SIZE], at).map_err(io("write"))?;
+                }
+            }
+            let (index, index_crc) = crate::image::encode_index(&crcs);
+            let header = crate::image::Header {
+                len: self.len as u64,
+                pages: pages as u64,
+                stored: crcs.iter().flatten().count() as u64,
+                data_offset: data,
+                index_crc,
+            };
+            file.write_all_at(&index, crate::image::HEADER_LEN as u64).map_err(io("write"))?;
+            file.write_all_at(&crate::image::encode_header(&header), 0).map_err(io("write"))?;
+            file.sync_all().map_err(io("sync"))?;
+            std::fs::rename(&tmp, path).map_err(io("rename"))?;
+            // The rename itself is durable once the directory is synced.
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                if let Ok(d) = std::fs::File::open(dir) {
+                    let _ = d.sync_all();
+                }
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
     }
 
     /// Write `data` at `offset`, without faulting the view (the pages are made private to

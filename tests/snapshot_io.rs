@@ -322,3 +322,211 @@ fn write_to_survives_compaction_of_the_snapshots_homes() {
     drop((snap, root, other));
     assert_nothing_left(&arena, "compaction under a stream");
 }
+
+// ---- save / load ---------------------------------------------------------------------------
+
+fn tmp_path(tag: &str) -> std::path::PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    std::env::temp_dir().join(format!(
+        "cowarena-test-{}-{tag}-{}.img",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// Blocks the file really occupies (st_blocks is in 512-byte units).
+fn disk_bytes(p: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+/// Save and load round-trip every kind of space exactly; holes take no disk space; a
+/// loaded space reads right through the view and the API, forks, resets, streams and
+/// saves again; pages are checked once, when first brought in.
+#[test]
+fn save_and_load_round_trip_in_every_arena() {
+    for (what, arena) in arenas() {
+        let len = 3 * TABLE + 777;
+        let mut s = arena.space(len).unwrap();
+        let mut want = vec![0u8; len];
+        let mut rng = Rng::new(0xfeed);
+        // Sparse: ~40 pages written, the rest zeros.
+        for _ in 0..40 {
+            let p = rng.below(len / PAGE);
+            let mut data = vec![0u8; 100];
+            rng.fill(&mut data);
+            data[0] |= 1;
+            s.write(p * PAGE + 50, &data).unwrap();
+            want[p * PAGE + 50..p * PAGE + 150].copy_from_slice(&data);
+        }
+        let path = tmp_path("rt");
+        s.save(&path).unwrap();
+        assert!(disk_bytes(&path) < (len / 4) as u64, "{what}: holes took disk space: {} bytes", disk_bytes(&path));
+        let before = arena.stats();
+        let t = std::time::Instant::now();
+        let mut l = arena.load(&path).unwrap();
+        let ready = t.elapsed();
+        let st = arena.stats();
+        assert_eq!(st.spaces_loaded - before.spaces_loaded, 1, "{what}");
+        let stored = st.pages_loaded - before.pages_loaded;
+        assert!(stored > 0 && stored <= 40, "{what}: {stored} pages stored");
+        assert_eq!(st.pages_verified, before.pages_verified, "{what}: nothing checked before use");
+        assert_eq!(l.len(), len);
+        // Through the API, then the view.
+        let mut back = vec![0u8; len];
+        l.read(0, &mut back).unwrap();
+        assert_same(&back, &want, 0, &format_args!("{what}: loaded, API read"));
+        assert_eq!(arena.stats().pages_verified - before.pages_verified, stored, "{what}: each page checked once");
+        assert_same(l.as_slice(), &want, 0, &format_args!("{what}: loaded, view"));
+        assert_eq!(arena.stats().pages_verified - before.pages_verified, stored, "{what}: and only once");
+        // It forks, is written, resets, streams and saves like any other space.
+        let snap = l.fork().unwrap();
+        l.write(7, b"changed").unwrap();
+        l.as_mut_slice()[2 * TABLE] = 9;
+        assert_same(&streamed(&snap), &want, 0, &format_args!("{what}: fork of a loaded space"));
+        l.reset_to(&snap).unwrap();
+        assert_same(l.as_slice(), &want, 0, &format_args!("{what}: reset to the fork"));
+        l.write(PAGE, b"second save").unwrap();
+        want[PAGE..PAGE + 11].copy_from_slice(b"second save");
+        let path2 = tmp_path("rt2");
+        l.save(&path2).unwrap();
+        let l2 = arena.load(&path2).unwrap();
+        assert_same(&streamed(&l2), &want, 0, &format_args!("{what}: saved again and loaded"));
+        // An empty space saves to a file of holes and loads as zeros.
+        let e = arena.space(TABLE).unwrap();
+        let path3 = tmp_path("empty");
+        e.save(&path3).unwrap();
+        assert!(disk_bytes(&path3) <= 64 << 10, "{what}: empty image uses {} bytes", disk_bytes(&path3));
+        assert!(arena.load(&path3).unwrap().as_slice().iter().all(|&b| b == 0));
+        eprintln!("{what}: {stored} pages, ready in {ready:?}");
+        arena.check_invariants().unwrap();
+        drop((s, l, l2, snap, e));
+        for p in [&path, &path2, &path3] {
+            std::fs::remove_file(p).unwrap();
+        }
+        assert_nothing_left(&arena, &what);
+    }
+}
+
+/// Everything wrong with a file before its pages are used is a typed error naming the
+/// problem, and leaves nothing mapped.
+#[test]
+fn load_names_each_problem_and_maps_nothing() {
+    use cowarena::ImageProblem;
+    let arena = Arena::new().unwrap();
+    let mut s = arena.space(TABLE).unwrap();
+    s.write(3 * PAGE, &[5; PAGE]).unwrap();
+    let good = tmp_path("good");
+    s.save(&good).unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+    let views = arena.stats().views_in_use;
+    let try_load = |b: &[u8]| {
+        let p = tmp_path("bad");
+        std::fs::write(&p, b).unwrap();
+        let r = arena.load(&p);
+        std::fs::remove_file(&p).unwrap();
+        match r {
+            Err(Error::BadImage { problem, path }) => {
+                assert_eq!(path, p);
+                problem
+            }
+            Err(e) => panic!("expected BadImage, got {e}"),
+            Ok(_) => panic!("a bad image loaded"),
+        }
+    };
+    assert_eq!(try_load(b"#!/bin/sh\necho not an image\n"), ImageProblem::NotAnImage);
+    assert_eq!(try_load(&[]), ImageProblem::NotAnImage);
+    let mut newer = bytes.clone();
+    newer[8] = 9;
+    assert_eq!(try_load(&newer), ImageProblem::NewerVersion { found: 9, supported: 1 });
+    let mut hdr = bytes.clone();
+    hdr[20] ^= 1;
+    assert_eq!(try_load(&hdr), ImageProblem::DamagedHeader);
+    let n = bytes.len() as u64;
+    assert_eq!(try_load(&bytes[..bytes.len() - 4096]), ImageProblem::Truncated { len: n - 4096, expected: n });
+    assert!(matches!(try_load(&bytes[..100]), ImageProblem::Truncated { .. }));
+    let mut idx = bytes.clone();
+    idx[4096] ^= 0x80;
+    assert_eq!(try_load(&idx), ImageProblem::DamagedIndex);
+    // The messages name the problem and the file.
+    let p = tmp_path("msg");
+    std::fs::write(&p, &newer).unwrap();
+    let msg = arena.load(&p).unwrap_err().to_string();
+    std::fs::remove_file(&p).unwrap();
+    assert!(msg.contains("version 9") && msg.contains("upgrade") && msg.contains(&*p.to_string_lossy()), "{msg}");
+    assert!(matches!(arena.load(tmp_path("missing")), Err(Error::ImageIo { op: "open", .. })));
+    assert_eq!(arena.stats().views_in_use, views, "a failed load left a view mapped");
+    std::fs::remove_file(&good).unwrap();
+}
+
+/// Damaged page data is caught when the page is first brought in: a typed error from the
+/// API (the other pages still load), never the damaged bytes.
+#[test]
+fn damaged_page_data_is_caught_at_first_use() {
+    let arena = Arena::new().unwrap();
+    let mut s = arena.space(TABLE).unwrap();
+    for p in 0..8 {
+        s.write(p * PAGE, &[p as u8 + 1; PAGE]).unwrap();
+    }
+    let path = tmp_path("damaged");
+    s.save(&path).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let data = bytes.len() - TABLE; // the data area is the last `pages * 4096` bytes
+    bytes[data + 5 * PAGE + 100] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    let l = arena.load(&path).unwrap();
+    let mut b = [0u8; 16];
+    l.read(4 * PAGE, &mut b).unwrap();
+    assert_eq!(b, [5; 16]);
+    match l.read(5 * PAGE, &mut b) {
+        Err(e @ Error::CorruptPage { page: 5 }) => assert!(e.to_string().contains("checksum"), "{e}"),
+        other => panic!("expected CorruptPage for page 5, got {other:?}"),
+    }
+    // Streaming and saving it fail the same way.
+    assert!(matches!(l.write_to(&mut Vec::new()), Err(Error::CorruptPage { page: 5 })));
+    assert!(matches!(l.save(tmp_path("resave")), Err(Error::CorruptPage { page: 5 })));
+    l.read(6 * PAGE, &mut b).unwrap();
+    assert_eq!(b, [7; 16]);
+    drop((l, s));
+    std::fs::remove_file(&path).unwrap();
+    assert_nothing_left(&arena, "damaged image");
+}
+
+/// A view access to a damaged page dies loudly (in a child process: this binary again).
+#[test]
+fn damaged_page_at_a_view_access_dies_loudly() {
+    const ENV: &str = "COWARENA_DAMAGED_CHILD";
+    if let Ok(path) = std::env::var(ENV) {
+        let arena = Arena::builder()
+            .fault_mode(if path.ends_with("thread") { FaultMode::Thread } else { FaultMode::Signal })
+            .build()
+            .unwrap();
+        let l = arena.load(path.trim_end_matches("thread").trim_end_matches("signal")).unwrap();
+        println!("LOADED");
+        let v = l.as_slice()[2 * PAGE];
+        println!("READ {v} (the damaged page was used)");
+        return;
+    }
+    let arena = Arena::new().unwrap();
+    let mut s = arena.space(TABLE).unwrap();
+    s.write(2 * PAGE, &[3; PAGE]).unwrap();
+    let path = tmp_path("view");
+    s.save(&path).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let data = bytes.len() - TABLE;
+    bytes[data + 2 * PAGE + 9] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    for mode in ["signal", "thread"] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["damaged_page_at_a_view_access_dies_loudly", "--exact", "--nocapture", "--test-threads=1"])
+            .env(ENV, format!("{}{mode}", path.display()))
+            .output()
+            .unwrap();
+        let (so, se) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(so.contains("LOADED"), "{mode}: {so}\n{se}");
+        assert!(!so.contains("READ"), "{mode}: a damaged page was read through the view: {so}");
+        assert!(!out.status.success(), "{mode}: survived");
+        assert!(se.contains("checksum"), "{mode}: the death does not say why:\n{se}");
+    }
+    std::fs::remove_file(&path).unwrap();
+}

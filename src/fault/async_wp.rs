@@ -177,7 +177,10 @@ impl Core {
             let Some(src) = mm.restore_source(sp, snap, p) else { continue };
             let src = match src {
                 crate::mm::Src::Zero => super::ZERO_PAGE.0.as_ptr() as usize,
-                crate::mm::Src::Addr(a) => a,
+                crate::mm::Src::Addr(a) => {
+                    self.verify_src(mm, a)?;
+                    a
+                }
             };
             pairs.push((base + p * PAGE_SIZE, src));
             restored += 1;

@@ -592,6 +592,22 @@ impl Core {
         self.max_memory != u64::MAX
     }
 
+    /// Before the bytes at `addr` are copied out of their home for the first time: if it
+    /// is a page of a loaded image ([`Mm::unverified`]), check its checksum, once.
+    /// Allocation-free (the fault path calls it).
+    pub fn verify_src(&self, mm: &mut Mm<Mapping>, addr: usize) -> Result<()> {
+        let addr = addr & !(PAGE_SIZE - 1);
+        if let Some((r, page, want)) = mm.unverified(addr) {
+            // SAFETY: a page of a loaded image's read-only data mapping, which its frames
+            // (this one included) keep mapped while we hold the lock.
+            if unsafe { crate::sys::mem::crc_page(addr) } != want {
+                return Err(Error::CorruptPage { page });
+            }
+            mm.set_verified(r, page);
+        }
+        Ok(())
+    }
+
     /// Serve (or pre-serve) page `page` of `sp` under the lock. Does not wake anyone
     /// beyond what the ioctl does; the caller decides.
     pub fn fault_in(&self, mm: &mut Mm<Mapping>, sp: SpaceId, page: usize, write: bool) -> Result<FaultKind> {
@@ -599,6 +615,9 @@ impl Core {
             panic!("injected panic in the fault path");
         }
         let r = mm.resolve_fault(sp, page, write);
+        if let Some(src) = action_src(r.action) {
+            self.verify_src(mm, src)?;
+        }
         // Only a page that adds to what the arena holds resident counts against the limit
         // (a new frame, a read-only copy, an evacuation slot): rewriting or taking over a
         // frame the space already owns, or un-protecting a copy, needs none.
@@ -681,7 +700,8 @@ impl Core {
                     break;
                 }
                 let r = mm.resolve_fault(sp, q, false);
-                if r.action == Action::Wake {
+                if r.action == Action::Wake || action_src(r.action).is_some_and(|a| self.verify_src(mm, a).is_err()) {
+                    // (A page failing its checksum is left to fault on its own: loudly.)
                     stop = true;
                     break;
                 }
@@ -743,10 +763,15 @@ impl Core {
                 KernelOp::Protect { addr, len } => {
                     self.uffd.writeprotect(addr, len, true).map_err(|e| Error::os("UFFDIO_WRITEPROTECT", e))?
                 }
-                // SAFETY: `src` is a frame's home (populated, and write-protected first if it
-                // was a view page) and `dst` a slot of a fresh pool region, both mapped
-                // while we hold the lock.
-                KernelOp::CopyPage { dst, src } => unsafe { crate::sys::mem::copy_page(dst, src) },
+                KernelOp::CopyPage { dst, src } => {
+                    // (Frames still homed in a loaded image are never moved; this is the
+                    // backstop.)
+                    self.verify_src(mm, src)?;
+                    // SAFETY: `src` is a frame's home (populated, and write-protected first
+                    // if it was a view page) and `dst` a slot of a fresh pool region, both
+                    // mapped while we hold the lock.
+                    unsafe { crate::sys::mem::copy_page(dst, src) }
+                }
             }
         }
         self.reclaim(mm);
@@ -927,6 +952,14 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "panic".into())
+}
+
+/// The home an action copies (or moves) bytes out of, if any.
+fn action_src(a: Action) -> Option<usize> {
+    match a {
+        Action::Fill { src: Src::Addr(s), .. } | Action::Take { src: s, .. } => Some(s),
+        _ => None,
+    }
 }
 
 fn op_name(a: Action) -> &'static str {

@@ -122,6 +122,10 @@ fn serve_in(core: &Core, page_addr: usize, cpu_says_write: bool) -> Option<Outco
         };
         return match served {
             Ok(Ok(_)) => Some(Outcome::Handled),
+            Ok(Err(crate::Error::CorruptPage { .. })) => failed(
+                "a page of a space loaded from an image failed its checksum: the image file is damaged or was \
+                 changed after it was saved",
+            ),
             Ok(Err(crate::Error::CapacityExhausted { .. })) => {
                 failed("arena memory limit reached (Arena::builder().max_memory counts written pages and read-only copies in views)")
             }

@@ -12,6 +12,7 @@ mod adopt;
 mod async_wp;
 mod bits;
 mod frame;
+mod loaded;
 mod rmap;
 mod table;
 
@@ -64,14 +65,34 @@ pub struct Region<B> {
     /// A pool (slots filled one page at a time: evacuations, re-homes, migrations) rather
     /// than pages frozen out of a view; both are `RegionKind::Frozen` (immutable homes).
     pub pool: bool,
+    /// A loaded image's data (`Mm::new_loaded_space`): each page's expected checksum, and
+    /// which were checked. Such a region is never compacted and its frames never migrate
+    /// or move: their bytes leave it only after [`Mm::unverified`] said they may.
+    pub check: Option<Box<PageChecks>>,
     pub backing: B,
+}
+
+/// Expected checksums of a loaded image's pages, and which have been verified.
+pub struct PageChecks {
+    pub crcs: Vec<u32>,
+    pub verified: Vec<u64>,
 }
 
 impl<B> Region<B> {
     /// An empty pool region of `pages` slots at `base` (the active pool, or a migration
     /// target).
     fn pool(base: usize, pages: usize, backing: B) -> Self {
-        Region { base, pages, kind: RegionKind::Frozen, homes: 0, peak: pages, queued: false, pool: true, backing }
+        Region {
+            base,
+            pages,
+            kind: RegionKind::Frozen,
+            homes: 0,
+            peak: pages,
+            queued: false,
+            pool: true,
+            check: None,
+            backing,
+        }
     }
 }
 
@@ -320,6 +341,11 @@ pub struct MmCounters {
     pub plain_spaces_created: u64,
     pub adoptions: u64,
     pub pages_adopted: u64,
+    /// Spaces created by `Arena::load`, their stored pages, and the pages whose checksum
+    /// was checked on first use.
+    pub spaces_loaded: u64,
+    pub pages_loaded: u64,
+    pub pages_verified: u64,
     /// Writes to read-only view pages that the kernel served alone (async write-protect)
     /// and a later sync recorded (see `async_wp.rs`).
     pub writes_async: u64,
@@ -449,6 +475,8 @@ pub struct Mm<B> {
     /// unmapped ([`Mm::drain_reclaim`] holds the queue) and no home is taken by
     /// `UFFDIO_MOVE` ([`Action::Take`]).
     streams: u32,
+    /// Regions holding loaded images' pages (see [`Region::check`]).
+    file_regions: Vec<RegionId>,
     pub counters: MmCounters,
 }
 
@@ -479,6 +507,7 @@ impl<B> Mm<B> {
             compact_cursor: 0,
             pending_drops: Vec::new(),
             streams: 0,
+            file_regions: Vec::new(),
             async_wp: false,
             counters: MmCounters::default(),
         }
@@ -621,6 +650,7 @@ impl<B> Mm<B> {
             peak: 0,
             queued: false,
             pool: false,
+            check: None,
             backing: view,
         }));
         let sp = SpaceId(self.spaces.insert(SpaceMm {
@@ -764,7 +794,12 @@ impl<B> Mm<B> {
             return;
         }
         let reg = self.region_mut(r);
-        if reg.kind == RegionKind::Frozen && !reg.queued && reg.homes > 0 && reg.homes * 4 <= reg.peak {
+        if reg.kind == RegionKind::Frozen
+            && reg.check.is_none()
+            && !reg.queued
+            && reg.homes > 0
+            && reg.homes * 4 <= reg.peak
+        {
             reg.queued = true;
             self.sparse.push(r);
         }
@@ -968,6 +1003,7 @@ impl<B> Mm<B> {
             peak: 0,
             queued: false,
             pool: false,
+            check: None,
             backing: view_backing,
         }));
         let s = self.space_mut(sp);
@@ -1158,6 +1194,9 @@ impl<B> Mm<B> {
                         self.sparse.retain(|q| *q != home.region);
                     }
                     let r = self.regions.remove(home.region.0);
+                    if r.check.is_some() {
+                        self.file_regions.retain(|q| *q != home.region);
+                    }
                     // No need to discard pages of a region about to be unmapped.
                     let (lo, hi) = (r.base, r.base + r.pages * PAGE_SIZE);
                     self.reclaim.discard.retain(|(a, _)| *a < lo || *a >= hi);
@@ -1273,7 +1312,11 @@ impl<B> Mm<B> {
                     done(Action::Evacuate { dst, to }, Commit::Evacuate { old: f, slot })
                 } else if fr.refs == 1 {
                     let src = self.home_addr(fr.home);
-                    if !present && self.take_exclusive && self.streams == 0 {
+                    if !present
+                        && self.take_exclusive
+                        && self.streams == 0
+                        && self.region(fr.home.region).check.is_none()
+                    {
                         done(Action::Take { dst, src }, Commit::Rehome { frame: f, copied: false, moved: true })
                     } else {
                         let action = fill_or_unprotect(Src::Addr(src));

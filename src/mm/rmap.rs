@@ -72,9 +72,13 @@ impl<B> Mm<B> {
         }
     }
 
-    /// Distinct frames mapped by `sp` in pages `[first, end)`.
+    /// Distinct frames mapped by `sp` in pages `[first, end)` (not those still homed in a
+    /// loaded image: they stay where their checksum is checked).
     pub fn frames_in(&self, sp: SpaceId, first: usize, end: usize) -> Vec<FrameId> {
-        let mut v: Vec<FrameId> = (first..end).filter_map(|p| self.lookup(sp, p).frame()).collect();
+        let mut v: Vec<FrameId> = (first..end)
+            .filter_map(|p| self.lookup(sp, p).frame())
+            .filter(|&f| self.region(self.frames.get(f).home.region).check.is_none())
+            .collect();
         v.sort_unstable();
         v.dedup();
         v
@@ -85,7 +89,7 @@ impl<B> Mm<B> {
         let sparse: std::collections::HashSet<u32> = self
             .regions
             .iter()
-            .filter(|(_, r)| r.kind == RegionKind::Frozen && r.homes * 2 <= r.pages)
+            .filter(|(_, r)| r.kind == RegionKind::Frozen && r.check.is_none() && r.homes * 2 <= r.pages)
             .map(|(i, _)| i)
             .collect();
         self.frames.iter().filter(|(_, f)| sparse.contains(&f.home.region.0)).map(|(id, _)| id).collect()

@@ -72,6 +72,20 @@ impl Mapping {
         Ok(m)
     }
 
+    /// Map `len` bytes of `file` from `offset` (page-aligned) read-only and private: a
+    /// loaded image's data area, whose pages are homes the engine only copies from. Not
+    /// inherited by `fork(2)` children.
+    pub fn file_read_only(file: &std::fs::File, offset: u64, len: usize) -> io::Result<Mapping> {
+        // SAFETY: a fresh mapping at a kernel-chosen address aliases nothing; the file stays
+        // mapped (the kernel holds a reference) after `file` is closed.
+        let addr = unsafe {
+            mm::mmap(std::ptr::null_mut(), len, ProtFlags::READ, MapFlags::PRIVATE | MapFlags::NORESERVE, file, offset)
+        }? as usize;
+        let m = Mapping { addr, len };
+        m.advise(0, len, Advice::LinuxDontFork)?;
+        Ok(m)
+    }
+
     pub fn addr(&self) -> usize {
         self.addr
     }
@@ -139,6 +153,16 @@ pub unsafe fn read_raw(src: usize, dst: &mut [u8]) {
 pub unsafe fn bytes_at<'a>(addr: usize, len: usize) -> &'a [u8] {
     // SAFETY: forwarded to the caller.
     unsafe { std::slice::from_raw_parts(addr as *const u8, len) }
+}
+
+/// The CRC of the 4096-byte page at `addr` (`crate::image::crc`).
+///
+/// # Safety
+/// `addr..addr+4096` must be mapped and readable, and not a view page that would fault
+/// into the engine (a loaded image's data page faults only into the kernel).
+pub unsafe fn crc_page(addr: usize) -> u32 {
+    // SAFETY: forwarded to the caller; the slice lives for this call only.
+    crate::image::crc(unsafe { std::slice::from_raw_parts(addr as *const u8, 4096) })
 }
 
 /// Copy `src` into memory at `dst`.
