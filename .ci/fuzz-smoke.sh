@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Bounded fuzzing smoke for CI: the cargo-fuzz target fuzz/fuzz_targets/ops.rs (operation
-# sequences checked against a reference model) for FUZZ_SECONDS (default 60) seconds.
+# sequences checked against a reference model) for FUZZ_SECONDS (default 60) seconds, then
+# fuzz_targets/image.rs (the image loader) for FUZZ_IMAGE_SECONDS (default 20).
 # Installs cargo-fuzz if missing (~35 s), builds (~50 s), fuzzes: ~2.5 minutes in all on a
 # 2-vCPU machine. Exits non-zero on any crash, divergence, leak, invariant violation or hang;
 # the reproducer is then in fuzz/artifacts/ops/ (see fuzz/README.md to replay and minimise).
@@ -42,3 +43,20 @@ if [ "$rc" -ne 0 ]; then
 fi
 runs=$(grep -oE '^Done [0-9]+ runs in [0-9]+ second' "$log" | tail -1)
 echo "fuzz-smoke: ok: ${runs:-?}s, no crash"
+
+# The image loader (fuzz_targets/image.rs): damaged and foreign files given to Arena::load.
+image_secs="${FUZZ_IMAGE_SECONDS:-20}"
+mkdir -p corpus/image
+set +e
+cargo "+$toolchain" fuzz run image corpus/image -- \
+  -max_total_time="$image_secs" -rss_limit_mb=4096 -timeout=30 -max_len=512 -print_final_stats=1 2>&1 \
+  | tee "$log" | grep -v -E '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse)|# Uses: [0-9]+$'
+rc=${PIPESTATUS[0]}
+set -e
+if [ "$rc" -ne 0 ]; then
+  echo "fuzz-smoke: image target FAILED (exit $rc); reproducer(s):" >&2
+  ls -l artifacts/image/ >&2 || true
+  exit "$rc"
+fi
+runs=$(grep -oE '^Done [0-9]+ runs in [0-9]+ second' "$log" | tail -1)
+echo "fuzz-smoke: image: ok: ${runs:-?}s, no crash"
