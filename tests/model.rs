@@ -237,6 +237,38 @@ fn run_seed(seed: u64, mode: FaultMode, async_wp: bool, ops: usize) -> u64 {
                 verify_full(&live[i], &format!("seed {seed} {mode:?} op {op}: #{i}"));
                 bytes_checked += live[i].model.len() as u64;
             }
+            // stream a space out (issue 15): exactly its model's bytes
+            94..=95 => {
+                let i = rng.below(live.len());
+                trail.note(format!("write_to #{i}"));
+                let mut out = Vec::new();
+                let n = live[i].space.write_to(&mut out).expect("write_to");
+                assert_eq!(n as usize, live[i].model.len());
+                assert_same(&out, &live[i].model, 0, &format_args!("seed {seed} {mode:?} op {op}: write_to of #{i}"));
+                bytes_checked += n;
+            }
+            // save a space and load it back as a new one (its own family)
+            96 => {
+                if live.len() >= MAX_LIVE {
+                    continue;
+                }
+                let i = rng.below(live.len());
+                let path = std::env::temp_dir().join(format!(
+                    "cowarena-model-{}-{seed}-{op}-{:?}.img",
+                    std::process::id(),
+                    std::thread::current().id()
+                ));
+                trail.note(format!("save #{i}, load -> #{}", live.len()));
+                live[i].space.save(&path).expect("save");
+                let space = arena.load(&path).expect("load");
+                std::fs::remove_file(&path).expect("remove image");
+                let model = live[i].model.clone();
+                verify_full(
+                    &Entry { space: space.fork().expect("fork of a loaded space"), model: model.clone(), depth: 1 },
+                    &format!("seed {seed} op {op}: fork of loaded #{i}"),
+                );
+                live.push(Entry { space, model, depth: 0 });
+            }
             // the seed's rule set (issue 3): discard a page-aligned range
             100..=102 => {
                 let i = rng.below(live.len());

@@ -1563,7 +1563,8 @@ impl<B> Mm<B> {
             }
             let active = self.pool == Some(RegionId(rid));
             let frozen = r.kind == RegionKind::Frozen && !active;
-            let sparse = frozen && r.homes * 4 <= r.peak;
+            // (A loaded image's region is never compacted: see `Region::check`.)
+            let sparse = frozen && r.check.is_none() && r.homes * 4 <= r.peak;
             let queue_ok = (!sparse || r.queued) && (!r.queued || frozen);
             if !queue_ok || r.queued != self.sparse.contains(&RegionId(rid)) {
                 return Err(format!(
