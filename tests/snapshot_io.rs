@@ -216,6 +216,12 @@ fn write_to_a_snapshot_while_writers_fork_and_drop_around_it() {
                 snap.write_to(&mut slow).unwrap();
                 assert_same(&slow.out, &want, 0, &format_args!("{mode:?} round {round}: streamed snapshot"));
             }
+            // Saved and loaded back meanwhile: the fork-time bytes too.
+            let img = tmp_path("racing");
+            snap.save(&img).unwrap();
+            let back = arena.load(&img).unwrap();
+            std::fs::remove_file(&img).unwrap();
+            assert_same(&streamed(&back), &want, 0, &format_args!("{mode:?}: saved and loaded under writers"));
             stop.store(true, Ordering::Relaxed);
         });
         assert!(stores.load(Ordering::Relaxed) > 0);
