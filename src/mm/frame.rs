@@ -52,6 +52,11 @@ impl FrameStore {
         }
     }
 
+    /// Is a freed slot waiting to be reused by [`FrameStore::alloc`]?
+    pub fn has_free(&self) -> bool {
+        !self.free.is_empty()
+    }
+
     /// Allocate `n` frames with consecutive ids (appended, not taken from the free list:
     /// a bulk adoption fills whole tables in one pass); frame `i` is homed at page
     /// `first_page + i` of `region` and has index `first_index + i`. Returns the first id.

@@ -62,10 +62,20 @@ impl<B> Mm<B> {
                     t
                 }
             };
-            let first = self.frames.alloc_run(stop - p, region, p as u32, p as u32, family);
-            let tab = self.tables.get_mut(t);
-            for (i, q) in (p..stop).enumerate() {
-                tab.set(q % PTRS_PER_PTE, Pte::new(FrameId(first.0 + i as u32), 0));
+            // Free slots first (a load after others were dropped reuses their memory),
+            // then a run of new ones.
+            for q in p..stop {
+                let f = if self.frames.has_free() {
+                    self.frames.alloc(super::Home { region, page: q as u32 }, q as u32, family)
+                } else {
+                    let first = self.frames.alloc_run(stop - q, region, q as u32, q as u32, family);
+                    let tab = self.tables.get_mut(t);
+                    for (i, r) in (q..stop).enumerate() {
+                        tab.set(r % PTRS_PER_PTE, Pte::new(FrameId(first.0 + i as u32), 0));
+                    }
+                    break;
+                };
+                self.tables.get_mut(t).set(q % PTRS_PER_PTE, Pte::new(f, 0));
             }
             p = stop;
         }
@@ -151,5 +161,11 @@ mod tests {
         }
         mm.check().unwrap();
         assert!(mm.unverified(data).is_none(), "the image region is released with its last frame");
+        // A second load reuses the freed frame slots (and some new ones: more pages).
+        let more: Vec<Option<u32>> = (0..pages + 600).map(|p| (p % 2 == 0).then_some(7)).collect();
+        let sp = mm.new_loaded_space(pages + 600, 0x3000_0000_0000, (), data, (), &more);
+        mm.check().unwrap();
+        assert!((0..pages + 600).all(|p| mm.homed_in_image(sp, p) == (p % 2 == 0)));
+        assert_eq!(mm.unverified(data + 800 * PAGE_SIZE).map(|(_, p, c)| (p, c)), Some((800, 7)));
     }
 }
