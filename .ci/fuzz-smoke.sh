@@ -24,39 +24,33 @@ fi
 
 # A corpus kept between runs (if the CI machine keeps fuzz/corpus) only helps; none is needed.
 # fuzz/regressions/ holds inputs that once failed (committed): they run first, every time.
-mkdir -p corpus/ops
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-set +e
+
+# fuzz TARGET SECONDS CORPUS... -- LIBFUZZER-FLAGS...: run one target, fail loudly with the
+# reproducers on any crash, hang or leak.
+fuzz() {
+  local target="$1" secs="$2" rc runs
+  shift 2
+  mkdir -p "corpus/$target"
+  set +e
+  cargo "+$toolchain" fuzz run "$target" "corpus/$target" "$@" -max_total_time="$secs" -rss_limit_mb=4096 \
+    -timeout=30 -print_final_stats=1 2>&1 | tee "$log" | grep -v -E '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse)|# Uses: [0-9]+$'
+  rc=${PIPESTATUS[0]}
+  set -e
+  if [ "$rc" -ne 0 ]; then
+    echo "fuzz-smoke: $target FAILED (exit $rc); reproducer(s):" >&2
+    ls -l "artifacts/$target/" >&2 || true
+    exit "$rc"
+  fi
+  runs=$(grep -oE '^Done [0-9]+ runs in [0-9]+ second' "$log" | tail -1)
+  echo "fuzz-smoke: $target: ok: ${runs:-?}s, no crash"
+}
+
 # -timeout: an input running 30 s is a hang (e.g. a fault never served) and fails the run.
 # -max_len/-len_control=0: long operation sequences from the start (libFuzzer's default
 # grows the length limit slowly, which would keep a one-minute run at a few operations).
-cargo "+$toolchain" fuzz run ops corpus/ops regressions -- \
-  -max_total_time="$secs" -rss_limit_mb=4096 -timeout=30 \
-  -max_len=2048 -len_control=0 -print_final_stats=1 2>&1 | tee "$log" | grep -v -E '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse)|# Uses: [0-9]+$'
-rc=${PIPESTATUS[0]}
-set -e
-if [ "$rc" -ne 0 ]; then
-  echo "fuzz-smoke: FAILED (exit $rc); reproducer(s):" >&2
-  ls -l artifacts/ops/ >&2 || true
-  exit "$rc"
-fi
-runs=$(grep -oE '^Done [0-9]+ runs in [0-9]+ second' "$log" | tail -1)
-echo "fuzz-smoke: ok: ${runs:-?}s, no crash"
+fuzz ops "$secs" regressions -- -max_len=2048 -len_control=0
 
 # The image loader (fuzz_targets/image.rs): damaged and foreign files given to Arena::load.
-image_secs="${FUZZ_IMAGE_SECONDS:-20}"
-mkdir -p corpus/image
-set +e
-cargo "+$toolchain" fuzz run image corpus/image -- \
-  -max_total_time="$image_secs" -rss_limit_mb=4096 -timeout=30 -max_len=512 -print_final_stats=1 2>&1 \
-  | tee "$log" | grep -v -E '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse)|# Uses: [0-9]+$'
-rc=${PIPESTATUS[0]}
-set -e
-if [ "$rc" -ne 0 ]; then
-  echo "fuzz-smoke: image target FAILED (exit $rc); reproducer(s):" >&2
-  ls -l artifacts/image/ >&2 || true
-  exit "$rc"
-fi
-runs=$(grep -oE '^Done [0-9]+ runs in [0-9]+ second' "$log" | tail -1)
-echo "fuzz-smoke: image: ok: ${runs:-?}s, no crash"
+fuzz image "${FUZZ_IMAGE_SECONDS:-20}" -- -max_len=512
