@@ -22,7 +22,6 @@ pub const MAX_SPACE: usize = 1 << 40;
 pub(crate) struct Inner {
     pub core: Arc<Core>,
     engine: Option<Engine>,
-    signal_slot: Option<usize>,
 }
 
 impl Drop for Inner {
@@ -39,7 +38,7 @@ impl Drop for Inner {
         }
         // Every space holds an `Arc<Inner>`, so no view is live here: stopping is safe.
         self.core.stopping.store(true, Ordering::Relaxed);
-        if let Some(slot) = self.signal_slot {
+        if let Some(&slot) = self.core.signal_slot.get() {
             crate::fault::signal::unregister(slot);
         }
         drop(self.engine.take());
@@ -211,6 +210,9 @@ impl ArenaBuilder {
         let core = Arc::new(Core {
             mm: crate::fault::lock::ArenaLock::new(mm),
             uffd,
+            other: Default::default(),
+            other_init: Default::default(),
+            signal_slot: Default::default(),
             max_memory: self.max_memory.unwrap_or(u64::MAX),
             faults_failed: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
@@ -226,18 +228,12 @@ impl ArenaBuilder {
         });
         drop(core.lock()); // preallocate the fault path's headroom
         let engine = Engine::start(core.clone())?;
-        let signal_slot = match mode {
-            FaultMode::Thread => None,
-            FaultMode::Signal => {
-                crate::sys::signal::install(crate::fault::signal::on_fault)
-                    .map_err(|e| Error::os("sigaction(SIGBUS)", e))?;
-                Some(
-                    crate::fault::signal::register(&core)
-                        .ok_or(Error::TooManyArenas { limit: crate::fault::signal::MAX_ARENAS })?,
-                )
-            }
-        };
-        Ok(Arena { inner: Arc::new(Inner { core, engine: Some(engine), signal_slot }) })
+        // (Built first: dropping it on an error below stops the engine and frees the slot.)
+        let arena = Arena { inner: Arc::new(Inner { core, engine: Some(engine) }) };
+        if mode == FaultMode::Signal {
+            arena.inner.core.take_signal_slot()?;
+        }
+        Ok(arena)
     }
 }
 
@@ -287,6 +283,41 @@ impl Arena {
     /// [`Error::InvalidSize`] for a zero length or one above 1 TiB; [`Error::Os`] when the
     /// view cannot be mapped or registered (address space, `vm.max_map_count`).
     pub fn space(&self, len: usize) -> Result<Space> {
+        self.space_in(len, self.fault_mode())
+    }
+
+    /// [`Arena::space`], with the space's faults served in `mode` whatever the arena's
+    /// default ([`ArenaBuilder::fault_mode`]) — e.g. a [`FaultMode::Thread`] buffer that
+    /// `read(2)` fills straight into its view in a signal-mode arena (where a syscall
+    /// touching an unpopulated page fails with EFAULT; see [`FaultMode::Signal`]). Forks
+    /// keep their parent's mode; [`Space::fork_in`] chooses another. Spaces of either mode
+    /// share tables and frames as usual.
+    ///
+    /// The first space in the mode other than the arena's opens a second userfaultfd (and
+    /// for signal mode installs the SIGBUS handler); later ones reuse it.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use cowarena::{Arena, FaultMode};
+    /// use std::io::Read;
+    /// # let path = std::env::temp_dir().join(format!("cowarena-doc-space-in-{}", std::process::id()));
+    /// # std::fs::write(&path, [7u8; 8192])?;
+    /// let arena = Arena::builder().fault_mode(FaultMode::Signal).build()?;
+    /// let mut buf = arena.space_in(8192, FaultMode::Thread)?;
+    /// // read(2) copies into pages never touched before: the engine's thread serves the
+    /// // kernel's faults (a signal-mode view would make this read fail with EFAULT).
+    /// std::fs::File::open(&path)?.read_exact(buf.as_mut_slice())?;
+    /// assert_eq!(buf.as_slice()[8191], 7);
+    /// # std::fs::remove_file(&path)?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Arena::space`]; those of opening a userfaultfd for the first space in the other
+    /// mode ([`Error::MissingFeature`] for signal mode on kernels without
+    /// `UFFD_FEATURE_SIGBUS`, [`Error::TooManyArenas`] past the signal-mode arena limit);
+    /// [`Error::SigbusBlocked`] for a signal-mode space created by a thread blocking SIGBUS.
+    pub fn space_in(&self, len: usize, mode: FaultMode) -> Result<Space> {
         if len == 0 {
             return Err(Error::InvalidSize { size: len, why: "a space needs at least one byte" });
         }
@@ -295,22 +326,28 @@ impl Arena {
         }
         let core = &self.inner.core;
         core.check_process()?;
-        core.check_sigmask()?;
+        core.check_sigmask(mode)?;
         let pages = len.div_ceil(PAGE_SIZE);
         let id;
         let base;
         if core.plain {
-            // Kernel memory until the first fork (see `ArenaBuilder::plain_until_fork`).
+            // Kernel memory until the first fork (see `ArenaBuilder::plain_until_fork`);
+            // registered with its mode's userfaultfd then, so that one is opened now.
+            let (_, other) = core.uffd_for_mode(mode)?;
             let view = Mapping::anon(pages * PAGE_SIZE).map_err(|e| Error::os("mmap view", e))?;
             base = view.addr();
-            id = core.lock().new_plain_space(pages, base, view);
+            let mut mm = core.lock();
+            id = mm.new_plain_space(pages, base, view);
+            mm.set_other_uffd(id, other);
         } else {
-            let view = new_view(core, pages)?;
+            let (view, other) = new_view(core, pages, mode)?;
             base = view.addr();
-            id = core.lock().new_space(pages, base, view);
+            let mut mm = core.lock();
+            id = mm.new_space(pages, base, view);
+            mm.set_other_uffd(id, other);
         } // (the guard dropped: no event under it)
-        tracing::debug!(space = id.0, len, "space created");
-        Ok(Space::new(self.inner.clone(), id, base, len))
+        tracing::debug!(space = id.0, len, ?mode, "space created");
+        Ok(Space::new(self.inner.clone(), id, base, len, mode))
     }
 
     /// A space holding the image at `path` (written by [`Space::save`]), ready at once:
@@ -334,7 +371,7 @@ impl Arena {
         let path = path.as_ref();
         let core = &self.inner.core;
         core.check_process()?;
-        core.check_sigmask()?;
+        core.check_sigmask(core.mode)?;
         let io = |op: &'static str| move |source| Error::ImageIo { op, path: path.to_path_buf(), source };
         let bad = |problem| Error::BadImage { path: path.to_path_buf(), problem };
         let mut file = std::fs::File::open(path).map_err(io("open"))?;
@@ -347,11 +384,11 @@ impl Arena {
         let crcs = crate::image::parse_index(&index, &h).map_err(bad)?;
         let (len, pages) = (h.len as usize, h.pages as usize);
         let data = Mapping::file_read_only(&file, h.data_offset, pages * PAGE_SIZE).map_err(io("map"))?;
-        let view = new_view(core, pages)?;
+        let (view, _) = new_view(core, pages, core.mode)?;
         let base = view.addr();
         let id = core.lock().new_loaded_space(pages, base, view, data.addr(), data, &crcs);
         tracing::debug!(space = id.0, len, stored = h.stored, path = %path.display(), "space loaded");
-        Ok(Space::new(self.inner.clone(), id, base, len))
+        Ok(Space::new(self.inner.clone(), id, base, len, core.mode))
     }
 
     /// A snapshot of the arena's counters.
@@ -469,7 +506,8 @@ impl Arena {
         Ok(n)
     }
 
-    /// The fault mode in use.
+    /// The arena's default fault mode: that of [`Arena::space`] and [`Arena::load`]
+    /// ([`Space::fault_mode`] tells a space's own).
     pub fn fault_mode(&self) -> FaultMode {
         self.inner.core.mode
     }
@@ -488,11 +526,13 @@ impl Arena {
     }
 }
 
-/// Map and register a view of `pages` pages.
-pub(crate) fn new_view(core: &Core, pages: usize) -> Result<Mapping> {
+/// Map a view of `pages` pages and register it with the userfaultfd of `mode`; also
+/// returns whether that is the arena's second one (for [`Mm::set_other_uffd`]).
+pub(crate) fn new_view(core: &Core, pages: usize, mode: FaultMode) -> Result<(Mapping, bool)> {
+    let (uffd, other) = core.uffd_for_mode(mode)?;
     let view = Mapping::anon(pages * PAGE_SIZE).map_err(|e| Error::os("mmap view", e))?;
-    core.uffd.register(view.addr(), view.len()).map_err(|e| Error::os("UFFDIO_REGISTER view", e))?;
-    Ok(view)
+    uffd.register(view.addr(), view.len()).map_err(|e| Error::os("UFFDIO_REGISTER view", e))?;
+    Ok((view, other))
 }
 
 /// Faults served, by kind.

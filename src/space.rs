@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use crate::arena::{new_view, Inner};
 use crate::error::{Error, Result};
-use crate::fault::AdoptHow;
+use crate::fault::{AdoptHow, FaultMode};
 use crate::mm::{SpaceId, Src, PAGE_SIZE};
 use crate::sys::mem::Advice;
 
@@ -91,6 +91,8 @@ pub struct Space {
     id: SpaceId,
     base: usize,
     len: usize,
+    /// How the view's faults are served (fixed for the view's life).
+    mode: FaultMode,
 }
 
 impl std::fmt::Debug for Space {
@@ -99,13 +101,21 @@ impl std::fmt::Debug for Space {
             .field("id", &self.id.0)
             .field("base", &format_args!("{:#x}", self.base))
             .field("len", &self.len)
+            .field("mode", &self.mode)
             .finish()
     }
 }
 
 impl Space {
-    pub(crate) fn new(inner: Arc<Inner>, id: SpaceId, base: usize, len: usize) -> Space {
-        Space { inner, id, base, len }
+    pub(crate) fn new(inner: Arc<Inner>, id: SpaceId, base: usize, len: usize, mode: FaultMode) -> Space {
+        Space { inner, id, base, len, mode }
+    }
+
+    /// How this space's view faults are served: the arena's default, or the mode given to
+    /// [`Arena::space_in`](crate::Arena::space_in) / [`Space::fork_in`] (forks inherit it).
+    #[must_use]
+    pub fn fault_mode(&self) -> FaultMode {
+        self.mode
     }
 
     /// Length in bytes, as requested at creation.
@@ -191,16 +201,54 @@ impl Space {
     /// # Errors
     /// As [`Space::fork`].
     pub fn fork_with(&self, strategy: ForkStrategy) -> Result<Space> {
+        self.fork_in_with(self.mode, strategy)
+    }
+
+    /// [`Space::fork`], the child's faults served in `mode` — e.g. a [`FaultMode::Thread`]
+    /// snapshot of a signal-mode space, whose view `write(2)` and `send(2)` can read
+    /// straight from (in signal mode a syscall touching an unpopulated page fails with
+    /// EFAULT instead; see [`FaultMode::Signal`]). The child shares this space's tables
+    /// as any fork does.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use cowarena::{Arena, FaultMode};
+    /// let arena = Arena::builder().fault_mode(FaultMode::Signal).build()?;
+    /// let mut s = arena.space(8192)?;
+    /// s.as_mut_slice()[..5].copy_from_slice(b"hello");
+    /// let snap = s.fork_in(FaultMode::Thread)?;
+    /// s.as_mut_slice()[0] = b'j';
+    /// // write(2) straight from the snapshot's view, never touched by this thread.
+    /// let path = std::env::temp_dir().join(format!("cowarena-doc-fork-in-{}", std::process::id()));
+    /// std::fs::write(&path, snap.as_slice())?;
+    /// assert_eq!(&std::fs::read(&path)?[..5], b"hello");
+    /// # std::fs::remove_file(&path)?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Space::fork`], and as [`Arena::space_in`](crate::Arena::space_in) for the
+    /// first space in the arena's other mode.
+    pub fn fork_in(&self, mode: FaultMode) -> Result<Space> {
+        self.fork_in_with(mode, ForkStrategy::Auto)
+    }
+
+    /// [`Space::fork_in`] with a [`ForkStrategy`].
+    ///
+    /// # Errors
+    /// As [`Space::fork_in`].
+    pub fn fork_in_with(&self, mode: FaultMode, strategy: ForkStrategy) -> Result<Space> {
         let core = self.core()?;
-        core.check_sigmask()?;
+        core.check_sigmask(mode)?;
         let pages = self.len.div_ceil(PAGE_SIZE);
         // Mapping and registering the child's view needs no lock.
-        let view = new_view(core, pages)?;
+        let (view, other) = new_view(core, pages, mode)?;
         let base = view.addr();
         let t0 = Instant::now();
         let mut mm = core.lock();
         let froze = core.prepare_share(&mut mm, self.id, strategy)?;
         let child = mm.fork(self.id, base, view);
+        mm.set_other_uffd(child, other);
         drop(mm);
         tracing::debug!(
             parent = self.id.0,
@@ -209,7 +257,7 @@ impl Space {
             elapsed_us = t0.elapsed().as_micros() as u64,
             "fork"
         );
-        Ok(Space::new(self.inner.clone(), child, base, self.len))
+        Ok(Space::new(self.inner.clone(), child, base, self.len, mode))
     }
 
     /// Copy `buf.len()` bytes at `offset` into `buf`, without faulting the view. Maps
@@ -549,7 +597,7 @@ impl Space {
             return Ok(());
         }
         let core = self.core()?;
-        core.check_sigmask()?;
+        core.check_sigmask(self.mode)?;
         let mut mm = core.lock();
         if mm.is_plain(self.id) {
             // Kernel memory (syscalls are served on it anyway): populate as MAP_POPULATE

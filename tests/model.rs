@@ -2,7 +2,8 @@
 //! many children, each fork strategy), writes and reads through views and through the
 //! API, populate, drops in random order, and the seed's rule set (discard, migrate,
 //! compact, clean, clear referenced bits, reset), checked byte for byte against a plain
-//! `Vec<u8>` per space.
+//! `Vec<u8>` per space. A third of the roots, and half the explicit-strategy forks, are
+//! served in the fault mode other than the arena's (`space_in`, `fork_in_with`).
 //!
 //! Defaults: 40 seeds × 400 operations per fault mode. More with
 //! `COWARENA_MODEL_SEEDS=N COWARENA_MODEL_OPS=M`; replay one seed with
@@ -73,6 +74,13 @@ fn verify_full(e: &Entry, ctx: &str) {
     assert_same(e.space.as_slice(), &e.model, 0, &format_args!("{ctx}: full view compare"));
 }
 
+fn other_mode(m: FaultMode) -> FaultMode {
+    match m {
+        FaultMode::Signal => FaultMode::Thread,
+        _ => FaultMode::Signal,
+    }
+}
+
 fn run_seed(seed: u64, mode: FaultMode, async_wp: bool, ops: usize) -> u64 {
     let mut rng = Rng::new(seed);
     // Odd seeds register every view from the start; even seeds keep new spaces plain
@@ -94,8 +102,12 @@ fn run_seed(seed: u64, mode: FaultMode, async_wp: bool, ops: usize) -> u64 {
                     continue;
                 }
                 let len = pick_size(&mut rng);
-                trail.note(format!("create len={len:#x} -> #{}", live.len()));
-                let space = arena.space(len).expect("space");
+                // A third of the new roots are served in the arena's other fault mode
+                // (a second userfaultfd): families mix modes through forks of them.
+                let m = if rng.chance(1, 3) { other_mode(mode) } else { mode };
+                trail.note(format!("create len={len:#x} {m:?} -> #{}", live.len()));
+                let space = arena.space_in(len, m).expect("space");
+                assert_eq!(space.fault_mode(), m);
                 assert_eq!(space.len(), len);
                 live.push(Entry { space, model: vec![0; len], depth: 0 });
             }
@@ -332,8 +344,10 @@ fn run_seed(seed: u64, mode: FaultMode, async_wp: bool, ops: usize) -> u64 {
                 }
                 let strategy =
                     if rng.chance(1, 2) { cowarena::ForkStrategy::KeepWarm } else { cowarena::ForkStrategy::Freeze };
-                trail.note(format!("fork_with #{i} {strategy:?} -> #{}", live.len()));
-                let space = live[i].space.fork_with(strategy).expect("fork_with");
+                let m =
+                    if rng.chance(1, 2) { other_mode(live[i].space.fault_mode()) } else { live[i].space.fault_mode() };
+                trail.note(format!("fork_in_with #{i} {m:?} {strategy:?} -> #{}", live.len()));
+                let space = live[i].space.fork_in_with(m, strategy).expect("fork_in_with");
                 let (model, depth) = (live[i].model.clone(), live[i].depth + 1);
                 live.push(Entry { space, model, depth });
             }

@@ -93,12 +93,13 @@ impl Core {
         // Register first: from here on every access to a page the kernel has not mapped
         // traps to us (and waits for the lock we hold), so no write can slip in unseen
         // between the scan and the adoption.
-        self.uffd.register(base, len).map_err(|e| Error::os("UFFDIO_REGISTER view", e))?;
+        let u = self.uffd_of(mm, sp);
+        u.register(base, len).map_err(|e| Error::os("UFFDIO_REGISTER view", e))?;
         let r = self.adopt_registered(mm, sp, how, base, len);
         if r.is_err() {
             // Back to plain: unregistering wakes any thread that trapped meanwhile, and its
             // access retries against the kernel. (Also clears any write-protection.)
-            let _ = self.uffd.unregister(base, len);
+            let _ = u.unregister(base, len);
         }
         let in_place = r?;
         tracing::debug!(
@@ -138,7 +139,7 @@ impl Core {
         } else if in_place {
             // Stable contents: every write now traps (present pages are write-protected,
             // absent ones are missing).
-            self.uffd.writeprotect(base, len, true).map_err(|e| Error::os("UFFDIO_WRITEPROTECT", e))?;
+            self.uffd_of(mm, sp).writeprotect(base, len, true).map_err(|e| Error::os("UFFDIO_WRITEPROTECT", e))?;
             let runs = self.scan_pages(mm, sp, base, written())?;
             // Zero-page mappings must go: the model says "not mapped", and a write to a
             // mapped zero page would be served by the kernel's own copy-on-write.
@@ -188,7 +189,7 @@ impl Core {
     /// DESIGN invariant 7 holds), the zero-page mappings read-only copies of zeros.
     fn adopt_in_place_async(&self, mm: &mut Mm<Mapping>, sp: SpaceId, base: usize, len: usize) -> Result<()> {
         let touched_runs = self.scan_pages(mm, sp, base, touched())?;
-        self.uffd.writeprotect(base, len, true).map_err(|e| Error::os("UFFDIO_WRITEPROTECT", e))?;
+        self.uffd_of(mm, sp).writeprotect(base, len, true).map_err(|e| Error::os("UFFDIO_WRITEPROTECT", e))?;
         let zeros = intersect(&self.scan_pages(mm, sp, base, zero_mapped())?, &touched_runs);
         let runs = intersect(&self.scan_pages(mm, sp, base, written())?, &touched_runs);
         mm.adopt(sp, &runs, AdoptAt::InPlace);

@@ -210,16 +210,15 @@ impl Core {
             }
             _ => {
                 for &(a, b) in &runs {
-                    self.reprotect(base, a, b)?;
+                    self.reprotect(self.uffd_of(mm, sp), base, a, b)?;
                 }
             }
         }
         Ok(restored)
     }
 
-    fn reprotect(&self, base: usize, a: usize, b: usize) -> Result<()> {
-        self.uffd
-            .writeprotect(base + a * PAGE_SIZE, (b - a) * PAGE_SIZE, true)
+    fn reprotect(&self, u: &crate::sys::uffd::Uffd, base: usize, a: usize, b: usize) -> Result<()> {
+        u.writeprotect(base + a * PAGE_SIZE, (b - a) * PAGE_SIZE, true)
             .map_err(|e| Error::os("UFFDIO_WRITEPROTECT restored pages", e))
     }
 

@@ -35,8 +35,11 @@ pub enum FaultMode {
     /// (`UFFD_FEATURE_SIGBUS`): ≈5 µs per fault on our machines, against ≈55 µs for a
     /// handler thread. Contract: a *syscall* touching an unpopulated or write-protected
     /// view page fails with EFAULT instead of waiting (e.g. `write(fd, view)`); call
-    /// `Space::populate` on the range first, use `Space::read`/`Space::write`, or choose
-    /// [`FaultMode::Thread`]. The default when the kernel offers it.
+    /// `Space::populate` on the range first, use `Space::read`/`Space::write`/
+    /// `Space::write_to`, or serve that space in [`FaultMode::Thread`] — the whole arena
+    /// (`ArenaBuilder::fault_mode`), or just the spaces handed to syscalls
+    /// (`Arena::space_in`, `Space::fork_in`: e.g. a thread-mode snapshot of a signal-mode
+    /// space to `write(2)` from). The default when the kernel offers it.
     ///
     /// Every thread that touches a view must leave SIGBUS *unblocked* (a common "all
     /// signals to one thread" setup blocks it everywhere else): a fault in a thread that
@@ -45,7 +48,7 @@ pub enum FaultMode {
     /// can be written. `Arena::space`, `Space::fork` and `Space::populate` check the
     /// calling thread and return [`Error::SigbusBlocked`](crate::Error::SigbusBlocked);
     /// other threads are the program's to check. Use [`FaultMode::Thread`] for such
-    /// programs.
+    /// programs (or for the spaces such threads touch).
     #[default]
     Signal,
     /// A handler thread serves every fault; syscalls on view memory are served too (unless
@@ -89,7 +92,19 @@ pub(crate) struct Core {
     /// records its holder's thread id: a fault taken while the faulting thread itself holds
     /// the lock would wait forever; the handler checks and dies loudly instead.
     pub mm: lock::ArenaLock<Mm<Mapping>>,
+    /// The userfaultfd of the arena's default fault mode (`mode`).
     pub uffd: Uffd,
+    /// The userfaultfd of the other fault mode, opened by the first space created in that
+    /// mode (`Arena::space_in`, `Space::fork_in`; see [`Core::uffd_for_mode`]). Views
+    /// registered with it are marked [`Mm::other_uffd`] and every ioctl on them goes
+    /// through it (the kernel checks the context for `UFFDIO_MOVE`, and a wake-up reaches
+    /// only the waiters of its own context); the reader thread polls it beside `uffd`.
+    pub other: std::sync::OnceLock<Uffd>,
+    /// Serialises opening `other`.
+    pub other_init: Mutex<()>,
+    /// The SIGBUS handler's registry slot, once the arena has a signal-mode userfaultfd
+    /// (at build, or with its first signal-mode space); released when the arena drops.
+    pub signal_slot: std::sync::OnceLock<usize>,
     /// Memory limit for frames, in bytes (`u64::MAX`: none).
     pub max_memory: u64,
     pub faults_failed: AtomicU64,
@@ -229,14 +244,89 @@ impl Core {
         }
     }
 
-    /// In signal mode, `Err` when the calling thread blocks SIGBUS (its first view fault
-    /// would kill the process silently). Checked where the library can: space creation,
-    /// fork, populate.
-    pub fn check_sigmask(&self) -> Result<()> {
-        if self.mode == FaultMode::Signal && crate::sys::signal::sigbus_blocked() {
+    /// For a space in signal mode, `Err` when the calling thread blocks SIGBUS (its first
+    /// view fault would kill the process silently). Checked where the library can: space
+    /// creation, fork, populate.
+    pub fn check_sigmask(&self, mode: FaultMode) -> Result<()> {
+        if mode == FaultMode::Signal && crate::sys::signal::sigbus_blocked() {
             Err(Error::SigbusBlocked)
         } else {
             Ok(())
+        }
+    }
+
+    /// The userfaultfd serving views in `mode`, and whether it is the arena's second one
+    /// ([`Core::other`]); opens that one (and, for signal mode, installs the SIGBUS handler
+    /// and takes a registry slot) on first use. Never called with the arena lock held: the
+    /// reader thread is woken to start polling the new descriptor.
+    ///
+    /// # Errors
+    /// Those of opening a userfaultfd ([`Error::UffdUnavailable`], [`Error::MissingFeature`]
+    /// where the kernel lacks `UFFD_FEATURE_SIGBUS`); [`Error::TooManyArenas`] when every
+    /// signal-mode slot is taken.
+    pub fn uffd_for_mode(&self, mode: FaultMode) -> Result<(&Uffd, bool)> {
+        if mode == self.mode {
+            return Ok((&self.uffd, false));
+        }
+        if let Some(u) = self.other.get() {
+            return Ok((u, true));
+        }
+        let _init = self.other_init.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(u) = self.other.get() {
+            return Ok((u, true));
+        }
+        // The same write-protect features as the first one (async WP is arena-wide).
+        let required = self.uffd.features() & (uffd::FEATURE_WP | uffd::FEATURE_WP_ASYNC)
+            | if mode == FaultMode::Signal { uffd::FEATURE_SIGBUS } else { 0 };
+        let optional = uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_THREAD_ID | uffd::FEATURE_MOVE;
+        let u = Uffd::open(required, optional)?;
+        if mode == FaultMode::Signal {
+            self.take_signal_slot()?;
+        }
+        tracing::debug!(access = ?u.access(), features = u.features(), ?mode, "second userfaultfd opened");
+        let u = self.other.get_or_init(|| u);
+        // Wake the reader: its next poll includes the new descriptor (before any view is
+        // registered with it, so before any event can wait on it).
+        let _ = self.refill.signal();
+        Ok((u, true))
+    }
+
+    /// Install the SIGBUS handler and register this core with it, once.
+    pub fn take_signal_slot(&self) -> Result<()> {
+        if self.signal_slot.get().is_some() {
+            return Ok(());
+        }
+        crate::sys::signal::install(signal::on_fault).map_err(|e| Error::os("sigaction(SIGBUS)", e))?;
+        let slot = signal::register(self).ok_or(Error::TooManyArenas { limit: signal::MAX_ARENAS })?;
+        if self.signal_slot.set(slot).is_err() {
+            signal::unregister(slot); // (lost a race: one slot is enough)
+        }
+        Ok(())
+    }
+
+    /// The userfaultfd `sp`'s view is registered with.
+    pub fn uffd_of<'a>(&'a self, mm: &Mm<Mapping>, sp: SpaceId) -> &'a Uffd {
+        self.uffd_by(mm.other_uffd(sp))
+    }
+
+    /// The arena's first (`false`) or second (`true`) userfaultfd; the first when there is
+    /// no second (nothing is registered with a second one before it exists).
+    pub fn uffd_by(&self, other: bool) -> &Uffd {
+        match self.other.get() {
+            Some(u) if other => u,
+            _ => &self.uffd,
+        }
+    }
+
+    /// The userfaultfd of the view holding `addr` (one lookup, only once the arena has a
+    /// second userfaultfd).
+    pub fn uffd_at<'a>(&'a self, mm: &Mm<Mapping>, addr: usize) -> &'a Uffd {
+        if self.other.get().is_none() {
+            return &self.uffd;
+        }
+        match mm.space_at(addr) {
+            Some((sp, _)) => self.uffd_of(mm, sp),
+            None => &self.uffd,
         }
     }
 
@@ -530,23 +620,24 @@ impl Core {
     ///
     /// # Safety
     /// As [`crate::sys::uffd::Uffd::copy`].
-    unsafe fn fill(&self, dst: usize, src: usize, len: usize, wp: bool) -> std::io::Result<()> {
+    unsafe fn fill(u: &Uffd, dst: usize, src: usize, len: usize, wp: bool) -> std::io::Result<()> {
         // SAFETY: forwarded to the caller.
-        match unsafe { self.uffd.copy(dst, src, len, wp) } {
+        match unsafe { u.copy(dst, src, len, wp) } {
             Ok(true) => Ok(()),
             Ok(false) => Err(std::io::Error::from_raw_os_error(libc::EEXIST)),
             Err(e) => Err(e),
         }
     }
 
-    fn exec(&self, action: Action) -> std::io::Result<usize> {
-        self.exec_run(action, 1)
+    fn exec(u: &Uffd, action: Action) -> std::io::Result<usize> {
+        Self::exec_run(u, action, 1)
     }
 
     /// Perform `n` consecutive actions of `first`'s kind (see [`continues`]) with one ioctl.
     /// Returns how many leading pages of a [`Action::Take`] run the kernel moved; the rest
     /// were copied, and their resolutions must be committed as [`Resolution::fell_back`].
-    fn exec_run(&self, first: Action, n: usize) -> std::io::Result<usize> {
+    /// `u` is the userfaultfd the view is registered with ([`Core::uffd_of`]).
+    fn exec_run(u: &Uffd, first: Action, n: usize) -> std::io::Result<usize> {
         debug_assert!((1..=FILL_WINDOW).contains(&n));
         debug_assert!(n <= FAULT_AROUND_MAX || !matches!(first, Action::Fill { src: Src::Zero, .. }));
         let len = n * PAGE_SIZE;
@@ -555,13 +646,13 @@ impl Core {
                 // SAFETY: `src..src+len` are homes of frames only this space maps (populated,
                 // never touched again once the commit rehomes them) and `dst..dst+len`
                 // unpopulated pages of a registered view, all mapped under the lock.
-                let (moved, r) = unsafe { self.uffd.move_pages(dst, src, len) };
+                let (moved, r) = unsafe { u.move_pages(dst, src, len) };
                 if r.is_err() {
                     // EBUSY (pages shared with a fork(2) child or pinned) and the like: copy
                     // what did not move. Failing that, the fault fails as a copy would. (No
                     // log here: this may run in a signal handler.)
                     // SAFETY: as for `Fill`: the unmoved homes are populated and mapped.
-                    unsafe { self.fill(dst + moved, src + moved, len - moved, false) }?;
+                    unsafe { Self::fill(u, dst + moved, src + moved, len - moved, false) }?;
                 }
                 Ok(moved / PAGE_SIZE)
             }
@@ -573,16 +664,16 @@ impl Core {
                 };
                 // SAFETY: `src..src+len` is the static zero run or consecutive frame homes,
                 // which the core guarantees are populated and stay mapped under the lock.
-                unsafe { self.fill(dst, src, len, wp) }.map(|()| 0)
+                unsafe { Self::fill(u, dst, src, len, wp) }.map(|()| 0)
             }
-            Action::Unprotect { dst } => self.uffd.writeprotect(dst, len, false).map(|()| 0),
+            Action::Unprotect { dst } => u.writeprotect(dst, len, false).map(|()| 0),
             Action::Evacuate { dst, to } => {
                 for k in 0..n {
                     // SAFETY: `dst` pages are populated, write-protected view pages (homes)
                     // and `to` pages fresh pool slots; all stay mapped under the lock.
                     unsafe { crate::sys::mem::copy_page(to + k * PAGE_SIZE, dst + k * PAGE_SIZE) };
                 }
-                self.uffd.writeprotect(dst, len, false).map(|()| 0)
+                u.writeprotect(dst, len, false).map(|()| 0)
             }
         }
     }
@@ -628,7 +719,7 @@ impl Core {
                 limit: self.max_memory,
             });
         }
-        let moved = self.exec(r.action).map_err(|e| Error::os(op_name(r.action), e))?;
+        let moved = Self::exec(self.uffd_of(mm, sp), r.action).map_err(|e| Error::os(op_name(r.action), e))?;
         let kind = mm.commit(if moved == 1 { r } else { r.fell_back() });
         self.reclaim(mm);
         Ok(kind)
@@ -682,6 +773,7 @@ impl Core {
         skip_present: bool,
     ) -> usize {
         let limited = self.limited();
+        let u = self.uffd_of(mm, sp);
         let mut resident = if limited { mm.resident_pages() as u64 } else { 0 };
         let mut mapped = 0;
         let mut pages = pages.peekable();
@@ -725,7 +817,7 @@ impl Core {
                 while j < n && j - i < cap && rs[j].is_some_and(|r| continues(first.action, r.action, j - i)) {
                     j += 1;
                 }
-                let Ok(moved) = self.exec_run(first.action, j - i) else {
+                let Ok(moved) = Self::exec_run(u, first.action, j - i) else {
                     return mapped; // the faulting page was served; the rest fault on their own
                 };
                 for (k, r) in rs[i..j].iter().flatten().enumerate() {
@@ -760,9 +852,10 @@ impl Core {
                 KernelOp::Zap { addr, len } => {
                     crate::sys::mem::discard_range(addr, len).map_err(|e| Error::os("MADV_DONTNEED view pages", e))?
                 }
-                KernelOp::Protect { addr, len } => {
-                    self.uffd.writeprotect(addr, len, true).map_err(|e| Error::os("UFFDIO_WRITEPROTECT", e))?
-                }
+                KernelOp::Protect { addr, len } => self
+                    .uffd_at(mm, addr)
+                    .writeprotect(addr, len, true)
+                    .map_err(|e| Error::os("UFFDIO_WRITEPROTECT", e))?,
                 KernelOp::CopyPage { dst, src } => {
                     // (Frames still homed in a loaded image are never moved; this is the
                     // backstop.)
@@ -863,9 +956,10 @@ impl Core {
         }
     }
 
-    /// Serve one fault message from the userfaultfd.
-    fn serve(&self, address: u64, flags: u64, tid: u32) {
+    /// Serve one fault message from the first (`other == false`) or second userfaultfd.
+    fn serve(&self, address: u64, flags: u64, tid: u32, other: bool) {
         let addr = address as usize & !(PAGE_SIZE - 1);
+        let u = self.uffd_by(other);
         let write = flags & (uffd::PAGEFAULT_FLAG_WRITE | uffd::PAGEFAULT_FLAG_WP) != 0;
         let Some(mut mm) = self.lock_for(tid) else {
             let mut last = self.self_faults.lock().unwrap_or_else(|p| p.into_inner());
@@ -874,10 +968,11 @@ impl Core {
             drop(last);
             if rounds < 3 {
                 // Possibly a stale message: let the thread retry (it faults again if not).
-                let _ = self.uffd.wake(addr, PAGE_SIZE);
+                let _ = u.wake(addr, PAGE_SIZE);
                 return;
             }
             self.fail_loudly(
+                u,
                 addr,
                 &"a fault on a view of this arena while the faulting thread holds its lock: a tracing \
                   subscriber or allocator callback touched view memory during a cowarena call",
@@ -894,7 +989,7 @@ impl Core {
             // The view is gone (its space was dropped while a thread touched it): waking
             // makes the thread retry against an unmapped range and take SIGSEGV.
             drop(mm);
-            let _ = self.uffd.wake(addr, PAGE_SIZE);
+            let _ = u.wake(addr, PAGE_SIZE);
             return;
         };
         // `lock` refilled the headroom; if it is still short, memory cannot be had.
@@ -904,24 +999,24 @@ impl Core {
         match served {
             Ok(kind) => {
                 if kind == FaultKind::Spurious {
-                    let _ = self.uffd.wake(addr, PAGE_SIZE);
+                    let _ = u.wake(addr, PAGE_SIZE);
                 }
                 tracing::trace!(space = sp.0, page, ?kind, "fault served");
             }
-            Err(e) => self.fail_loudly(addr, &e),
+            Err(e) => self.fail_loudly(u, addr, &e),
         }
     }
 
     /// A fault we cannot serve must never yield a zero page: make the page inaccessible
     /// and wake the thread, which then dies of SIGSEGV at the faulting access.
-    fn fail_loudly(&self, addr: usize, e: &dyn std::fmt::Display) {
+    fn fail_loudly(&self, u: &Uffd, addr: usize, e: &dyn std::fmt::Display) {
         self.faults_failed.fetch_add(1, Ordering::Relaxed);
         // The reason first: the woken thread's death may end the process at once. The
         // tracing event last, after the wake (a subscriber may need a lock the faulting
         // thread holds).
         eprintln!("cowarena: cannot serve the fault at {addr:#x}: {e}; the faulting thread gets SIGSEGV");
         let _ = crate::sys::mem::poison_page(addr);
-        let _ = self.uffd.wake(addr, PAGE_SIZE);
+        let _ = u.wake(addr, PAGE_SIZE);
         tracing::error!(addr = format_args!("{addr:#x}"), error = %e, "cowarena: cannot serve fault; the faulting access will fail");
     }
 }
@@ -981,7 +1076,7 @@ pub(crate) struct Engine {
 impl Engine {
     pub fn start(core: Arc<Core>) -> Result<Engine> {
         let stop = Arc::new(EventFd::new().map_err(|e| Error::open_fd("eventfd", "an eventfd", e))?);
-        let (tx, rx) = mpsc::channel::<(u64, u64, u32)>();
+        let (tx, rx) = mpsc::channel::<(u64, u64, u32, bool)>();
         let reader = {
             let (core, stop) = (core.clone(), stop.clone());
             std::thread::Builder::new()
@@ -992,12 +1087,13 @@ impl Engine {
         let worker = std::thread::Builder::new()
             .name("cowarena-fault".into())
             .spawn(move || {
-                for (address, flags, tid) in rx {
-                    let served =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.serve(address, flags, tid)));
+                for (address, flags, tid, other) in rx {
+                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        core.serve(address, flags, tid, other)
+                    }));
                     if let Err(p) = served {
                         let addr = address as usize & !(PAGE_SIZE - 1);
-                        core.fail_loudly(addr, &Error::Internal(panic_message(&p)));
+                        core.fail_loudly(core.uffd_by(other), addr, &Error::Internal(panic_message(&p)));
                     }
                 }
             })
@@ -1014,14 +1110,19 @@ impl Engine {
 /// `mremap`, waiting for this thread to read the event — a deadlock (seen in the W1 bench).
 /// So a refill request meets `try_lock`; when the lock is busy the request stays pending
 /// and is retried every millisecond, while messages keep being read.
-fn reader_loop(core: &Core, stop: &EventFd, tx: mpsc::Sender<(u64, u64, u32)>) {
+fn reader_loop(core: &Core, stop: &EventFd, tx: mpsc::Sender<(u64, u64, u32, bool)>) {
     let mut msgs = Vec::with_capacity(64);
     let mut refill_pending = false;
     loop {
         let timeout = if refill_pending { 1 } else { -1 };
-        match crate::sys::wake::poll3(core.uffd.as_fd(), stop.as_fd(), core.refill.as_fd(), timeout) {
-            Ok((_, true, _)) => return,
-            Ok((uffd_ready, false, refill)) => {
+        // The second userfaultfd once it exists (its opener wakes us through `refill`);
+        // until then the first one stands in its place.
+        let other = core.other.get();
+        let second = other.unwrap_or(&core.uffd);
+        let fds = [core.uffd.as_fd(), stop.as_fd(), core.refill.as_fd(), second.as_fd()];
+        let ready = match crate::sys::wake::poll(fds, timeout) {
+            Ok([_, true, _, _]) => return,
+            Ok([first, false, refill, second]) => {
                 if refill {
                     core.refill.clear();
                     core.reap();
@@ -1034,34 +1135,35 @@ fn reader_loop(core: &Core, stop: &EventFd, tx: mpsc::Sender<(u64, u64, u32)>) {
                     // `lock` refills the headroom; a busy lock means: try again shortly.
                     refill_pending = core.try_lock().is_none();
                 }
-                if !uffd_ready {
-                    continue;
-                }
+                [first, second && other.is_some()]
             }
             Err(e) => {
                 tracing::error!(error = %e, "cowarena: poll on userfaultfd failed");
                 std::thread::sleep(std::time::Duration::from_millis(1));
                 continue;
             }
-        }
-        msgs.clear();
-        if let Err(e) = core.uffd.read_msgs(&mut msgs) {
-            tracing::error!(error = %e, "cowarena: read from userfaultfd failed");
-            continue;
-        }
-        for m in &msgs {
-            match *m {
-                UffdMsg::PageFault { address, flags, tid } => {
-                    tracing::trace!(address, flags, tid, "fault message");
-                    if tx.send((address, flags, tid)).is_err() {
-                        return;
+        };
+        for (is_other, u) in [(false, Some(&core.uffd)), (true, other)] {
+            let Some(u) = u.filter(|_| ready[usize::from(is_other)]) else { continue };
+            msgs.clear();
+            if let Err(e) = u.read_msgs(&mut msgs) {
+                tracing::error!(error = %e, "cowarena: read from userfaultfd failed");
+                continue;
+            }
+            for m in &msgs {
+                match *m {
+                    UffdMsg::PageFault { address, flags, tid } => {
+                        tracing::trace!(address, flags, tid, is_other, "fault message");
+                        if tx.send((address, flags, tid, is_other)).is_err() {
+                            return;
+                        }
                     }
+                    // Reading the event is the acknowledgement the mremap caller waits for.
+                    UffdMsg::Remap { from, to, len } => {
+                        tracing::trace!(from, to, len, "remap event");
+                    }
+                    UffdMsg::Other(ev) => tracing::debug!(event = ev, "unexpected userfaultfd event"),
                 }
-                // Reading the event is the acknowledgement the mremap caller waits for.
-                UffdMsg::Remap { from, to, len } => {
-                    tracing::trace!(from, to, len, "remap event");
-                }
-                UffdMsg::Other(ev) => tracing::debug!(event = ev, "unexpected userfaultfd event"),
             }
         }
     }

@@ -140,6 +140,10 @@ pub struct SpaceMm {
     /// forked; see `adopt.rs`). Invariant: then `dir` is all `None` and `vs` is empty — the
     /// kernel, not the model, holds the contents.
     pub plain: bool,
+    /// The view is registered with the arena's second userfaultfd — the one of the fault
+    /// mode other than the arena's default (`Arena::space_in`, `Space::fork_in`) — so its
+    /// ioctls go there (`Core::uffd_of`). Fixed for the life of the view.
+    pub other_uffd: bool,
 }
 
 /// The most pages served ahead of one sequential fault.
@@ -627,6 +631,17 @@ impl<B> Mm<B> {
         &self.region(self.space(sp).view).backing
     }
 
+    /// Mark `sp`'s view as registered with the arena's second userfaultfd (see
+    /// [`SpaceMm::other_uffd`]); right after the space is created, under the same lock.
+    pub fn set_other_uffd(&mut self, sp: SpaceId, other: bool) {
+        self.space_mut(sp).other_uffd = other;
+    }
+
+    /// Is `sp`'s view registered with the arena's second userfaultfd?
+    pub fn other_uffd(&self, sp: SpaceId) -> bool {
+        self.space(sp).other_uffd
+    }
+
     /// The space whose view contains `addr`, and the page index.
     pub fn space_at(&self, addr: usize) -> Option<(SpaceId, usize)> {
         let (&base, &sp) = self.views.range(..=addr).next_back()?;
@@ -662,6 +677,7 @@ impl<B> Mm<B> {
             last_fault: None,
             streak: 0,
             plain: false,
+            other_uffd: false,
         }));
         self.region_mut(region).kind = RegionKind::View(sp);
         self.views.insert(base, sp);

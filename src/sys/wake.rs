@@ -1,4 +1,4 @@
-//! An eventfd to stop the engine's reader, and `poll` on three descriptors. Through
+//! An eventfd to stop the engine's reader, and `poll` on a few descriptors. Through
 //! `rustix`: `EventFd::signal` runs in the SIGBUS handler and must not touch `errno`.
 
 use std::io;
@@ -32,21 +32,16 @@ impl AsFd for EventFd {
     }
 }
 
-/// Wait until one of three descriptors is readable, or `timeout_ms` passed (-1: no
-/// limit); returns which are readable.
-pub fn poll3(
-    a: BorrowedFd<'_>,
-    b: BorrowedFd<'_>,
-    c: BorrowedFd<'_>,
-    timeout_ms: i32,
-) -> io::Result<(bool, bool, bool)> {
-    let mut fds = [a, b, c].map(|fd| PollFd::from_borrowed_fd(fd, PollFlags::IN));
+/// Wait until one of `N` descriptors is readable, or `timeout_ms` passed (-1: no limit);
+/// returns which are readable (none when interrupted by a signal).
+pub fn poll<const N: usize>(fds: [BorrowedFd<'_>; N], timeout_ms: i32) -> io::Result<[bool; N]> {
+    let mut fds = fds.map(|fd| PollFd::from_borrowed_fd(fd, PollFlags::IN));
     let timeout = (timeout_ms >= 0)
         .then(|| Timespec { tv_sec: i64::from(timeout_ms / 1000), tv_nsec: i64::from(timeout_ms % 1000) * 1_000_000 });
     match event::poll(&mut fds, timeout.as_ref()) {
         Ok(_) => {}
-        Err(rustix::io::Errno::INTR) => return Ok((false, false, false)),
+        Err(rustix::io::Errno::INTR) => return Ok([false; N]),
         Err(e) => return Err(e.into()),
     }
-    Ok((!fds[0].revents().is_empty(), !fds[1].revents().is_empty(), !fds[2].revents().is_empty()))
+    Ok(std::array::from_fn(|i| !fds[i].revents().is_empty()))
 }
