@@ -452,6 +452,9 @@ impl Arena {
             pages_verified: c.pages_verified,
             writes_async: c.writes_async,
             pages_restored: c.pages_restored,
+            pages_pinned: mm.pinned_pages() as u64,
+            pins: c.pins,
+            pinned_copied: c.pinned_copied,
             lock: self.inner.core.lock_stats(),
         }
     }
@@ -698,6 +701,13 @@ pub struct Stats {
     /// back from the snapshot, write-protected again) rather than by replacing their
     /// table: stores the kernel served alone in an async-WP arena.
     pub pages_restored: u64,
+    /// Pages pinned now ([`Space::pin`](crate::Space::pin)).
+    pub pages_pinned: u64,
+    /// `Space::pin` calls so far.
+    pub pins: u64,
+    /// Pinned pages copied for a fork's child (or a space reset to a pinned one) instead
+    /// of shared.
+    pub pinned_copied: u64,
     /// The arena lock as the fault path sees it: time held per fault (the serial part of
     /// a fault, which bounds the arena's fault rate on any number of cores) and sleeps in
     /// `FUTEX_WAIT`; see [`LockStats`].

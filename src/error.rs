@@ -120,6 +120,16 @@ pub enum Error {
         offset: usize,
     },
 
+    /// An operation this arena's configuration cannot offer; the message names the
+    /// configuration to use instead.
+    #[error("{what} is not supported {why}")]
+    Unsupported {
+        /// The refused operation.
+        what: &'static str,
+        /// Why, and what to do.
+        why: &'static str,
+    },
+
     /// Two spaces that must belong to the same fork family (and size) do not.
     #[error("the spaces are not related: reset_to needs a space of the same fork family, size and arena")]
     NotRelated,

@@ -38,7 +38,7 @@ pub mod inject {
 pub use arena::{AgingStats, Arena, ArenaBuilder, BrokenBy, FaultMode, FaultStats, LockStats, Stats, UffdAccess};
 pub use error::{Error, Result, UffdBlock};
 pub use image::ImageProblem;
-pub use space::{ForkStrategy, Space};
+pub use space::{ForkStrategy, Pinned, Space};
 
 // Compile-time guarantees of the documented thread-safety: `Arena` and `Space` are
 // `Send + Sync` (spaces move between threads and are shared by reference).

@@ -247,8 +247,13 @@ impl Space {
         let t0 = Instant::now();
         let mut mm = core.lock();
         let froze = core.prepare_share(&mut mm, self.id, strategy)?;
-        let child = mm.fork(self.id, base, view);
+        // Pinned pages are copied for the child (one pool slot each), not shared.
+        let pinned = mm.pinned_in(self.id);
+        core.ensure_pool(&mut mm, pinned)?;
+        let mut ops = Vec::new();
+        let child = mm.fork(self.id, base, view, &mut ops);
         mm.set_other_uffd(child, other);
+        core.run_ops(&mut mm, &ops)?; // copies only (a pinned page is no image page)
         drop(mm);
         tracing::debug!(
             parent = self.id.0,
@@ -616,6 +621,134 @@ impl Space {
     }
 }
 
+/// Pinning: pages the kernel may do I/O into behind the engine's back.
+impl Space {
+    /// Pin the pages covering `len` bytes at `offset` for I/O the kernel does into or out
+    /// of them without faulting (O_DIRECT, io_uring fixed buffers, RDMA registrations):
+    /// the covering tables are broken and the pages made exclusive, writable and resident
+    /// now, and while the returned guard lives nothing moves, zaps or write-protects them.
+    /// So the physical page the kernel pinned stays the one this view maps:
+    ///
+    /// * a fork (or a reset of another space to this one) **copies** the pinned pages for
+    ///   the child — it gets their bytes at the fork — instead of sharing them, as `fork(2)`
+    ///   copies pages pinned for DMA; the space's other written pages are write-protected
+    ///   in place rather than frozen (whatever the [`ForkStrategy`]);
+    /// * `migrate` and `Arena::compact` skip them; `clean` leaves them writable and reports
+    ///   them dirty every time (DMA writes leave no trace); `clear_referenced` leaves them
+    ///   mapped and referenced;
+    /// * `discard`, `reset_to` and writes through `&mut self` wait for the guard: it
+    ///   borrows the space. Write through [`Pinned::as_mut_ptr`] (or let the kernel).
+    ///
+    /// Pins nest; each page is unpinned when the last guard covering it drops.
+    /// [`Stats::pages_pinned`](crate::Stats::pages_pinned) counts pinned pages.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), cowarena::Error> {
+    /// let arena = cowarena::Arena::new()?;
+    /// let s = arena.space(1 << 20)?;
+    /// let buf = s.pin(0, 64 << 10)?;
+    /// // Hand buf.as_mut_ptr() to O_DIRECT or io_uring; forks meanwhile copy these pages.
+    /// // SAFETY: the pinned range is the space's own view memory, 64 KiB long.
+    /// unsafe { buf.as_mut_ptr().write_bytes(7, buf.len()) };
+    /// let child = s.fork()?;
+    /// unsafe { buf.as_mut_ptr().write_bytes(8, buf.len()) };
+    /// assert_eq!((child.as_slice()[0], s.as_slice()[0]), (7, 8));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`]; [`Error::CapacityExhausted`] at the memory limit;
+    /// [`Error::Unsupported`] in an [async-WP arena](crate::ArenaBuilder::async_wp)
+    /// (its forks must move or freeze every written page); [`Error::Os`] when a page
+    /// cannot be made writable.
+    pub fn pin(&self, offset: usize, len: usize) -> Result<Pinned<'_>> {
+        let (first, end) = self.page_range(offset, len)?;
+        let core = self.core()?;
+        let mut mm = core.lock();
+        if mm.async_wp() {
+            return Err(Error::Unsupported {
+                what: "Space::pin",
+                why: "in an async-WP arena (its forks must move or freeze every written page): build the arena \
+                      with `.async_wp(false)` for spaces you pin",
+            });
+        }
+        if first == end {
+            return Ok(Pinned { space: self, first, end });
+        }
+        // A plain space becomes the engine's in place (its pages stay where they are).
+        core.adopt_if_plain(&mut mm, self.id, AdoptHow::InPlace)?;
+        for page in first..end {
+            if !mm.is_writable(self.id, page) {
+                // The write fault's path: break a shared table, copy or take the frame,
+                // map it writable; the bytes are unchanged.
+                core.fault_in_api(&mut mm, self.id, page, true)?;
+            }
+        }
+        mm.pin(self.id, first, end);
+        drop(mm);
+        tracing::debug!(space = self.id.0, first, pages = end - first, "pinned");
+        Ok(Pinned { space: self, first, end })
+    }
+}
+
+/// Pages of a space pinned by [`Space::pin`]; unpinned when dropped.
+#[must_use = "the pages are unpinned when the guard drops"]
+pub struct Pinned<'a> {
+    space: &'a Space,
+    first: usize,
+    end: usize,
+}
+
+impl Pinned<'_> {
+    /// The first pinned byte (page-aligned).
+    #[must_use]
+    pub fn as_ptr(&self) -> *const u8 {
+        self.as_mut_ptr()
+    }
+
+    /// The first pinned byte, for writing (by the kernel, or through raw pointers under
+    /// the same contract as [`Space::as_mut_ptr`]).
+    #[must_use]
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.space.as_mut_ptr().wrapping_add(self.first * PAGE_SIZE)
+    }
+
+    /// Offset of the first pinned byte in the space.
+    #[must_use]
+    pub fn offset(&self) -> usize {
+        self.first * PAGE_SIZE
+    }
+
+    /// Bytes pinned: whole pages (the last may extend past [`Space::len`] into the
+    /// view's rounding).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        (self.end - self.first) * PAGE_SIZE
+    }
+
+    /// Is the pinned range empty (a zero-length pin)?
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.first == self.end
+    }
+}
+
+impl std::fmt::Debug for Pinned<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pinned").field("offset", &self.offset()).field("len", &self.len()).finish()
+    }
+}
+
+impl Drop for Pinned<'_> {
+    fn drop(&mut self) {
+        if self.first == self.end {
+            return;
+        }
+        let Ok(core) = self.space.core() else { return };
+        core.lock().unpin(self.space.id, self.first, self.end);
+    }
+}
+
 /// The seed's rule set: operations that walk or modify entries (see DESIGN.md, "What
 /// breaks a shared table").
 impl Space {
@@ -741,7 +874,7 @@ impl Space {
         // entry is still the snapshot's, the bytes are copied back in place (no table
         // touched); the others are zapped with their table below.
         core.restore_written(&mut mm, self.id, snapshot.id)?;
-        let need = mm.shared_homes(self.id, 0, pages).len();
+        let need = mm.shared_homes(self.id, 0, pages).len() + mm.pinned_in(snapshot.id);
         core.ensure_pool(&mut mm, need)?;
         let mut ops = Vec::new();
         mm.reset_to(self.id, snapshot.id, &mut ops);

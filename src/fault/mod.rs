@@ -453,6 +453,9 @@ impl Core {
         }
         let plan = match (mm.share_plan(sp), strategy) {
             (SharePlan::Ready, _) => SharePlan::Ready,
+            // A space with pinned pages never freezes (that would move them under the I/O
+            // using them): its share plan protects the other written pages in place.
+            (plan, _) if mm.pinned_in(sp) > 0 => plan,
             (plan, crate::ForkStrategy::Auto) => plan,
             (_, crate::ForkStrategy::KeepWarm) if !async_wp => SharePlan::Protect,
             (_, _) => SharePlan::Freeze,
@@ -860,9 +863,11 @@ impl Core {
                     // (Frames still homed in a loaded image are never moved; this is the
                     // backstop.)
                     self.verify_src(mm, src)?;
-                    // SAFETY: `src` is a frame's home (populated, and write-protected first
-                    // if it was a view page) and `dst` a slot of a fresh pool region, both
-                    // mapped while we hold the lock.
+                    // SAFETY: `src` is a frame's home (populated; write-protected first if
+                    // it was a view page, except a pinned page copied for a fork, which
+                    // stores and DMA may change meanwhile, as in `fork(2)`: the copy holds
+                    // each byte before or after) and `dst` a slot of a fresh pool region,
+                    // both mapped while we hold the lock.
                     unsafe { crate::sys::mem::copy_page(dst, src) }
                 }
             }

@@ -150,7 +150,7 @@ mod tests {
         assert!(mm.unverified(data + pages * PAGE_SIZE).is_none(), "past the image");
         assert!(mm.frames_in(sp, 0, pages).is_empty(), "image frames do not migrate");
         assert!(mm.sparse_frozen_frames().is_empty(), "nor are they compacted");
-        let child = mm.fork(sp, 0x2000_0000_0000, ());
+        let child = mm.fork(sp, 0x2000_0000_0000, (), &mut Vec::new());
         mm.check().unwrap();
         assert!(mm.homed_in_image(child, 333));
         for s in [sp, child] {

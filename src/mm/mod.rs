@@ -13,6 +13,7 @@ mod async_wp;
 mod bits;
 mod frame;
 mod loaded;
+mod pin;
 mod rmap;
 mod table;
 
@@ -144,6 +145,9 @@ pub struct SpaceMm {
     /// mode other than the arena's default (`Arena::space_in`, `Space::fork_in`) — so its
     /// ioctls go there (`Core::uffd_of`). Fixed for the life of the view.
     pub other_uffd: bool,
+    /// Pinned pages (`pin.rs`): the bit per page, and how many pins hold each.
+    pub pinned: Bits,
+    pub pin_depth: std::collections::BTreeMap<usize, u32>,
 }
 
 /// The most pages served ahead of one sequential fault.
@@ -356,6 +360,10 @@ pub struct MmCounters {
     /// Pages a reset restored in place (bytes copied back, write-protected again) instead
     /// of replacing their table (async-WP arenas).
     pub pages_restored: u64,
+    /// `pin` calls, and pinned pages copied for a fork's child or a reset instead of
+    /// shared (`pin.rs`).
+    pub pins: u64,
+    pub pinned_copied: u64,
 }
 
 /// Shared tables broken, by the operation that needed an exclusive table.
@@ -481,6 +489,8 @@ pub struct Mm<B> {
     streams: u32,
     /// Regions holding loaded images' pages (see [`Region::check`]).
     file_regions: Vec<RegionId>,
+    /// Pinned pages of every space (`pin.rs`).
+    pinned_now: usize,
     pub counters: MmCounters,
 }
 
@@ -513,6 +523,7 @@ impl<B> Mm<B> {
             streams: 0,
             file_regions: Vec::new(),
             async_wp: false,
+            pinned_now: 0,
             counters: MmCounters::default(),
         }
     }
@@ -616,6 +627,12 @@ impl<B> Mm<B> {
         self.space(sp).vs.present.get(page)
     }
 
+    /// Is page `page` of `sp` mapped writable in its view (its frame homed there, table and
+    /// frame exclusive)?
+    pub fn is_writable(&self, sp: SpaceId, page: usize) -> bool {
+        self.space(sp).vs.writable.get(page)
+    }
+
     /// Pages of a space.
     pub fn pages(&self, sp: SpaceId) -> usize {
         self.space(sp).pages
@@ -678,6 +695,8 @@ impl<B> Mm<B> {
             streak: 0,
             plain: false,
             other_uffd: false,
+            pinned: Bits::new(pages),
+            pin_depth: Default::default(),
         }));
         self.region_mut(region).kind = RegionKind::View(sp);
         self.views.insert(base, sp);
@@ -699,10 +718,13 @@ impl<B> Mm<B> {
         if self.async_wp {
             return if self.region(self.space(sp).view).homes == 0 { SharePlan::Ready } else { SharePlan::Freeze };
         }
-        let rw = self.space(sp).vs.writable.count();
+        // Pinned pages stay writable: a fork copies them (`Mm::share_table`). A space with
+        // pins never freezes (that would move them): it protects the rest in place.
+        let pins = self.pinned_in(sp);
+        let rw = self.space(sp).vs.writable.count() - pins;
         if rw == 0 {
             SharePlan::Ready
-        } else if rw <= self.protect_limit_for(sp) {
+        } else if pins > 0 || rw <= self.protect_limit_for(sp) {
             SharePlan::Protect
         } else {
             SharePlan::Freeze
@@ -727,14 +749,24 @@ impl<B> Mm<B> {
     }
 
     /// Write-protect every writable page of `sp`'s view (ops to perform), so that its tables
-    /// can be shared; the pages stay mapped and stay the homes of their frames.
+    /// can be shared; the pages stay mapped and stay the homes of their frames. Pinned
+    /// pages stay writable (a fork copies them instead; `pin.rs`).
     pub fn protect_writable(&mut self, sp: SpaceId, ops: &mut Vec<KernelOp>) {
         let base = self.view_base(sp);
-        let vs = &mut self.space_mut(sp).vs;
-        for (a, b) in vs.writable.runs_in(0, vs.writable.bit_len()) {
-            ops.push(KernelOp::Protect { addr: base + a * PAGE_SIZE, len: (b - a) * PAGE_SIZE });
+        let s = self.space_mut(sp);
+        if s.pin_depth.is_empty() {
+            for (a, b) in s.vs.writable.runs_in(0, s.vs.writable.bit_len()) {
+                ops.push(KernelOp::Protect { addr: base + a * PAGE_SIZE, len: (b - a) * PAGE_SIZE });
+            }
+            s.vs.writable.clear_all();
+            return;
         }
-        vs.writable.clear_all();
+        for (a, b) in s.vs.writable.runs_and_not(&s.pinned) {
+            ops.push(KernelOp::Protect { addr: base + a * PAGE_SIZE, len: (b - a) * PAGE_SIZE });
+            for p in a..b {
+                s.vs.writable.clear(p);
+            }
+        }
     }
 
     // ---- the pool: homes for frames evacuated from a view --------------------------------
@@ -1034,22 +1066,16 @@ impl<B> Mm<B> {
     }
 
     /// Fork `parent`: the child shares every table of the parent (O(tables)); no frame is
-    /// touched. The parent's view must have no writable page ([`Mm::share_plan`] is
-    /// `Ready`).
-    pub fn fork(&mut self, parent: SpaceId, view_base: usize, view: B) -> SpaceId {
+    /// touched — except pinned pages, which the child gets copies of (`ops`; the pool must
+    /// have a slot for each: see [`Mm::share_table`]). The parent's view must have no
+    /// writable page but pinned ones ([`Mm::share_plan`] is `Ready`).
+    pub fn fork(&mut self, parent: SpaceId, view_base: usize, view: B, ops: &mut Vec<KernelOp>) -> SpaceId {
         debug_assert_eq!(self.share_plan(parent), SharePlan::Ready, "fork of a view with writable pages");
-        let (pages, family, dir) = {
+        let (pages, family, tables) = {
             let p = self.space(parent);
-            (p.pages, p.family, p.dir.clone())
+            (p.pages, p.family, p.dir.len())
         };
-        let mut shared = 0;
-        for t in dir.iter().flatten() {
-            let t = self.tables.get_mut(*t);
-            t.share += 1;
-            t.cow = true;
-            shared += 1;
-        }
-        self.counters.tables_shared += shared;
+        let dir = (0..tables).map(|ti| self.share_table(parent, ti, ops)).collect();
         self.counters.forks += 1;
         self.insert_space(pages, view_base, view, dir, family)
     }
@@ -1533,6 +1559,10 @@ impl<B> Mm<B> {
             for t in s.dir.iter().flatten() {
                 *share.entry(*t).or_default() += 1;
             }
+            self.check_pins(SpaceId(i))?;
+        }
+        if self.spaces.iter().map(|(_, s)| s.pin_depth.len()).sum::<usize>() != self.pinned_now {
+            return Err("the count of pinned pages disagrees with the spaces' pins".into());
         }
         let mut refs: HashMap<FrameId, u32> = HashMap::new();
         for (id, t) in self.tables.iter() {

@@ -73,11 +73,12 @@ impl<B> Mm<B> {
     }
 
     /// Distinct frames mapped by `sp` in pages `[first, end)` (not those still homed in a
-    /// loaded image: they stay where their checksum is checked).
+    /// loaded image: they stay where their checksum is checked; not pinned ones: they
+    /// never move, `pin.rs`).
     pub fn frames_in(&self, sp: SpaceId, first: usize, end: usize) -> Vec<FrameId> {
         let mut v: Vec<FrameId> = (first..end)
             .filter_map(|p| self.lookup(sp, p).frame())
-            .filter(|&f| self.region(self.frames.get(f).home.region).check.is_none())
+            .filter(|&f| self.region(self.frames.get(f).home.region).check.is_none() && !self.frame_pinned(f))
             .collect();
         v.sort_unstable();
         v.dedup();
@@ -101,7 +102,11 @@ impl<B> Mm<B> {
     pub fn migrate_frame(&mut self, f: FrameId, to: RegionId, slot: usize, ops: &mut Vec<KernelOp>) {
         let fr = *self.frames.get(f);
         let src = self.home_addr(fr.home);
-        if let RegionKind::View(sp) = self.region(fr.home.region).kind {
+        let home_view = match self.region(fr.home.region).kind {
+            RegionKind::View(sp) => Some(sp),
+            RegionKind::Frozen => None,
+        };
+        if let Some(sp) = home_view {
             // Its home is a writable view page: protect it before copying, so that no
             // concurrent store is lost; the view keeps a read-only copy.
             ops.push(KernelOp::Protect { addr: src, len: PAGE_SIZE });
@@ -112,9 +117,15 @@ impl<B> Mm<B> {
         self.frames.get_mut(g).refs = 0;
         self.region_mut(to).homes += 1;
         let ei = fr.index as usize % PTRS_PER_PTE;
-        self.page_vma_mapped_walk(f, Some(BreakCause::Migrate), |mm, _, t| {
+        self.page_vma_mapped_walk(f, Some(BreakCause::Migrate), |mm, sp, t| {
             let e = mm.tables.get(t).entry(ei);
-            let flags = [Pte::ACCESSED, Pte::DIRTY].iter().fold(0, |a, b| if e.has(*b) { a | b } else { a });
+            let mut flags = [Pte::ACCESSED, Pte::DIRTY].iter().fold(0, |a, b| if e.has(*b) { a | b } else { a });
+            if home_view == Some(sp) {
+                // The view keeps a read-only copy of its former home, which was read without
+                // faults: count it referenced, as a present copy always is (reads of a copy
+                // are seen only by the fault that maps it).
+                flags |= Pte::ACCESSED;
+            }
             mm.tables.get_mut(t).set(ei, Pte::new(g, flags));
             mm.frames.get_mut(g).refs += 1;
             mm.put_frame(f);
@@ -191,9 +202,11 @@ impl<B> Mm<B> {
             let (lo, hi) = (first.max(ti * PTRS_PER_PTE), end.min((ti + 1) * PTRS_PER_PTE));
             if let Some(t) = self.space(sp).dir[ti] {
                 for p in lo..hi {
+                    // (A pinned page stays referenced and mapped: DMA leaves no trace.)
+                    let pinned = self.is_pinned(sp, p);
                     let tab = self.tables.get_mut(t);
                     let e = tab.entry(p % PTRS_PER_PTE);
-                    if e.has(Pte::ACCESSED) {
+                    if e.has(Pte::ACCESSED) && !pinned {
                         count += 1;
                         tab.set(p % PTRS_PER_PTE, e.without(Pte::ACCESSED));
                     }
@@ -204,9 +217,10 @@ impl<B> Mm<B> {
                         continue;
                     }
                     let base = self.view_base(m);
-                    let vs = &mut self.space_mut(m).vs;
+                    let s = self.space_mut(m);
+                    let (vs, pinned) = (&mut s.vs, &s.pinned);
                     for p in lo..hi {
-                        if !vs.present.get(p) {
+                        if !vs.present.get(p) || pinned.get(p) {
                             continue;
                         }
                         if vs.home.get(p) {
@@ -273,13 +287,9 @@ impl<B> Mm<B> {
                     push_page(ops, true, base, p);
                 }
             }
-            if let Some(t) = theirs {
-                let tab = self.tables.get_mut(t);
-                tab.share += 1;
-                tab.cow = true;
-                self.counters.tables_shared += 1;
-            }
-            self.space_mut(sp).dir[ti] = theirs;
+            // (A table of `snap` holding pinned pages is copied, not shared.)
+            let new = self.share_table(snap, ti, ops);
+            self.space_mut(sp).dir[ti] = new;
             if let Some(m) = mine {
                 self.put_table(m);
             }
@@ -316,16 +326,19 @@ impl<B> Mm<B> {
                 last_table = p / PTRS_PER_PTE;
                 self.break_cow_pte(sp, p, BreakCause::Mkclean);
             }
+            if self.space(sp).pinned.get(p) {
+                continue; // stays dirty (and writable): DMA may write it unseen
+            }
             let t = self.space(sp).dir[p / PTRS_PER_PTE].expect("dirty entry without table");
             let tab = self.tables.get_mut(t);
             let e = tab.entry(p % PTRS_PER_PTE);
             tab.set(p % PTRS_PER_PTE, e.without(Pte::DIRTY));
         }
         let base = self.view_base(sp);
-        let vs = &mut self.space_mut(sp).vs;
-        for (a, b) in vs.writable.runs_in(first, end) {
-            for p in a..b {
-                vs.writable.clear(p);
+        let s = self.space_mut(sp);
+        for (a, b) in s.vs.writable.runs_in(first, end) {
+            for p in (a..b).filter(|&p| !s.pinned.get(p)) {
+                s.vs.writable.clear(p);
                 push_page(ops, false, base, p);
             }
         }

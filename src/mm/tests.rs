@@ -12,14 +12,29 @@ const BASE_STEP: usize = 1 << 32;
 struct FakeKernel {
     mem: HashMap<usize, (u64, bool)>,
     next_base: usize,
+    /// Pinned view pages (address -> pins): the engine must never move, zap, protect or
+    /// fill over them (`pin.rs`).
+    pinned: HashMap<usize, u32>,
 }
 
 impl FakeKernel {
+    fn assert_not_pinned(&self, addr: usize, pages: usize, what: &str) {
+        for p in 0..pages {
+            assert!(!self.pinned.contains_key(&(addr + p * PAGE_SIZE)), "{what} of a pinned page");
+        }
+    }
     fn map(&mut self) -> usize {
         self.next_base += BASE_STEP;
         self.next_base
     }
     fn run(&mut self, a: Action) {
+        match a {
+            Action::Fill { dst, .. }
+            | Action::Take { dst, .. }
+            | Action::Unprotect { dst }
+            | Action::Evacuate { dst, .. } => self.assert_not_pinned(dst, 1, "a fault action"),
+            Action::Wake => {}
+        }
         match a {
             Action::Wake => {}
             Action::Fill { dst, src, wp } => {
@@ -48,6 +63,7 @@ impl FakeKernel {
         }
     }
     fn moverange(&mut self, from: usize, to: usize, pages: usize) {
+        self.assert_not_pinned(from, pages, "a freeze");
         for p in 0..pages {
             if let Some(v) = self.mem.remove(&(from + p * PAGE_SIZE)) {
                 self.mem.insert(to + p * PAGE_SIZE, v);
@@ -57,8 +73,12 @@ impl FakeKernel {
     fn ops(&mut self, ops: Vec<KernelOp>) {
         for op in ops {
             match op {
-                KernelOp::Zap { addr, len } => self.unmap(addr, len / PAGE_SIZE),
+                KernelOp::Zap { addr, len } => {
+                    self.assert_not_pinned(addr, len / PAGE_SIZE, "a zap");
+                    self.unmap(addr, len / PAGE_SIZE)
+                }
                 KernelOp::Protect { addr, len } => {
+                    self.assert_not_pinned(addr, len / PAGE_SIZE, "a write-protect");
                     for p in 0..len / PAGE_SIZE {
                         if let Some(pg) = self.mem.get_mut(&(addr + p * PAGE_SIZE)) {
                             pg.1 = true;
@@ -91,6 +111,8 @@ struct Sim {
     evacuate_drops: bool,
     /// Frames re-homed by automatic compaction steps.
     compacted: usize,
+    /// Live pins: space, pages `[first, end)`.
+    pins: Vec<(SpaceId, usize, usize)>,
 }
 
 impl Sim {
@@ -103,7 +125,52 @@ impl Sim {
             moves: 0,
             evacuate_drops: true,
             compacted: 0,
+            pins: Vec::new(),
         }
+    }
+    fn has_pins(&self, i: usize) -> bool {
+        self.mm.pinned_in(self.spaces[i].0) > 0
+    }
+    /// What `Space::pin` does: write-fault every page not writable (same bytes), then pin.
+    fn pin(&mut self, i: usize, first: usize, end: usize) {
+        let sp = self.spaces[i].0;
+        for p in first..end {
+            if !self.mm.is_writable(sp, p) {
+                let v = self.spaces[i].1[p];
+                self.access(i, p, Some(v));
+            }
+        }
+        self.mm.pin(sp, first, end);
+        let base = self.mm.view_base(sp);
+        for p in first..end {
+            *self.k.pinned.entry(base + p * PAGE_SIZE).or_default() += 1;
+            assert!(self.mm.is_pinned(sp, p));
+        }
+        self.pins.push((sp, first, end));
+    }
+    fn unpin(&mut self, k: usize) {
+        let (sp, first, end) = self.pins.swap_remove(k);
+        self.mm.unpin(sp, first, end);
+        let base = self.mm.view_base(sp);
+        for p in first..end {
+            let a = base + p * PAGE_SIZE;
+            let n = self.k.pinned.get_mut(&a).unwrap();
+            *n -= 1;
+            if *n == 0 {
+                self.k.pinned.remove(&a);
+            }
+        }
+    }
+    /// A store the engine never hears of (DMA into a pinned page).
+    fn dma(&mut self, k: usize, off: usize, v: u64) {
+        let (sp, first, end) = self.pins[k];
+        let p = first + off % (end - first);
+        let addr = self.mm.view_base(sp) + p * PAGE_SIZE;
+        let pg = self.k.mem.get_mut(&addr).expect("a pinned page is resident");
+        assert!(!pg.1, "a pinned page is write-protected");
+        pg.0 = v;
+        let i = self.spaces.iter().position(|(s, _)| *s == sp).unwrap();
+        self.spaces[i].1[p] = v;
     }
     fn reclaim(&mut self) {
         let k = &mut self.k;
@@ -166,7 +233,10 @@ impl Sim {
         self.housekeep();
         self.prepare_share(p);
         let base = self.k.map();
-        let c = self.mm.fork(p, base, (base, pages));
+        self.top_up(self.mm.pinned_in(p));
+        let mut ops = Vec::new();
+        let c = self.mm.fork(p, base, (base, pages), &mut ops);
+        self.k.ops(ops);
         self.spaces.push((c, model));
     }
     /// An access through the view: fault if the fake kernel would fault, then access.
@@ -233,15 +303,18 @@ impl Sim {
     }
     fn clear_referenced(&mut self, i: usize, first: usize, end: usize) {
         let mut ops = Vec::new();
-        self.mm.clear_referenced(self.spaces[i].0, first, end, &mut ops);
+        let sp = self.spaces[i].0;
+        self.mm.clear_referenced(sp, first, end, &mut ops);
         self.k.ops(ops);
-        assert!(self.mm.referenced(self.spaces[i].0, first, end).is_empty());
+        assert!(self.mm.referenced(sp, first, end).iter().all(|&p| self.mm.is_pinned(sp, p)));
     }
     fn mkclean(&mut self, i: usize, first: usize, end: usize) {
         let mut ops = Vec::new();
-        self.mm.mkclean(self.spaces[i].0, first, end, &mut ops);
+        let sp = self.spaces[i].0;
+        self.mm.mkclean(sp, first, end, &mut ops);
         self.k.ops(ops);
-        assert!(self.mm.dirty_pages(self.spaces[i].0, first, end).is_empty());
+        // (Pinned pages stay dirty: DMA may write them unseen.)
+        assert!(self.mm.dirty_pages(sp, first, end).iter().all(|&p| self.mm.is_pinned(sp, p)));
     }
     fn reset(&mut self, i: usize, j: usize) {
         let (a, b) = (self.spaces[i].0, self.spaces[j].0);
@@ -249,7 +322,7 @@ impl Sim {
             return;
         }
         self.prepare_share(b);
-        let need = self.mm.shared_homes(a, 0, self.mm.pages(a)).len();
+        let need = self.mm.shared_homes(a, 0, self.mm.pages(a)).len() + self.mm.pinned_in(b);
         self.top_up(need);
         let mut ops = Vec::new();
         self.mm.reset_to(a, b, &mut ops);
@@ -400,7 +473,7 @@ fn everything_is_released() {
 
 #[test]
 fn model_random_sequences() {
-    let (mut moved, mut compacted) = (0, 0);
+    let (mut moved, mut compacted, mut pinned) = (0, 0, 0);
     for seed in 1..=60u64 {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut s = Sim::new();
@@ -422,8 +495,9 @@ fn model_random_sequences() {
             let page = rng.below(pages);
             match rng.below(100) {
                 0..=4 if s.spaces.len() < 12 => s.fork(i),
-                5..=7 => s.drop_space(i),
-                8..=10 => {
+                // (A pinned space cannot be dropped, discarded or reset: the guard borrows it.)
+                5..=7 if !s.has_pins(i) => s.drop_space(i),
+                8..=10 if !s.has_pins(i) => {
                     let end = (page + 1 + rng.below(700)).min(pages);
                     s.discard(i, page, end);
                 }
@@ -434,7 +508,19 @@ fn model_random_sequences() {
                 12 => {
                     s.compact();
                     let j = rng.below(s.spaces.len());
-                    s.reset(i, j);
+                    if !s.has_pins(i) {
+                        s.reset(i, j);
+                    }
+                }
+                71..=73 if s.pins.len() < 4 => {
+                    let end = (page + 1 + rng.below(40)).min(pages);
+                    s.pin(i, page, end);
+                    pinned += 1;
+                }
+                74..=76 if !s.pins.is_empty() => s.unpin(rng.below(s.pins.len())),
+                77..=84 if !s.pins.is_empty() => {
+                    let (k, v) = (rng.below(s.pins.len()), rng.next());
+                    s.dma(k, page, v);
                 }
                 13 => {
                     let end = (page + 1 + rng.below(700)).min(pages);
@@ -470,6 +556,10 @@ fn model_random_sequences() {
             }
         }
         s.check();
+        while !s.pins.is_empty() {
+            s.unpin(0);
+        }
+        s.check();
         while !s.spaces.is_empty() {
             s.drop_space(0);
         }
@@ -482,6 +572,7 @@ fn model_random_sequences() {
     }
     assert!(compacted > 0, "no automatic compaction step re-homed a frame: the path went untested");
     assert!(moved > 0, "no write fault took an exclusive page: the Take path went untested");
+    assert!(pinned > 0, "no range was pinned: the pinning rules went untested");
 }
 
 /// A fork chain: every generation writes one page, forks and drops its parent. With
