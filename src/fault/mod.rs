@@ -46,7 +46,7 @@ pub enum FaultMode {
     /// blocks it is fatal — the kernel unblocks the signal, resets its action to the
     /// default and kills the process without running any handler, so not even a message
     /// can be written. `Arena::space`, `Space::fork` and `Space::populate` check the
-    /// calling thread and return [`Error::SigbusBlocked`](crate::Error::SigbusBlocked);
+    /// calling thread and return [`Error::SigbusBlocked`];
     /// other threads are the program's to check. Use [`FaultMode::Thread`] for such
     /// programs (or for the spaces such threads touch).
     #[default]
