@@ -62,6 +62,7 @@ pub struct ArenaBuilder {
     no_move: bool,
     no_dense_fill: bool,
     registered_from_start: bool,
+    unlocked_fills: Option<bool>,
     async_wp: Option<bool>,
 }
 
@@ -167,6 +168,19 @@ impl ArenaBuilder {
         self
     }
 
+    /// Let the fault path release the arena lock while the `UFFDIO_COPY`s of a read
+    /// fault's window run (fault-around, dense fills: a 2 MiB dense fill's copies are
+    /// nearly all the time its fault holds the lock), so threads reading a fork overlap
+    /// their copies. Operations that would move what an in-flight copy reads — forks,
+    /// resets, drops, evacuations, compaction — wait for the copies in flight; a fault on
+    /// a page being filled retries. A single page's copy stays under the lock (releasing
+    /// and re-taking it costs about what it saves). Default: on; see DESIGN.md, "Fills
+    /// outside the lock", for the figures.
+    pub fn unlocked_fills(mut self, on: bool) -> Self {
+        self.unlocked_fills = Some(on);
+        self
+    }
+
     /// Open userfaultfd (the most capable access available), negotiate features and start
     /// the fault engine.
     ///
@@ -223,6 +237,9 @@ impl ArenaBuilder {
             self_faults: std::sync::Mutex::new((0, 0)),
             sig: Default::default(),
             reaper: Default::default(),
+            fills_out: Default::default(),
+            fill_drain: Default::default(),
+            unlocked_fills: self.unlocked_fills.unwrap_or(true),
             plain: !self.registered_from_start && self.max_memory.is_none() && pagemap.is_some(),
             pagemap,
         });
@@ -455,6 +472,7 @@ impl Arena {
             pages_pinned: mm.pinned_pages() as u64,
             pins: c.pins,
             pinned_copied: c.pinned_copied,
+            pages_filled_unlocked: c.pages_filled_unlocked,
             lock: self.inner.core.lock_stats(),
         }
     }
@@ -708,6 +726,9 @@ pub struct Stats {
     /// Pinned pages copied for a fork's child (or a space reset to a pinned one) instead
     /// of shared.
     pub pinned_copied: u64,
+    /// Pages of read-fault windows (fault-around, dense fills) whose copies ran with the
+    /// arena lock released ([`ArenaBuilder::unlocked_fills`]).
+    pub pages_filled_unlocked: u64,
     /// The arena lock as the fault path sees it: time held per fault (the serial part of
     /// a fault, which bounds the arena's fault rate on any number of cores) and sleeps in
     /// `FUTEX_WAIT`; see [`LockStats`].

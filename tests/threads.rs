@@ -312,3 +312,80 @@ fn snapshot_check_rejects_foreign_words() {
     assert!(decode(encode(1, 5, 4, 7), 1, 3, 7).is_err());
     assert!(decode(0xdead_beef, 1, 3, 7).is_err());
 }
+
+/// Read windows filled with the arena lock released (`ArenaBuilder::unlocked_fills`)
+/// racing the operations that must wait for them: threads read a snapshot sequentially
+/// (dense fills, their copies straight from the parent's view pages, kept warm by
+/// `KeepWarm` forks) while the parent's writer overwrites every page — each write
+/// evacuates a home the readers may be copying from — and forks of other strategies,
+/// drops and compaction go on. Every word read must be the snapshot's.
+#[test]
+fn unlocked_read_fills_race_evacuations_forks_and_drops() {
+    let _wd = Watchdog::new("unlocked_read_fills_race_evacuations_forks_and_drops", Duration::from_secs(300));
+    const PAGES: usize = 4096; // 16 MiB: 8 tables
+    let arena = Arena::builder().fault_mode(FaultMode::Signal).plain_until_fork(false).build().unwrap();
+    assert!(arena.stats().pages_filled_unlocked == 0);
+    let s = arena.space(PAGES * PAGE).unwrap();
+    let write_all = |g: u64| {
+        // SAFETY: only this closure's caller writes the parent's view at a time.
+        let words = unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut u64, PAGES * WORDS) };
+        let mut order: Vec<usize> = (0..PAGES).collect();
+        let mut rng = Rng::new(g);
+        for i in (1..PAGES).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        for p in order {
+            for w in 0..WORDS {
+                words[p * WORDS + w] = encode(0, g, p, w);
+            }
+        }
+    };
+    write_all(1);
+    let (t0, limit) = (Instant::now(), secs().min(Duration::from_secs(4)));
+    let mut round = 0u64;
+    while t0.elapsed() < limit || round < 4 {
+        let g = round + 1;
+        let strategy = if round % 3 == 2 { cowarena::ForkStrategy::Auto } else { cowarena::ForkStrategy::KeepWarm };
+        let snap = s.fork_with(strategy).unwrap();
+        let other = if round % 2 == 0 { Some(s.fork().unwrap()) } else { None };
+        std::thread::scope(|sc| {
+            for r in 0..2usize {
+                let snap = &snap;
+                sc.spawn(move || {
+                    let words = snap.as_slice();
+                    // Each reader sweeps its half sequentially: fault-around, then dense fills.
+                    for p in (r * PAGES / 2)..((r + 1) * PAGES / 2) {
+                        for w in [0, WORDS / 2, WORDS - 1] {
+                            let at = p * PAGE + w * 8;
+                            let v = u64::from_ne_bytes(words[at..at + 8].try_into().unwrap());
+                            match decode(v, 0, p, w) {
+                                Ok(got) if got == g => {}
+                                Ok(got) => {
+                                    panic!("round {round}: snapshot page {p} word {w} is generation {got}, not {g}")
+                                }
+                                Err(e) => panic!("round {round}: {e}"),
+                            }
+                        }
+                    }
+                });
+            }
+            // The parent's writer: every write of a page kept warm evacuates its home.
+            sc.spawn(|| write_all(g + 1));
+        });
+        drop(other);
+        if round % 4 == 3 {
+            arena.compact().unwrap();
+        }
+        drop(snap);
+        round += 1;
+    }
+    let st = arena.stats();
+    println!(
+        "{round} rounds: {} pages filled with the lock released, {} spurious faults (a page being filled)",
+        st.pages_filled_unlocked, st.faults.spurious
+    );
+    assert!(st.pages_filled_unlocked > 0, "no read window was filled with the lock released");
+    arena.check_invariants().unwrap();
+    drop(s);
+    assert_nothing_left(&arena, "unlocked read fills");
+}

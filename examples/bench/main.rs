@@ -1778,6 +1778,26 @@ fn w4(cfg: &Config, rep: &mut Report) -> Res<()> {
         w4_lock_rows(rep, &t, &run);
         by_threads.push((threads, rates, touch, kcow));
     }
+    // The same two-thread read phase with the fault path's fills kept under the lock
+    // (`ArenaBuilder::unlocked_fills(false)`): what releasing it around the copies buys.
+    let locked_read2 = {
+        let arena = Arena::builder().plain_until_fork(false).unlocked_fills(false).build()?;
+        w4_cowarena(&arena, size, 2)?.rates[1]
+    };
+    if let Some(&(_, rates, touch, _)) = by_threads.iter().find(|r| r.0 == 2) {
+        rep.row(
+            "W4",
+            "read faults in a fork, 2 threads, fills under the lock",
+            Unit::PerSec,
+            Some(locked_read2),
+            "kernel first touch",
+            Some(touch),
+        );
+        rep.note(format!(
+            "W4 2 threads: read faults with unlocked fills / under the lock = {:.2}x",
+            rates[1] / locked_read2
+        ));
+    }
     if let Ok(arena) = Arena::builder().plain_until_fork(false).async_wp(true).build() {
         let run = w4_cowarena(&arena, size, 1)?;
         let s = arena.stats();
@@ -1832,6 +1852,14 @@ fn w4(cfg: &Config, rep: &mut Report) -> Res<()> {
             Some(two.1[2] / one.1[2]),
             "kernel COW 2t/1t",
             Some(two.3 / one.3),
+        );
+        rep.row(
+            "W4",
+            "read faults in a fork, 2 threads / 1 thread",
+            Unit::Factor,
+            Some(two.1[1] / one.1[1]),
+            "kernel first touch 2t/1t",
+            Some(two.2 / one.2),
         );
         rep.target(
             "W4",

@@ -238,6 +238,40 @@ impl<T> Guard<'_, T> {
     pub fn time_hold(&mut self) {
         self.since = now_ns().max(1);
     }
+
+    /// Release the lock, run `f`, take the lock again (as the signal handler does: a
+    /// bounded spin, a few yields, then `FUTEX_WAIT`; async-signal-safe). A timed hold
+    /// counts the two holds, not the time in between. The caller must assume the data
+    /// changed meanwhile.
+    pub fn unlocked<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        let lock = self.lock;
+        let me = lock.owner();
+        let timed = self.since != 0;
+        self.release();
+        let r = f();
+        if !lock.try_acquire() {
+            lock.lock_slow(SIGNAL_YIELDS, None);
+        }
+        lock.owner.store(me, Ordering::Relaxed);
+        if timed {
+            self.time_hold();
+        }
+        r
+    }
+
+    fn release(&mut self) {
+        let lock = self.lock;
+        if self.since != 0 {
+            let held = now_ns().saturating_sub(self.since);
+            lock.counters.held_ns.fetch_add(held, Ordering::Relaxed);
+            lock.counters.holds.fetch_add(1, Ordering::Relaxed);
+            self.since = 0;
+        }
+        lock.owner.store(0, Ordering::Relaxed);
+        if lock.word.swap(FREE, Ordering::Release) == CONTENDED {
+            lock.park.wake_one(&lock.word);
+        }
+    }
 }
 
 impl<T> std::ops::Deref for Guard<'_, T> {
@@ -258,16 +292,7 @@ impl<T> std::ops::DerefMut for Guard<'_, T> {
 
 impl<T> Drop for Guard<'_, T> {
     fn drop(&mut self) {
-        let lock = self.lock;
-        if self.since != 0 {
-            let held = now_ns().saturating_sub(self.since);
-            lock.counters.held_ns.fetch_add(held, Ordering::Relaxed);
-            lock.counters.holds.fetch_add(1, Ordering::Relaxed);
-        }
-        lock.owner.store(0, Ordering::Relaxed);
-        if lock.word.swap(FREE, Ordering::Release) == CONTENDED {
-            lock.park.wake_one(&lock.word);
-        }
+        self.release();
     }
 }
 

@@ -73,6 +73,10 @@ const EVACUATE_ROUNDS: usize = 4;
 /// Dead regions at least this large are unmapped by the reader thread, not by the fork
 /// that found them dead (`Core::reclaim_off_path`).
 const REAP_OFF_PATH_BYTES: usize = 16 << 20;
+/// Fills leave the lock only while fewer reclaim entries than this wait (fills in flight
+/// hold the queue; a long queue means memory not yet given back): then they fill under
+/// the lock until the count of fills in flight drops to zero and the queue drains.
+const RECLAIM_HELD_MAX: usize = 64;
 
 /// How long the faulting thread must be seen holding its arena's lock before a fault
 /// message from it counts as a self-deadlock (thread mode; see `Core::lock_for`).
@@ -129,6 +133,16 @@ pub(crate) struct Core {
     /// New spaces start plain (kernel memory until their first fork; see
     /// `ArenaBuilder::plain_until_fork`).
     pub plain: bool,
+    /// Fault-path fills whose `UFFDIO_COPY` runs with the arena lock released
+    /// (`ArenaBuilder::unlocked_fills`; see [`Core::fill_unlocked`]): pages in flight,
+    /// mirroring [`Mm::fills_in_flight`] (changed under the lock) so that a drainer can
+    /// sleep on it without the lock.
+    pub fills_out: AtomicU32,
+    /// Threads waiting for the fills in flight to finish ([`Core::drain_fills`]); while
+    /// any waits, no new fill leaves the lock, so the count reaches zero.
+    pub fill_drain: AtomicU32,
+    /// Whether the fault path may release the lock around its fills.
+    pub unlocked_fills: bool,
     /// Dead regions of at least [`REAP_OFF_PATH_BYTES`] waiting for the reader thread to
     /// unmap them (`Core::reclaim_off_path`): unmapping a populated 256 MiB frozen region
     /// costs ~10 ms of page freeing, which a fork need not wait for. Never touched from
@@ -185,6 +199,13 @@ impl std::ops::Deref for MmGuard<'_> {
 impl std::ops::DerefMut for MmGuard<'_> {
     fn deref_mut(&mut self) -> &mut Mm<Mapping> {
         &mut self.guard
+    }
+}
+
+impl MmGuard<'_> {
+    /// Release the arena lock around `f` (see `lock::Guard::unlocked`).
+    pub fn unlocked<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        self.guard.unlocked(f)
     }
 }
 
@@ -356,10 +377,82 @@ impl Core {
         // on with the state as it is. (The fault paths turn such panics into loud
         // failures, counted in `faults_failed`; API calls into `Error::Internal`.)
         let mut mm = self.guard(self.mm.lock(this_tid()));
+        // Everything but the fault path's fills needs the state still: wait for fills
+        // running with the lock released.
+        self.drain_fills(&mut mm);
         // A failed refill only shrinks headroom: it is recorded, faults that find no
         // headroom fail with its reason (see `refill_error`).
         let _ = self.refill(&mut mm);
         mm
+    }
+
+    /// Wait (the lock released meanwhile) until no fill runs with the lock released. On
+    /// return the lock is held and none is in flight; none can start until it is released
+    /// (fills begin under the lock). Async-signal-safe: `FUTEX_WAIT` on the count.
+    pub fn drain_fills(&self, mm: &mut MmGuard<'_>) {
+        if mm.fills_in_flight() == 0 {
+            return;
+        }
+        self.fill_drain.fetch_add(1, Ordering::SeqCst);
+        while mm.fills_in_flight() != 0 {
+            mm.unlocked(|| {
+                let v = self.fills_out.load(Ordering::Acquire);
+                if v != 0 {
+                    crate::sys::futex::wait(&self.fills_out, v, Some(std::time::Duration::from_millis(1)));
+                }
+            });
+        }
+        self.fill_drain.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// May a window of read-only fills run with the lock released now? Not while a
+    /// drainer waits, and not while the reclaim queue (held by fills in flight) is long.
+    /// Their commits take no frame, table or pool slot — only view bits, which the
+    /// headroom check covers — so any number in flight commit without allocating.
+    fn may_fill_unlocked(&self, mm: &Mm<Mapping>) -> bool {
+        self.unlocked_fills
+            && self.fill_drain.load(Ordering::Relaxed) == 0
+            && mm.has_headroom()
+            && mm.reclaim_queued() < RECLAIM_HELD_MAX
+    }
+
+    /// Mark `pages` of `sp` as filling (see [`Mm::begin_fill`]).
+    fn begin_fills(&self, mm: &mut Mm<Mapping>, sp: SpaceId, pages: impl Iterator<Item = usize>) {
+        let mut n = 0;
+        for p in pages {
+            mm.begin_fill(sp, p);
+            n += 1;
+        }
+        self.fills_out.fetch_add(n, Ordering::AcqRel);
+        mm.counters.pages_filled_unlocked += u64::from(n);
+    }
+
+    /// Undo [`Core::begin_fills`]; wakes drainers when the last fill in flight ends.
+    fn end_fills(&self, mm: &mut Mm<Mapping>, sp: SpaceId, pages: impl Iterator<Item = usize>) {
+        let mut n = 0;
+        for p in pages {
+            mm.end_fill(sp, p);
+            n += 1;
+        }
+        let left = self.fills_out.fetch_sub(n, Ordering::AcqRel) - n;
+        if left == 0 && self.fill_drain.load(Ordering::SeqCst) > 0 {
+            crate::sys::futex::wake(&self.fills_out, u32::MAX);
+        }
+    }
+
+    /// Perform `perform` (the ioctls of fills decided under the lock for `pages` of `sp`)
+    /// with the lock released: the pages are marked filling first, so a fault on one of
+    /// them retries, and everything the fills read stays put (`Mm::begin_fill`);
+    /// operations that would move it wait in [`Core::drain_fills`]. Other faults —
+    /// fills, un-protects, table breaks — proceed meanwhile: none of them can invalidate
+    /// these resolutions (each fill's own entry keeps naming its source frame, and the
+    /// pages themselves are ours until committed), which the caller commits after this
+    /// returns. A panic in `perform` is re-raised once the marks are undone.
+    fn fill_unlocked<R>(&self, mm: &mut MmGuard<'_>, sp: SpaceId, pages: &[usize], perform: impl FnOnce() -> R) -> R {
+        self.begin_fills(mm, sp, pages.iter().copied());
+        let r = mm.unlocked(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(perform)));
+        self.end_fills(mm, sp, pages.iter().copied());
+        r.unwrap_or_else(|p| std::panic::resume_unwind(p))
     }
 
     /// Refill the fault path's headroom (preallocated bookkeeping and pool slots) and
@@ -704,9 +797,13 @@ impl Core {
 
     /// Serve (or pre-serve) page `page` of `sp` under the lock. Does not wake anyone
     /// beyond what the ioctl does; the caller decides.
-    pub fn fault_in(&self, mm: &mut Mm<Mapping>, sp: SpaceId, page: usize, write: bool) -> Result<FaultKind> {
+    pub fn fault_in(&self, mm: &mut MmGuard<'_>, sp: SpaceId, page: usize, write: bool) -> Result<FaultKind> {
         if crate::sys::inject::hit(crate::sys::inject::Point::FaultPath).is_some() {
             panic!("injected panic in the fault path");
+        }
+        if write && mm.fills_in_flight() > 0 && mm.evacuates_on_write(sp, page) {
+            // An evacuation changes a home that fills in flight may be reading.
+            self.drain_fills(mm);
         }
         let r = mm.resolve_fault(sp, page, write);
         if let Some(src) = action_src(r.action) {
@@ -715,13 +812,17 @@ impl Core {
         // Only a page that adds to what the arena holds resident counts against the limit
         // (a new frame, a read-only copy, an evacuation slot): rewriting or taking over a
         // frame the space already owns, or un-protecting a copy, needs none.
-        if self.limited() && r.adds_resident() && (mm.resident_pages() as u64 + 1) * PAGE_SIZE as u64 > self.max_memory
+        if self.limited()
+            && r.adds_resident()
+            && ((mm.resident_pages() + mm.fills_in_flight()) as u64 + 1) * PAGE_SIZE as u64 > self.max_memory
         {
             return Err(Error::CapacityExhausted {
                 what: if write { "a page written" } else { "a page copied for reading" },
                 limit: self.max_memory,
             });
         }
+        // (One page's ioctl stays under the lock: releasing and re-taking it costs about as
+        // much as the copy saves — `ArenaBuilder::unlocked_fills`.)
         let moved = Self::exec(self.uffd_of(mm, sp), r.action).map_err(|e| Error::os(op_name(r.action), e))?;
         let kind = mm.commit(if moved == 1 { r } else { r.fell_back() });
         self.reclaim(mm);
@@ -737,7 +838,7 @@ impl Core {
     /// nothing — each page still takes its write-protect fault — and it defeats the
     /// zero-copy `UFFDIO_MOVE` of exclusive pages.) Pages already mapped stop the window;
     /// so does the first one beyond the memory limit.
-    pub fn fault_in_around(&self, mm: &mut Mm<Mapping>, sp: SpaceId, page: usize, write: bool) -> Result<FaultKind> {
+    pub fn fault_in_around(&self, mm: &mut MmGuard<'_>, sp: SpaceId, page: usize, write: bool) -> Result<FaultKind> {
         let kind = self.fault_in(mm, sp, page, write)?;
         if mm.is_plain(sp) {
             return Ok(kind); // a stale fault on a plain view: nothing around it is ours
@@ -764,25 +865,27 @@ impl Core {
     }
 
     /// Map `pages` of `sp` read-only, as read faults would, in as few ioctls as the sources
-    /// allow (windows of up to [`FAULT_AROUND_MAX`] pages, one `UFFDIO_COPY` per
-    /// contiguous run), committing what succeeded. A page already mapped ends the run
-    /// (`skip_present`: is skipped); so does the memory limit or a failing ioctl (the pages
-    /// left will fault on their own). Allocation-free. Returns the pages mapped.
+    /// allow (windows of up to [`FILL_WINDOW`] pages decided under the lock, one
+    /// `UFFDIO_COPY` per contiguous run, performed with the lock released where allowed —
+    /// [`Core::fill_unlocked`]), committing what succeeded. A page already mapped ends the
+    /// run (`skip_present`: is skipped); so does the memory limit or a failing ioctl (the
+    /// pages left will fault on their own). Allocation-free. Returns the pages mapped.
     fn map_read_only(
         &self,
-        mm: &mut Mm<Mapping>,
+        mm: &mut MmGuard<'_>,
         sp: SpaceId,
         pages: std::ops::Range<usize>,
         skip_present: bool,
     ) -> usize {
         let limited = self.limited();
         let u = self.uffd_of(mm, sp);
-        let mut resident = if limited { mm.resident_pages() as u64 } else { 0 };
+        let mut resident = if limited { (mm.resident_pages() + mm.fills_in_flight()) as u64 } else { 0 };
         let mut mapped = 0;
         let mut pages = pages.peekable();
         while pages.peek().is_some() {
-            // Decide one window, then perform it.
+            // Decide one window (the pages `ps`, their resolutions `rs`), then perform it.
             let mut rs: [Option<Resolution>; FILL_WINDOW] = [None; FILL_WINDOW];
+            let mut ps = [0usize; FILL_WINDOW];
             let mut n = 0;
             let mut stop = false;
             while n < FILL_WINDOW {
@@ -808,28 +911,44 @@ impl Core {
                     }
                 }
                 rs[n] = Some(r);
+                ps[n] = q;
                 n += 1;
             }
-            let mut i = 0;
-            while i < n {
-                let Some(first) = rs[i] else { break };
-                let mut j = i + 1;
-                // (Zero runs are bounded by the static zero source.)
-                let cap =
-                    if matches!(first.action, Action::Fill { src: Src::Zero, .. }) { FAULT_AROUND_MAX } else { n };
-                while j < n && j - i < cap && rs[j].is_some_and(|r| continues(first.action, r.action, j - i)) {
-                    j += 1;
+            // One ioctl per run of continuing actions: `runs[..k]` = (first, end, moved).
+            // A failing ioctl ends the window: the pages left fault on their own.
+            let mut runs = [(0usize, 0usize, 0usize); FILL_WINDOW];
+            let perform = |runs: &mut [(usize, usize, usize); FILL_WINDOW]| -> (usize, bool) {
+                let (mut k, mut i) = (0, 0);
+                while i < n {
+                    let Some(first) = rs[i] else { break };
+                    let mut j = i + 1;
+                    // (Zero runs are bounded by the static zero source.)
+                    let cap =
+                        if matches!(first.action, Action::Fill { src: Src::Zero, .. }) { FAULT_AROUND_MAX } else { n };
+                    while j < n && j - i < cap && rs[j].is_some_and(|r| continues(first.action, r.action, j - i)) {
+                        j += 1;
+                    }
+                    match Self::exec_run(u, first.action, j - i) {
+                        Ok(moved) => runs[k] = (i, j, moved),
+                        Err(_) => return (k, true),
+                    }
+                    k += 1;
+                    i = j;
                 }
-                let Ok(moved) = Self::exec_run(u, first.action, j - i) else {
-                    return mapped; // the faulting page was served; the rest fault on their own
-                };
-                for (k, r) in rs[i..j].iter().flatten().enumerate() {
-                    mm.commit(if k < moved { *r } else { r.fell_back() });
+                (k, false)
+            };
+            let (k, failed) = if n > 1 && self.may_fill_unlocked(mm) {
+                self.fill_unlocked(mm, sp, &ps[..n], || perform(&mut runs))
+            } else {
+                perform(&mut runs)
+            };
+            for &(i, j, moved) in &runs[..k] {
+                for (m, r) in rs[i..j].iter().flatten().enumerate() {
+                    mm.commit(if m < moved { *r } else { r.fell_back() });
                 }
                 mapped += j - i;
-                i = j;
             }
-            if stop {
+            if failed || stop {
                 break;
             }
         }
@@ -841,7 +960,7 @@ impl Core {
     /// arena lock poisoned.
     /// Refills the headroom first when it is short (the fault path may not allocate), and
     /// fails with the refill's reason when memory cannot be had.
-    pub fn fault_in_api(&self, mm: &mut Mm<Mapping>, sp: SpaceId, page: usize, write: bool) -> Result<FaultKind> {
+    pub fn fault_in_api(&self, mm: &mut MmGuard<'_>, sp: SpaceId, page: usize, write: bool) -> Result<FaultKind> {
         self.ensure_headroom(mm)?;
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.fault_in(mm, sp, page, write)))
             .unwrap_or_else(|p| Err(Error::Internal(panic_message(&p))))

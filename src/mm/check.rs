@@ -19,6 +19,10 @@ impl<B> Mm<B> {
                 *share.entry(*t).or_default() += 1;
             }
             self.check_pins(SpaceId(i))?;
+            let filling = s.filling.count();
+            if filling != 0 && self.fills == 0 {
+                return Err(format!("space {i}: {filling} pages marked filling with no fill in flight"));
+            }
         }
         if self.spaces.iter().map(|(_, s)| s.pin_depth.len()).sum::<usize>() != self.pinned_now {
             return Err("the count of pinned pages disagrees with the spaces' pins".into());

@@ -162,7 +162,9 @@ impl<B> Mm<B> {
         };
         let dst = self.region(view).base + page * PAGE_SIZE;
         let done = |action, commit| Resolution { action, space: sp, page, commit };
-        if writable || (!write && present) || self.space(sp).plain {
+        // (A page whose fill another thread is performing with the lock released: the
+        // access retries once that fill is committed; see `Mm::begin_fill`.)
+        if writable || (!write && present) || self.space(sp).plain || self.space(sp).filling.get(page) {
             // (A plain view is the kernel's: a fault message for it is stale — it was
             // unregistered after a failed adoption — and the access retries there.)
             return done(Action::Wake, Commit::None);
@@ -205,6 +207,7 @@ impl<B> Mm<B> {
                     if !present
                         && self.take_exclusive
                         && self.streams == 0
+                        && self.fills == 0
                         && self.region(fr.home.region).check.is_none()
                     {
                         done(Action::Take { dst, src }, Commit::Rehome { frame: f, copied: false, moved: true })
@@ -218,6 +221,19 @@ impl<B> Mm<B> {
                 }
             }
         }
+    }
+
+    /// Would a write fault on `page` of `sp` evacuate its view page ([`Action::Evacuate`]:
+    /// the page is the home of a frame that others share, so its bytes move to the pool
+    /// before the write)? An evacuation changes a home, so it waits for fills in flight.
+    pub fn evacuates_on_write(&self, sp: SpaceId, page: usize) -> bool {
+        let s = self.space(sp);
+        if !s.vs.home.get(page) || s.vs.writable.get(page) {
+            return false;
+        }
+        let Some(t) = s.dir[page / PTRS_PER_PTE] else { return false };
+        let tab = self.tables.get(t);
+        tab.share > 1 || tab.entry(page % PTRS_PER_PTE).frame().is_some_and(|f| self.frames.get(f).refs > 1)
     }
 
     /// Apply a resolution whose action succeeded. Returns the kind of fault served.
@@ -328,8 +344,31 @@ impl<B> Mm<B> {
         tab.set(page % PTRS_PER_PTE, tab.entry(page % PTRS_PER_PTE).with(bits));
     }
 
-    /// Where the explicit read API finds the bytes of `page` of `sp`: zeros or a frame's
-    /// home (populated memory). Marks the entry accessed.
+    /// Mark page `page` of `sp` as being filled with the lock released (the engine's
+    /// unlocked fills, `Core::fault_in`): until [`Mm::end_fill`], a fault on it resolves to
+    /// a wake-up (its thread retries), no home is taken by `UFFDIO_MOVE` and the reclaim
+    /// queue is held — so every home an in-flight fill reads keeps its bytes and stays
+    /// mapped. (Each in-flight fill's own entry still names its source frame until its
+    /// commit, so the frame cannot die; moving a home otherwise — evacuation, migration,
+    /// compaction, freezing — waits for fills to drain.) Allocation-free.
+    pub fn begin_fill(&mut self, sp: SpaceId, page: usize) {
+        let Mm { spaces, bit_spares, .. } = self;
+        spaces.get_mut(sp.0).expect("use of a dropped space").filling.set_with(page, bit_spares);
+        self.fills += 1;
+    }
+
+    /// The fill of [`Mm::begin_fill`] is done (committed or failed).
+    pub fn end_fill(&mut self, sp: SpaceId, page: usize) {
+        debug_assert!(self.fills > 0 && self.space(sp).filling.get(page), "end_fill without begin_fill");
+        self.space_mut(sp).filling.clear(page);
+        self.fills -= 1;
+    }
+
+    /// Fills in flight with the lock released ([`Mm::begin_fill`]).
+    pub fn fills_in_flight(&self) -> usize {
+        self.fills as usize
+    }
+
     /// Open a stream: until the matching [`Mm::end_stream`], every address
     /// [`Mm::stream_source`] calls stable keeps its bytes and stays mapped, so the caller
     /// may read it without the lock (`Space::write_to`).
@@ -364,6 +403,8 @@ impl<B> Mm<B> {
         Some(if stable { Ok(a) } else { Err(a) })
     }
 
+    /// Where the explicit read API finds the bytes of `page` of `sp`: zeros or a frame's
+    /// home (populated memory). Marks the entry accessed.
     pub fn read_source(&mut self, sp: SpaceId, page: usize) -> Src {
         let s = self.space(sp);
         if s.plain {

@@ -154,6 +154,8 @@ pub struct SpaceMm {
     /// Pinned pages (`pin.rs`): the bit per page, and how many pins hold each.
     pub pinned: Bits,
     pub pin_depth: std::collections::BTreeMap<usize, u32>,
+    /// Pages whose fill runs with the lock released ([`Mm::begin_fill`]).
+    pub filling: Bits,
 }
 
 /// A dropped view whose surviving homes are at most this many is evacuated to the pool
@@ -232,6 +234,8 @@ pub struct MmCounters {
     /// shared (`pin.rs`).
     pub pins: u64,
     pub pinned_copied: u64,
+    /// Pages of read windows filled with the arena lock released (`Mm::begin_fill`).
+    pub pages_filled_unlocked: u64,
 }
 
 /// Shared tables broken, by the operation that needed an exclusive table.
@@ -355,6 +359,9 @@ pub struct Mm<B> {
     /// unmapped ([`Mm::drain_reclaim`] holds the queue) and no home is taken by
     /// `UFFDIO_MOVE` ([`Action::Take`]).
     streams: u32,
+    /// Fills in flight with the lock released ([`Mm::begin_fill`]); like a stream, they
+    /// hold the reclaim queue and `UFFDIO_MOVE` takes.
+    fills: u32,
     /// Regions holding loaded images' pages (see [`Region::check`]).
     file_regions: Vec<RegionId>,
     /// Pinned pages of every space (`pin.rs`).
@@ -389,6 +396,7 @@ impl<B> Mm<B> {
             compact_cursor: 0,
             pending_drops: Vec::new(),
             streams: 0,
+            fills: 0,
             file_regions: Vec::new(),
             async_wp: false,
             pinned_now: 0,
@@ -527,6 +535,7 @@ impl<B> Mm<B> {
             other_uffd: false,
             pinned: Bits::new(pages),
             pin_depth: Default::default(),
+            filling: Bits::new(pages),
         }));
         self.region_mut(region).kind = RegionKind::View(sp);
         self.views.insert(base, sp);
@@ -539,8 +548,10 @@ impl<B> Mm<B> {
     /// frozen page range, then `unmap(backing)` for each dead region. Keeps the queues'
     /// capacity (the fault path must not allocate).
     pub fn drain_reclaim(&mut self, mut discard: impl FnMut(usize, usize), mut unmap: impl FnMut(B)) {
-        if self.streams > 0 {
-            return; // a stream may be reading a home queued here (see `Mm::begin_stream`)
+        if self.streams > 0 || self.fills > 0 {
+            // A stream or an unlocked fill may be reading a home queued here (see
+            // `Mm::begin_stream`, `Mm::begin_fill`).
+            return;
         }
         for (a, l) in self.reclaim.discard.drain(..) {
             discard(a, l);
@@ -548,6 +559,11 @@ impl<B> Mm<B> {
         for b in self.reclaim.dead.drain(..) {
             unmap(b);
         }
+    }
+
+    /// Entries waiting in the reclaim queue (page ranges to discard, regions to unmap).
+    pub fn reclaim_queued(&self) -> usize {
+        self.reclaim.discard.len() + self.reclaim.dead.len()
     }
 
     /// Can one more fault be served without allocating? The fault path takes at most one
