@@ -282,7 +282,7 @@ impl Space {
             let chunk = (buf.len() - done).min(bounce.len() - PAGE_SIZE).max(1);
             let mut filled = 0;
             {
-                let mut mm = core.lock();
+                let mut mm = core.lock_beside_fills();
                 while filled < chunk {
                     let at = offset + done + filled;
                     let (page, off) = (at / PAGE_SIZE, at % PAGE_SIZE);
@@ -373,7 +373,7 @@ impl Space {
             let end = (page + BATCH).min(pages);
             plan.clear();
             {
-                let mut mm = core.lock();
+                let mut mm = core.lock_beside_fills();
                 let mut copied = 0;
                 for p in page..end {
                     let n = PAGE_SIZE.min(self.len - p * PAGE_SIZE);

@@ -371,6 +371,31 @@ fn unlocked_read_fills_race_evacuations_forks_and_drops() {
             }
             // The parent's writer: every write of a page kept warm evacuates its home.
             sc.spawn(|| write_all(g + 1));
+            // The API readers take the lock beside fills in flight (`Space::read`,
+            // `write_to`): they must still see the snapshot's bytes.
+            let snap = &snap;
+            sc.spawn(move || {
+                let check = |bytes: &[u8], p: usize, what: &str| {
+                    for w in [0, WORDS - 1] {
+                        let v = u64::from_ne_bytes(bytes[w * 8..w * 8 + 8].try_into().unwrap());
+                        match decode(v, 0, p, w) {
+                            Ok(got) if got == g => {}
+                            Ok(got) => panic!("round {round}: {what} of page {p} word {w}: generation {got}, not {g}"),
+                            Err(e) => panic!("round {round}: {what}: {e}"),
+                        }
+                    }
+                };
+                let mut page = vec![0u8; PAGE];
+                for p in (0..PAGES).step_by(61) {
+                    snap.read(p * PAGE, &mut page).unwrap();
+                    check(&page, p, "Space::read");
+                }
+                let mut image = Vec::with_capacity(PAGES * PAGE);
+                assert_eq!(snap.write_to(&mut image).unwrap(), (PAGES * PAGE) as u64);
+                for p in (0..PAGES).step_by(7) {
+                    check(&image[p * PAGE..(p + 1) * PAGE], p, "write_to");
+                }
+            });
         });
         drop(other);
         if round % 4 == 3 {

@@ -386,6 +386,17 @@ impl Core {
         mm
     }
 
+    /// Take the arena lock for work that reads the state and the frames' homes but moves,
+    /// maps and unmaps nothing — `Space::read`, `write_to`'s plans — so fills running with
+    /// the lock released ([`Core::fill_unlocked`]) may go on meanwhile: a page being
+    /// filled is not yet present in the model, so such work reads its frame's home, which
+    /// the fill leaves in place. Refills the headroom as [`Core::lock`] does.
+    pub fn lock_beside_fills(&self) -> MmGuard<'_> {
+        let mut mm = self.guard(self.mm.lock(this_tid()));
+        let _ = self.refill(&mut mm);
+        mm
+    }
+
     /// Wait (the lock released meanwhile) until no fill runs with the lock released. On
     /// return the lock is held and none is in flight; none can start until it is released
     /// (fills begin under the lock). Async-signal-safe: `FUTEX_WAIT` on the count.
