@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::fault::{AdoptHow, Core, Engine};
+use crate::fault::{AdoptHow, Core, Engine, EvictStats};
 pub use crate::fault::{FaultMode, LockStats};
 use crate::mm::{Mm, PAGE_SIZE};
 use crate::space::Space;
@@ -64,6 +64,8 @@ pub struct ArenaBuilder {
     registered_from_start: bool,
     unlocked_fills: Option<bool>,
     async_wp: Option<bool>,
+    max_resident: Option<u64>,
+    swap_path: Option<std::path::PathBuf>,
 }
 
 impl ArenaBuilder {
@@ -80,6 +82,29 @@ impl ArenaBuilder {
     /// Default: no limit (checking costs O(spaces) per fault when set).
     pub fn max_memory(mut self, bytes: u64) -> Self {
         self.max_memory = Some(bytes);
+        self
+    }
+
+    /// Keep the memory the arena makes resident (counted as for
+    /// [`max_memory`](Self::max_memory)) under `bytes` by evicting cold frames to the swap
+    /// file ([`Arena::evict`]) instead of refusing pages: an evictor thread starts evicting
+    /// past 15/16 of the limit, down to 7/8; a fault that would pass the limit waits for it
+    /// (up to ~3 s, then it fails as with `max_memory`: only pinned and loaded pages are
+    /// left). Lets a workload whose working set fits run when its total does not — e.g. in
+    /// a container without swap, set it below the `--memory` limit by your process's other
+    /// memory. Spaces are then registered from the start (a never-forked space is not left
+    /// to the kernel, whose memory cowarena cannot evict). At least 1 MiB. Default: none.
+    pub fn max_resident(mut self, bytes: u64) -> Self {
+        self.max_resident = Some(bytes.max(1 << 20));
+        self
+    }
+
+    /// Where the swap file of [`Arena::evict`] goes: a file created (or truncated) at
+    /// `path` at the first eviction and removed with the arena. Default: an unnamed file in
+    /// the temporary directory (`$TMPDIR`, else `/tmp`) — on a disk, not a `tmpfs`, or
+    /// eviction only moves memory around.
+    pub fn swap_path(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.swap_path = Some(path.into());
         self
     }
 
@@ -240,7 +265,17 @@ impl ArenaBuilder {
             fills_out: Default::default(),
             fill_drain: Default::default(),
             unlocked_fills: self.unlocked_fills.unwrap_or(true),
-            plain: !self.registered_from_start && self.max_memory.is_none() && pagemap.is_some(),
+            swap: Default::default(),
+            swap_path: self.swap_path.clone(),
+            swap_len: Default::default(),
+            max_resident_pages: self.max_resident.map_or(0, |b| (b / PAGE_SIZE as u64) as usize),
+            evict_req: Default::default(),
+            evicted_gen: Default::default(),
+            evict_stop: Default::default(),
+            plain: !self.registered_from_start
+                && self.max_memory.is_none()
+                && self.max_resident.is_none()
+                && pagemap.is_some(),
             pagemap,
         });
         drop(core.lock()); // preallocate the fault path's headroom
@@ -473,6 +508,10 @@ impl Arena {
             pins: c.pins,
             pinned_copied: c.pinned_copied,
             pages_filled_unlocked: c.pages_filled_unlocked,
+            frames_evicted: c.frames_evicted,
+            frames_swapped_in: c.frames_swapped_in,
+            pages_swapped: mm.swapped_frames() as u64,
+            resident_bytes: (mm.resident_pages() * PAGE_SIZE) as u64,
             lock: self.inner.core.lock_stats(),
         }
     }
@@ -501,6 +540,45 @@ impl Arena {
             tracing::debug!(frames = n, "compacted");
         }
         r
+    }
+
+    /// Page out cold frames until about `target_bytes` are evicted (fewer when fewer can
+    /// be): their bytes go to the arena's swap file ([`ArenaBuilder::swap_path`]), every
+    /// view page mapping them is unmapped, and their memory is given back. The next touch
+    /// — through a view or the API — reads the frame back from the file, transparently.
+    /// Frames are re-homed, not tables broken: a frame shared by many forks is written
+    /// once and keeps every sharer's table shared.
+    ///
+    /// Cold means unreferenced: a clock over the frames, using the same bits as
+    /// [`Space::referenced`](crate::Space::referenced) — a frame referenced since its last
+    /// pass has its bit cleared (a second chance) and is passed over; so after
+    /// [`Arena::clear_referenced`], the frames touched since are kept. Never evicted:
+    /// pinned pages ([`Space::pin`](crate::Space::pin)), pages still homed in a loaded
+    /// image (they are on a file already), pages already evicted. Faults wait while it
+    /// runs (it holds the arena lock, disk writes and one `fdatasync` per 16 MiB
+    /// included).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), cowarena::Error> {
+    /// let arena = cowarena::Arena::new()?;
+    /// let mut s = arena.space(1 << 20)?;
+    /// s.as_mut_slice().fill(7);
+    /// let st = arena.evict(1 << 20)?;
+    /// assert_eq!(st.frames_evicted, 256);
+    /// assert!(s.as_slice().iter().all(|&b| b == 7)); // brought back on touch
+    /// assert_eq!(arena.stats().frames_swapped_in, 256);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::SwapIo`] when the swap file cannot be created, grown or written (nothing
+    /// was moved); [`Error::Os`] if unmapping or write-protecting view pages fails.
+    pub fn evict(&self, target_bytes: u64) -> Result<EvictStats> {
+        let core = &self.inner.core;
+        core.check_process()?;
+        let pages = target_bytes.div_ceil(PAGE_SIZE as u64).min(usize::MAX as u64) as usize;
+        let mut mm = core.lock();
+        core.evict(&mut mm, pages)
     }
 
     /// Clear the referenced bits of every space (aging), breaking no table. Returns how many
@@ -729,6 +807,18 @@ pub struct Stats {
     /// Pages of read-fault windows (fault-around, dense fills) whose copies ran with the
     /// arena lock released ([`ArenaBuilder::unlocked_fills`]).
     pub pages_filled_unlocked: u64,
+    /// Frames written to the swap file by [`Arena::evict`] (or the
+    /// [`max_resident`](ArenaBuilder::max_resident) evictor).
+    pub frames_evicted: u64,
+    /// Evicted frames read back from the swap file on a later touch.
+    pub frames_swapped_in: u64,
+    /// Frames in the swap file now (counted in [`Stats::frames_in_use`], but holding no
+    /// memory: not in [`Stats::resident_bytes`]).
+    pub pages_swapped: u64,
+    /// Memory the arena holds resident, as [`ArenaBuilder::max_memory`] and
+    /// [`ArenaBuilder::max_resident`] count it: frames in memory and read-only copies in
+    /// views.
+    pub resident_bytes: u64,
     /// The arena lock as the fault path sees it: time held per fault (the serial part of
     /// a fault, which bounds the arena's fault rate on any number of cores) and sleeps in
     /// `FUTEX_WAIT`; see [`LockStats`].

@@ -179,6 +179,22 @@ pub enum Error {
         page: usize,
     },
 
+    /// The arena's swap file failed (`Arena::evict`, or bringing an evicted page back): a
+    /// page that cannot be read back is never replaced by zeros — the access fails. An
+    /// eviction that fails moves nothing.
+    #[error(
+        "swap file I/O failed ({op}): {source}; check the swap file's filesystem (free space, I/O errors, \
+         or whether something truncated the file) or give the arena another one with \
+         `ArenaBuilder::swap_path`"
+    )]
+    SwapIo {
+        /// The step that failed.
+        op: &'static str,
+        /// The system's error (`UnexpectedEof`: the file is shorter than the slot).
+        #[source]
+        source: io::Error,
+    },
+
     /// An internal error (a bug, or an injected failure) in the fault path; the operation
     /// did not happen. Other spaces are unaffected.
     #[error("internal error in cowarena's fault path: {0}; please report it")]

@@ -37,6 +37,7 @@ pub mod inject {
 
 pub use arena::{AgingStats, Arena, ArenaBuilder, BrokenBy, FaultMode, FaultStats, LockStats, Stats, UffdAccess};
 pub use error::{Error, Result, UffdBlock};
+pub use fault::EvictStats;
 pub use image::ImageProblem;
 pub use space::{ForkStrategy, Pinned, Space};
 

@@ -288,6 +288,7 @@ impl Space {
                     let (page, off) = (at / PAGE_SIZE, at % PAGE_SIZE);
                     let n = (PAGE_SIZE - off).min(buf.len() - done - filled);
                     let out = &mut bounce[filled..filled + n];
+                    core.swap_in_for_api(&mut mm, self.id, page)?;
                     match mm.read_source(self.id, page) {
                         Src::Zero => out.fill(0),
                         Src::Addr(a) => {
@@ -377,6 +378,7 @@ impl Space {
                 let mut copied = 0;
                 for p in page..end {
                     let n = PAGE_SIZE.min(self.len - p * PAGE_SIZE);
+                    core.swap_in_for_api(&mut mm, self.id, p)?;
                     let src = mm.stream_source(self.id, p);
                     if let Some(Ok(a) | Err(a)) = src {
                         core.verify_src(&mut mm, a)?;

@@ -94,7 +94,7 @@ fn run_seed(seed: u64, mode: FaultMode, async_wp: bool, ops: usize) -> u64 {
 
     for op in 0..ops {
         trail.op = op;
-        let choice = if live.is_empty() { 0 } else { rng.below(112) };
+        let choice = if live.is_empty() { 0 } else { rng.below(115) };
         match choice {
             // create
             0..=5 => {
@@ -350,6 +350,13 @@ fn run_seed(seed: u64, mode: FaultMode, async_wp: bool, ops: usize) -> u64 {
                 let space = live[i].space.fork_in_with(m, strategy).expect("fork_in_with");
                 let (model, depth) = (live[i].model.clone(), live[i].depth + 1);
                 live.push(Entry { space, model, depth });
+            }
+            // evict cold frames (some, or all that can go): later accesses bring them back
+            112..=114 => {
+                let target = if rng.chance(1, 3) { u64::MAX } else { (1 + rng.below(600) as u64) * PAGE as u64 };
+                trail.note(format!("evict {target:#x}"));
+                let st = arena.evict(target).expect("evict");
+                assert!(target == u64::MAX || st.frames_evicted * PAGE as u64 <= target);
             }
             // drop one, in random order (parents before children and the reverse)
             _ => {

@@ -20,6 +20,8 @@ use crate::sys::wake::EventFd;
 
 mod adopt;
 mod async_wp;
+mod evict;
+pub use evict::EvictStats;
 pub(crate) mod lock;
 mod registry;
 pub(crate) mod signal;
@@ -148,6 +150,17 @@ pub(crate) struct Core {
     /// costs ~10 ms of page freeing, which a fork need not wait for. Never touched from
     /// signal context.
     pub reaper: std::sync::Mutex<Vec<Mapping>>,
+    /// The swap file evicted frames go to (`evict.rs`), created by the first eviction at
+    /// `swap_path` (or unnamed in the temporary directory); its length.
+    pub swap: std::sync::OnceLock<crate::sys::swap::SwapFile>,
+    pub swap_path: Option<std::path::PathBuf>,
+    pub swap_len: AtomicU64,
+    /// `ArenaBuilder::max_resident` in pages (0: none), and the evictor thread's doorbell,
+    /// its round count (faults waiting for room sleep on it) and its stop flag.
+    pub max_resident_pages: usize,
+    pub evict_req: AtomicU32,
+    pub evicted_gen: AtomicU32,
+    pub evict_stop: AtomicBool,
 }
 
 /// State the SIGBUS handler reads without taking the arena lock (atomics only).
@@ -510,7 +523,7 @@ impl Core {
 
     /// Make sure one more fault can be served without allocating (API paths, thread
     /// mode): refill when short; the typed reason when the refill fails.
-    fn ensure_headroom(&self, mm: &mut Mm<Mapping>) -> Result<()> {
+    pub(crate) fn ensure_headroom(&self, mm: &mut Mm<Mapping>) -> Result<()> {
         if mm.has_headroom() {
             return Ok(());
         }
@@ -816,6 +829,18 @@ impl Core {
             // An evacuation changes a home that fills in flight may be reading.
             self.drain_fills(mm);
         }
+        // At the `max_resident` limit (a fault adds at most two resident pages: a frame
+        // brought back from the swap, and its copy): wait for the evictor to make room.
+        let limit = self.max_resident_pages;
+        if limit != 0 && mm.resident_pages() + 2 > limit && !self.wait_for_room(mm) {
+            return Err(Error::CapacityExhausted {
+                what: "a page brought in (nothing left to evict: pinned or loaded pages, or the swap failed)",
+                limit: (limit * PAGE_SIZE) as u64,
+            });
+        }
+        // A frame in the swap comes back to a pool slot first; then the fault is served
+        // from there as from any home.
+        self.swap_in_page(mm, sp, page)?;
         let r = mm.resolve_fault(sp, page, write);
         if let Some(src) = action_src(r.action) {
             self.verify_src(mm, src)?;
@@ -837,6 +862,9 @@ impl Core {
         let moved = Self::exec(self.uffd_of(mm, sp), r.action).map_err(|e| Error::os(op_name(r.action), e))?;
         let kind = mm.commit(if moved == 1 { r } else { r.fell_back() });
         self.reclaim(mm);
+        if limit != 0 {
+            self.note_resident(mm);
+        }
         Ok(kind)
     }
 
@@ -905,6 +933,13 @@ impl Core {
                     if skip_present {
                         continue;
                     }
+                    stop = true;
+                    break;
+                }
+                // A page in the swap, or one more page past 15/16 of `max_resident`, ends
+                // the window: such pages fault on their own (a swap-in each).
+                let limit = self.max_resident_pages;
+                if mm.swapped_at(sp, q).is_some() || (limit != 0 && (mm.resident_pages() + n + 1) * 16 > limit * 15) {
                     stop = true;
                     break;
                 }
@@ -1206,12 +1241,24 @@ pub(crate) struct Engine {
     stop: Arc<EventFd>,
     reader: Option<JoinHandle<()>>,
     worker: Option<JoinHandle<()>>,
+    /// The evictor thread (`ArenaBuilder::max_resident`), and the core it watches.
+    evictor: Option<(JoinHandle<()>, Arc<Core>)>,
 }
 
 impl Engine {
     pub fn start(core: Arc<Core>) -> Result<Engine> {
         let stop = Arc::new(EventFd::new().map_err(|e| Error::open_fd("eventfd", "an eventfd", e))?);
         let (tx, rx) = mpsc::channel::<(u64, u64, u32, bool)>();
+        let evictor = if core.max_resident_pages != 0 {
+            let c = core.clone();
+            let h = std::thread::Builder::new()
+                .name("cowarena-evict".into())
+                .spawn(move || evict::evictor_loop(&c))
+                .map_err(|e| Error::os("spawn evictor thread", e))?;
+            Some((h, core.clone()))
+        } else {
+            None
+        };
         let reader = {
             let (core, stop) = (core.clone(), stop.clone());
             std::thread::Builder::new()
@@ -1233,7 +1280,7 @@ impl Engine {
                 }
             })
             .map_err(|e| Error::os("spawn fault thread", e))?;
-        Ok(Engine { stop, reader: Some(reader), worker: Some(worker) })
+        Ok(Engine { stop, reader: Some(reader), worker: Some(worker), evictor })
     }
 }
 
@@ -1306,6 +1353,12 @@ fn reader_loop(core: &Core, stop: &EventFd, tx: mpsc::Sender<(u64, u64, u32, boo
 
 impl Drop for Engine {
     fn drop(&mut self) {
+        if let Some((h, core)) = self.evictor.take() {
+            core.evict_stop.store(true, Ordering::Release);
+            core.evict_req.fetch_add(1, Ordering::AcqRel);
+            crate::sys::futex::wake(&core.evict_req, 1);
+            let _ = h.join();
+        }
         let _ = self.stop.signal();
         if let Some(r) = self.reader.take() {
             let _ = r.join();

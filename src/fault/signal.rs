@@ -126,6 +126,10 @@ fn serve_in(core: &Core, page_addr: usize, cpu_says_write: bool) -> Option<Outco
                 "a page of a space loaded from an image failed its checksum: the image file is damaged or was \
                  changed after it was saved",
             ),
+            Ok(Err(crate::Error::SwapIo { .. })) => failed(
+                "an evicted page could not be read back from the arena's swap file (I/O error, or the file \
+                 was truncated): it is not replaced by zeros",
+            ),
             Ok(Err(crate::Error::CapacityExhausted { .. })) => {
                 failed("arena memory limit reached (Arena::builder().max_memory counts written pages and read-only copies in views)")
             }

@@ -67,13 +67,13 @@ impl<B> Mm<B> {
             if r.homes != want {
                 return Err(format!("region {rid}: homes {} but {want} frames live there", r.homes));
             }
-            if r.kind == RegionKind::Frozen && r.homes == 0 && self.pool != Some(RegionId(rid)) {
+            if r.kind == RegionKind::Frozen && r.homes == 0 && self.pool != Some(RegionId(rid)) && r.swap.is_none() {
                 return Err(format!("frozen region {rid} is empty but not released"));
             }
             let active = self.pool == Some(RegionId(rid));
             let frozen = r.kind == RegionKind::Frozen && !active;
             // (A loaded image's region is never compacted: see `Region::check`.)
-            let sparse = frozen && r.check.is_none() && r.homes * 4 <= r.peak;
+            let sparse = frozen && r.check.is_none() && r.swap.is_none() && r.homes * 4 <= r.peak;
             let queue_ok = (!sparse || r.queued) && (!r.queued || frozen);
             if !queue_ok || r.queued != self.sparse.contains(&RegionId(rid)) {
                 return Err(format!(

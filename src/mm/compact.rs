@@ -79,6 +79,7 @@ impl<B> Mm<B> {
         let reg = self.region_mut(r);
         if reg.kind == RegionKind::Frozen
             && reg.check.is_none()
+            && reg.swap.is_none()
             && !reg.queued
             && reg.homes > 0
             && reg.homes * 4 <= reg.peak

@@ -209,6 +209,7 @@ impl<B> Mm<B> {
                         && self.streams == 0
                         && self.fills == 0
                         && self.region(fr.home.region).check.is_none()
+                        && self.region(fr.home.region).swap.is_none()
                     {
                         done(Action::Take { dst, src }, Commit::Rehome { frame: f, copied: false, moved: true })
                     } else {

@@ -210,6 +210,7 @@ impl<B> Mm<B> {
             queued: false,
             pool: false,
             check: None,
+            swap: None,
             backing: view_backing,
         }));
         let s = self.space_mut(sp);

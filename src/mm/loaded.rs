@@ -37,6 +37,7 @@ impl<B> Mm<B> {
             queued: false,
             pool: false,
             check: Some(Box::new(check)),
+            swap: None,
             backing: data,
         }));
         let stored = crcs.iter().filter(|c| c.is_some()).count();

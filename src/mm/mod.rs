@@ -13,6 +13,7 @@ mod async_wp;
 mod bits;
 mod check;
 mod compact;
+mod evict;
 mod fault;
 mod fork;
 mod frame;
@@ -23,6 +24,8 @@ mod table;
 
 pub use adopt::AdoptAt;
 pub use async_wp::ScanSpan;
+#[allow(unused_imports)]
+pub use evict::SwapSlots;
 pub use fault::{Action, FaultKind, Resolution, Src, FAULT_AROUND_MAX};
 pub use fork::{DropPlan, Dropped, SharePlan};
 pub use rmap::KernelOp;
@@ -76,6 +79,9 @@ pub struct Region<B> {
     /// which were checked. Such a region is never compacted and its frames never migrate
     /// or move: their bytes leave it only after [`Mm::unverified`] said they may.
     pub check: Option<Box<PageChecks>>,
+    /// A chunk of the arena's swap file (`evict.rs`): its free slots. Such a region lives
+    /// as long as the arena (it is never dead, sparse or compacted).
+    pub swap: Option<Box<evict::SwapSlots>>,
     pub backing: B,
 }
 
@@ -98,6 +104,7 @@ impl<B> Region<B> {
             queued: false,
             pool: true,
             check: None,
+            swap: None,
             backing,
         }
     }
@@ -236,6 +243,13 @@ pub struct MmCounters {
     pub pinned_copied: u64,
     /// Pages of read windows filled with the arena lock released (`Mm::begin_fill`).
     pub pages_filled_unlocked: u64,
+    /// Frames written to the swap file and re-homed there, frames brought back, and view
+    /// pages zapped by evictions (`evict.rs`).
+    pub frames_evicted: u64,
+    pub frames_swapped_in: u64,
+    pub evict_zaps: u64,
+    /// Frames the eviction clock found referenced and gave a second chance.
+    pub frames_aged: u64,
 }
 
 /// Shared tables broken, by the operation that needed an exclusive table.
@@ -366,6 +380,11 @@ pub struct Mm<B> {
     file_regions: Vec<RegionId>,
     /// Pinned pages of every space (`pin.rs`).
     pinned_now: usize,
+    /// Swap regions (`evict.rs`), frames homed in them, and where the eviction clock's
+    /// hand is (a frame slot).
+    swap_regions: Vec<RegionId>,
+    swapped_now: usize,
+    evict_hand: usize,
     pub counters: MmCounters,
 }
 
@@ -400,6 +419,9 @@ impl<B> Mm<B> {
             file_regions: Vec::new(),
             async_wp: false,
             pinned_now: 0,
+            swap_regions: Vec::new(),
+            swapped_now: 0,
+            evict_hand: 0,
             counters: MmCounters::default(),
         }
     }
@@ -414,7 +436,7 @@ impl<B> Mm<B> {
     /// `ArenaBuilder::max_memory` bounds. O(spaces).
     pub fn resident_pages(&self) -> usize {
         let copies: usize = self.spaces.iter().map(|(_, s)| s.vs.present.count() - s.vs.home.count()).sum();
-        self.frames.in_use() + copies
+        self.frames.in_use() - self.swapped_now + copies
     }
     pub fn tables_in_use(&self) -> usize {
         self.tables.in_use()
@@ -427,7 +449,7 @@ impl<B> Mm<B> {
     }
     /// Regions of pages frozen out of views by forks (and dropped views), mapped now.
     pub fn frozen_regions(&self) -> usize {
-        self.regions.iter().filter(|(_, r)| r.kind == RegionKind::Frozen && !r.pool).count()
+        self.regions.iter().filter(|(_, r)| r.kind == RegionKind::Frozen && !r.pool && r.swap.is_none()).count()
     }
     /// Pool regions mapped now besides the active one (which is reserved for the fault
     /// path): they hold homes of evacuated, re-homed, migrated or compacted frames.
@@ -521,6 +543,7 @@ impl<B> Mm<B> {
             queued: false,
             pool: false,
             check: None,
+            swap: None,
             backing: view,
         }));
         let sp = SpaceId(self.spaces.insert(SpaceMm {
@@ -648,6 +671,13 @@ impl<B> Mm<B> {
     fn unhome(&mut self, home: Home, moved: bool) {
         let r = self.region_mut(home.region);
         r.homes -= 1;
+        if let Some(s) = r.swap.as_mut() {
+            // A swap slot: free it for reuse (capacity reserved: no allocation). Its bytes
+            // stay in the file until the slot is written again.
+            s.free.push(home.page);
+            self.swapped_now -= 1;
+            return;
+        }
         match r.kind {
             RegionKind::View(sp) => {
                 debug_assert!(!moved, "a view page is never the source of a move");

@@ -78,7 +78,10 @@ impl<B> Mm<B> {
     pub fn frames_in(&self, sp: SpaceId, first: usize, end: usize) -> Vec<FrameId> {
         let mut v: Vec<FrameId> = (first..end)
             .filter_map(|p| self.lookup(sp, p).frame())
-            .filter(|&f| self.region(self.frames.get(f).home.region).check.is_none() && !self.frame_pinned(f))
+            .filter(|&f| {
+                let r = self.region(self.frames.get(f).home.region);
+                r.check.is_none() && r.swap.is_none() && !self.frame_pinned(f)
+            })
             .collect();
         v.sort_unstable();
         v.dedup();
@@ -90,7 +93,9 @@ impl<B> Mm<B> {
         let sparse: std::collections::HashSet<u32> = self
             .regions
             .iter()
-            .filter(|(_, r)| r.kind == RegionKind::Frozen && r.check.is_none() && r.homes * 2 <= r.pages)
+            .filter(|(_, r)| {
+                r.kind == RegionKind::Frozen && r.check.is_none() && r.swap.is_none() && r.homes * 2 <= r.pages
+            })
             .map(|(i, _)| i)
             .collect();
         self.frames.iter().filter(|(_, f)| sparse.contains(&f.home.region.0)).map(|(id, _)| id).collect()

@@ -22,9 +22,11 @@ pub enum Point {
     /// The engine's reader thread waits before it refills the headroom: the armed "errno"
     /// is the delay in milliseconds (a reader scheduled late, as on a loaded machine).
     RefillDelay = 5,
+    /// Swap-file I/O: writing evicted pages out, reading one back (`sys::swap`).
+    SwapIo = 6,
 }
 
-const N: usize = 6;
+const N: usize = 7;
 static ERRNO: [AtomicI32; N] = [const { AtomicI32::new(0) }; N];
 static LEFT: [AtomicU32; N] = [const { AtomicU32::new(0) }; N];
 

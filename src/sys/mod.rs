@@ -7,6 +7,7 @@ pub mod mem;
 pub mod pagemap;
 pub mod process;
 pub mod signal;
+pub mod swap;
 // Reached from outside only through the doc-hidden `cowarena::__bench` (the bench baselines).
 #[allow(missing_docs)]
 pub mod uffd;
