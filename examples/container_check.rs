@@ -12,7 +12,7 @@
 //!
 //! ```text
 //! container_check                      # fork/write/read/verify across several spaces, both fault modes
-//! container_check exhaust BYTES [--max-memory BYTES] [--via api|view] [--pin-text]
+//! container_check exhaust BYTES [--max-memory BYTES] [--max-resident BYTES] [--via api|view] [--pin-text]
 //! ```
 
 use std::process::exit;
@@ -132,10 +132,13 @@ fn semantic(mode: FaultMode) {
     );
 }
 
-fn exhaust(bytes: usize, max_memory: Option<u64>, via_view: bool) {
+fn exhaust(bytes: usize, max_memory: Option<u64>, max_resident: Option<u64>, via_view: bool) {
     let mut b = Arena::builder();
     if let Some(m) = max_memory {
         b = b.max_memory(m);
+    }
+    if let Some(m) = max_resident {
+        b = b.max_resident(m);
     }
     let arena = arena(b);
     let mut space = arena.space(bytes).unwrap_or_else(|e| die(1, format!("space: {e}")));
@@ -169,7 +172,13 @@ fn exhaust(bytes: usize, max_memory: Option<u64>, via_view: bool) {
             die(3, format!("WRONG DATA at byte {}: {} != {}", off + i, buf[i], pattern(off + i)));
         }
     }
-    println!("container_check: wrote and verified {} MiB", bytes >> 20);
+    let s = arena.stats();
+    println!(
+        "container_check: wrote and verified {} MiB ({} frames evicted, {} read back from the swap file)",
+        bytes >> 20,
+        s.frames_evicted,
+        s.frames_swapped_in
+    );
 }
 
 /// Re-execute this program from an in-memory copy (a memfd), so its code lives in shmem.
@@ -219,17 +228,18 @@ fn main() {
         }
         Some("exhaust") => {
             let bytes = parse_size(args.get(1).map(String::as_str).unwrap_or_else(|| die(64, "exhaust BYTES".into())));
-            let (mut max, mut via_view) = (None, false);
+            let (mut max, mut resident, mut via_view) = (None, None, false);
             let mut it = args[2..].iter();
             while let Some(a) = it.next() {
                 match a.as_str() {
                     "--max-memory" => max = it.next().map(|v| parse_size(v) as u64),
+                    "--max-resident" => resident = it.next().map(|v| parse_size(v) as u64),
                     "--via" => via_view = it.next().map(String::as_str) == Some("view"),
                     "--pin-text" => pin_text(),
                     other => die(64, format!("unknown argument {other:?}")),
                 }
             }
-            exhaust(bytes, max, via_view);
+            exhaust(bytes, max, resident, via_view);
         }
         Some(other) => die(64, format!("unknown command {other:?}; see the file's docs")),
     }

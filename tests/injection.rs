@@ -290,3 +290,37 @@ fn failed_adoption_leaves_the_space_plain_and_intact() {
         assert_empty(&arena);
     }
 }
+
+/// Swap-file I/O errors (issue 16): a failed write-out moves nothing (the eviction is an
+/// error and every page stays where it was); a failed read-back is an error from the API,
+/// leaves the page evicted, and the next read — the file being fine — brings it back.
+#[test]
+fn swap_io_errors_move_nothing_and_lose_nothing() {
+    let _g = serial();
+    for mode in modes() {
+        let arena = Arena::builder().fault_mode(mode).build().unwrap();
+        let mut s = arena.space(64 * PAGE).unwrap();
+        s.as_mut_slice().fill(0x3c);
+        arm(Point::SwapIo, libc::EIO, 1);
+        match arena.evict(u64::MAX) {
+            Err(Error::SwapIo { source, .. }) => assert_eq!(source.raw_os_error(), Some(libc::EIO)),
+            other => panic!("{mode:?}: evict with a failing write-out: {other:?}"),
+        }
+        let st = arena.stats();
+        assert_eq!((st.frames_evicted, st.pages_swapped), (0, 0), "{mode:?}: a failed eviction moved frames");
+        arena.check_invariants().unwrap();
+        assert!(s.as_slice().iter().all(|&b| b == 0x3c), "{mode:?}");
+        let st2 = arena.evict(u64::MAX).unwrap();
+        assert_eq!(st2.frames_evicted, 64, "{mode:?}");
+        arm(Point::SwapIo, libc::EIO, 1);
+        let mut b = [0u8; 8];
+        assert!(matches!(s.read(5 * PAGE, &mut b), Err(Error::SwapIo { .. })), "{mode:?}: read-back error");
+        assert_eq!(arena.stats().frames_swapped_in, 0, "{mode:?}");
+        s.read(5 * PAGE, &mut b).unwrap();
+        assert_eq!(b, [0x3c; 8], "{mode:?}");
+        assert!(s.as_slice().iter().all(|&b| b == 0x3c), "{mode:?}");
+        arena.check_invariants().unwrap();
+        drop(s);
+        assert_empty(&arena);
+    }
+}

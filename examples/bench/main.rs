@@ -2369,6 +2369,126 @@ fn w6(cfg: &Config, rep: &mut Report) -> Res<()> {
     w6_images(cfg, rep, &path)
 }
 
+/// W7 (issue 16): eviction to the arena's swap file and the fault that brings a page
+/// back, per page, in random order through the view — after the eviction dropped the file
+/// from the page cache (its default), and with the file's pages cached again — against
+/// `pread(2)` of a 4 KiB page of a file in the same state, same order (there is no swap
+/// device on our machines for the kernel's own swap-in; where there is one the note says
+/// so). The swap file is in the temporary directory (a disk here, not tmpfs). Eviction
+/// itself against `pwrite(2)` + `fdatasync` of the same bytes.
+fn w7(cfg: &Config, rep: &mut Report) -> Res<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::FileExt;
+    let size = if cfg.quick { 64 * MIB } else { 256 * MIB };
+    let pages = size / PAGE;
+    let sz = size_name(size);
+    let dir = std::env::temp_dir();
+    let swap = dir.join(format!("cowarena-bench-w7-{}.swap", std::process::id()));
+    let peer_path = dir.join(format!("cowarena-bench-w7-{}.peer", std::process::id()));
+    let mut rng = Rng::new(0x5a9);
+    let order = dense_order(&mut rng, pages);
+    let arena = Arena::builder().swap_path(&swap).build()?;
+    let s = arena.space(size)?;
+    fill(&s, 3);
+    drop(s.fork()?); // the written pages become the arena's frames (a plain space's are the kernel's)
+    let t = Instant::now();
+    let st = arena.evict(u64::MAX)?;
+    let evict = t.elapsed();
+    if st.frames_evicted as usize != pages {
+        return Err(format!("W7: {} of {pages} frames evicted", st.frames_evicted).into());
+    }
+    let fault_back = |s: &Space| -> Res<Duration> {
+        let t = Instant::now();
+        let mut sum = 0u64;
+        for (i, &p) in order.iter().enumerate() {
+            let v = load(s, p);
+            if i % 4096 == 0 && v != pattern(3, p) {
+                return Err(format!("W7: page {p} came back wrong").into());
+            }
+            sum = sum.wrapping_add(v);
+        }
+        std::hint::black_box(sum);
+        Ok(t.elapsed())
+    };
+    let cold = fault_back(&s)?;
+    // Again with the swap file's pages in the page cache: evict, then read the file.
+    arena.evict(u64::MAX)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut f = std::fs::File::open(&swap)?;
+    while f.read(&mut buf)? > 0 {}
+    let warm = fault_back(&s)?;
+    // The peer: a file of the same bytes, written and synced, then read a page at a time.
+    let mut data = vec![0u8; size];
+    s.read(0, &mut data)?;
+    let t = Instant::now();
+    {
+        let mut pf = std::fs::File::create(&peer_path)?;
+        pf.write_all(&data)?;
+        pf.sync_data()?;
+    }
+    let write_peer = t.elapsed();
+    drop(data);
+    let pf = std::fs::File::open(&peer_path)?;
+    let pread_all = |pf: &std::fs::File| -> Res<Duration> {
+        let mut page = [0u8; PAGE];
+        let t = Instant::now();
+        for &p in &order {
+            pf.read_exact_at(&mut page, (p * PAGE) as u64)?;
+        }
+        std::hint::black_box(&page);
+        Ok(t.elapsed())
+    };
+    rustix::fs::fadvise(&pf, 0, None, rustix::fs::Advice::DontNeed)?;
+    let peer_cold = pread_all(&pf)?;
+    let peer_warm = pread_all(&pf)?;
+    drop(pf);
+    let _ = std::fs::remove_file(&peer_path);
+    let stats = arena.stats();
+    drop(s);
+    drop(arena);
+    let per = |d: Duration| secs(d) / pages as f64;
+    rep.note(format!(
+        "W7 {sz} in {}: evict {:.0} ms ({} frames, {} view pages unmapped), write(2) + fdatasync of the bytes {:.0} ms; \
+         fault-back cold {:.0} ms, warm {:.0} ms; pread cold {:.0} ms, warm {:.0} ms; swapped in {}; no swap device: the \
+         peer is a file read",
+        dir.display(),
+        secs(evict) * 1e3,
+        st.frames_evicted,
+        st.pages_unmapped,
+        secs(write_peer) * 1e3,
+        secs(cold) * 1e3,
+        secs(warm) * 1e3,
+        secs(peer_cold) * 1e3,
+        secs(peer_warm) * 1e3,
+        stats.frames_swapped_in,
+    ));
+    rep.row(
+        "W7",
+        format!("evict {sz} (written out, synced, unmapped)"),
+        Unit::Secs,
+        Some(secs(evict)),
+        "write(2) + fdatasync",
+        Some(secs(write_peer)),
+    );
+    rep.row(
+        "W7",
+        format!("fault-back of an evicted page of {sz}, random order, file not cached: per page"),
+        Unit::Secs,
+        Some(per(cold)),
+        "pread 4 KiB, file not cached",
+        Some(per(peer_cold)),
+    );
+    rep.row(
+        "W7",
+        format!("fault-back of an evicted page of {sz}, random order, file cached: per page"),
+        Unit::Secs,
+        Some(per(warm)),
+        "pread 4 KiB, file cached",
+        Some(per(peer_warm)),
+    );
+    Ok(())
+}
+
 /// W6, images (issue 15): `Space::save` of a fully written space, `Arena::load` of it
 /// (time to the first byte), and every page read through the loaded view — sequentially
 /// and in random order — against the floor: reading the file (page cache warm) plus one
@@ -2524,13 +2644,14 @@ fn run() -> Res<()> {
     let start = Instant::now();
     let mut rep = Report::default();
     type Workload = fn(&Config, &mut Report) -> Res<()>;
-    let workloads: [(&str, &str, Workload); 6] = [
+    let workloads: [(&str, &str, Workload); 7] = [
         ("W1", "fork latency vs size", w1),
         ("W2", "fuzz loop", w2),
         ("W3", "live snapshot", w3),
         ("W4", "fault throughput", w4),
         ("W5", "fan-out", w5),
         ("W6", "snapshot streamed out", w6),
+        ("W7", "eviction", w7),
     ];
     for (id, name, f) in workloads {
         if !cfg.runs(id) {

@@ -178,6 +178,8 @@ impl<B> Mm<B> {
     pub fn evict_candidates(&mut self, want: usize, ops: &mut Vec<KernelOp>) -> Vec<FrameId> {
         let slots = self.frames.slots_len();
         let mut chosen = Vec::new();
+        // (The second turn passes the frames chosen on the first again: once each.)
+        let mut taken = vec![false; slots];
         let mut scanned = 0;
         while chosen.len() < want && scanned < 2 * slots {
             if self.evict_hand >= slots {
@@ -186,7 +188,7 @@ impl<B> Mm<B> {
             let f = FrameId(self.evict_hand as u32);
             self.evict_hand += 1;
             scanned += 1;
-            if self.frames.try_get(f).is_none() || !self.evictable(f) {
+            if taken[f.0 as usize] || self.frames.try_get(f).is_none() || !self.evictable(f) {
                 continue;
             }
             if self.frame_referenced(f) {
@@ -201,6 +203,7 @@ impl<B> Mm<B> {
                     ops.push(KernelOp::Protect { addr: self.home_addr(home), len: PAGE_SIZE });
                 }
             }
+            taken[f.0 as usize] = true;
             chosen.push(f);
         }
         chosen
@@ -302,6 +305,10 @@ mod tests {
         let mut ops = Vec::new();
         let victims = mm.evict_candidates(usize::MAX, &mut ops);
         assert!(!victims.is_empty() && victims.len() <= pages);
+        let mut sorted = victims.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), victims.len(), "a frame chosen twice");
         let mut ops = Vec::new();
         for &f in &victims {
             let (slot, _) = mm.alloc_swap_slot().unwrap();
