@@ -326,3 +326,61 @@ fn a_failing_swap_file_at_a_view_access_dies_loudly() {
         assert!(se.contains("swap file"), "{mode}: the death does not say why:\n{se}");
     }
 }
+
+/// Two threads store into a space while another evicts it again and again: no store is
+/// lost — in an async-WP arena too, where stores to mapped pages take no trap (which is
+/// why eviction there first freezes the views).
+#[test]
+fn evictions_racing_writers_lose_no_store() {
+    let _wd = Watchdog::new("evictions_racing_writers_lose_no_store", std::time::Duration::from_secs(120));
+    use std::sync::atomic::{AtomicBool, Ordering};
+    for (name, arena) in arenas() {
+        let s = arena.space(4 * TABLE).unwrap();
+        let words = s.len() / 8;
+        let stop = AtomicBool::new(false);
+        let base = s.as_mut_ptr() as usize;
+        let lasts: Vec<Vec<u64>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..2usize)
+                .map(|t| {
+                    let stop = &stop;
+                    sc.spawn(move || {
+                        let mut rng = Rng::new(t as u64 + 1);
+                        let mut last = vec![0u64; words / 2];
+                        let mut n = 1u64;
+                        while !stop.load(Ordering::Relaxed) {
+                            for _ in 0..256 {
+                                let i = rng.below(words / 2);
+                                let w = i * 2 + t; // thread t owns every other word
+                                                   // SAFETY: inside the view, which outlives the scope; each
+                                                   // word has one writer.
+                                unsafe { ((base + w * 8) as *mut u64).write_volatile(n) };
+                                last[i] = n;
+                                n += 1;
+                            }
+                        }
+                        last
+                    })
+                })
+                .collect();
+            let t0 = std::time::Instant::now();
+            let mut evictions = 0;
+            while t0.elapsed() < std::time::Duration::from_millis(800) || evictions < 5 {
+                arena.evict(u64::MAX).unwrap();
+                evictions += 1;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            stop.store(true, Ordering::Relaxed);
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let view = s.as_slice();
+        for (t, last) in lasts.iter().enumerate() {
+            for (i, &want) in last.iter().enumerate() {
+                let w = i * 2 + t;
+                let got = u64::from_ne_bytes(view[w * 8..w * 8 + 8].try_into().unwrap());
+                assert_eq!(got, want, "{name}: word {w} of thread {t} lost a store");
+            }
+        }
+        assert!(arena.stats().frames_swapped_in > 0, "{name}: nothing came back from the swap");
+        arena.check_invariants().unwrap();
+    }
+}

@@ -69,8 +69,19 @@ impl Core {
         // Stores the kernel served alone must be in the model first (async-WP arenas), and
         // plain spaces' pages become frames (the kernel's memory is not ours to page out).
         self.sync_all_written(mm)?;
+        let async_wp = mm.async_wp();
         for sp in mm.space_ids() {
-            self.adopt_if_plain(mm, sp, super::adopt::AdoptHow::Auto)?;
+            if async_wp {
+                // A page a view maps takes stores without a trap here, so no frame a view
+                // maps is evicted (`Mm::evictable`): freeze the views first, as a fork
+                // does — their pages become unmapped homes, and the working set faults
+                // back in (the cost of eviction in an async-WP arena).
+                if mm.is_plain(sp) || mm.view_pages_mapped(sp) > 0 {
+                    self.prepare_share(mm, sp, crate::ForkStrategy::Freeze)?;
+                }
+            } else {
+                self.adopt_if_plain(mm, sp, super::adopt::AdoptHow::Auto)?;
+            }
         }
         let zaps_before = mm.counters.evict_zaps;
         let mut left = pages;

@@ -14,7 +14,7 @@
 //!
 //! Never evicted: pinned frames (their pages must stay where DMA writes them), frames
 //! still homed in a loaded image (their bytes are on a file already), frames already in
-//! the swap.
+//! the swap — and, in async-WP arenas, frames a view maps (see `Mm::evictable`).
 
 use super::*;
 
@@ -99,11 +99,38 @@ impl<B> Mm<B> {
         self.swapped_now
     }
 
-    /// Can frame `f` be evicted at all (not pinned, not in an image or the swap)?
+    /// Can frame `f` be evicted at all (not pinned, not in an image or the swap)? In an
+    /// async-WP arena, not while any view maps it: a store the kernel serves alone to a
+    /// mapped page takes no lock and leaves no fault, so it could land between the
+    /// write-out and the unmapping and be lost (write-protection does not stop it there).
     fn evictable(&self, f: FrameId) -> bool {
         let home = self.frames.get(f).home;
         let r = self.region(home.region);
-        r.check.is_none() && r.swap.is_none() && !self.frame_pinned(f) && !self.frame_pinned_anywhere(f)
+        r.check.is_none()
+            && r.swap.is_none()
+            && !self.frame_pinned(f)
+            && !self.frame_pinned_anywhere(f)
+            && !(self.async_wp && self.frame_mapped(f))
+    }
+
+    /// Pages `sp`'s view maps now (homes and copies).
+    pub fn view_pages_mapped(&self, sp: SpaceId) -> usize {
+        self.space(sp).vs.present.count()
+    }
+
+    /// Does any view map `f` (its home view page, or a copy)?
+    fn frame_mapped(&self, f: FrameId) -> bool {
+        let fr = self.frames.get(f);
+        if matches!(self.region(fr.home.region).kind, RegionKind::View(_)) {
+            return true;
+        }
+        let idx = fr.index as usize;
+        self.families.get(&fr.family).is_some_and(|members| {
+            members.iter().any(|&sp| {
+                let s = self.space(sp);
+                idx < s.pages && s.vs.present.get(idx) && self.lookup(sp, idx).frame() == Some(f)
+            })
+        })
     }
 
     /// Is any page mapping `f` pinned (a pinned page's frame is homed in its view, but a
