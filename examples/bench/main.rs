@@ -1544,8 +1544,31 @@ struct W4Run {
     pages: usize,
 }
 
-/// [`W4Run`] with `threads` threads.
+/// [`W4Run`] with `threads` threads, pages in order.
 fn w4_cowarena(arena: &Arena, size: usize, threads: usize) -> Res<W4Run> {
+    w4_cowarena_in(arena, size, threads, false)
+}
+
+/// The page order of a W4 phase with `threads` threads on contiguous ranges: each range in
+/// order, or (`random`) shuffled within itself — so threads still touch disjoint pages.
+fn w4_order(pages: usize, threads: usize, random: bool) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..pages).collect();
+    if random {
+        let mut rng = Rng::new(0x13 + threads as u64);
+        for t in 0..threads {
+            let (lo, hi) = (pages * t / threads, pages * (t + 1) / threads);
+            for i in (lo + 1..hi).rev() {
+                order.swap(i, lo + rng.below(i - lo + 1));
+            }
+        }
+    }
+    order
+}
+
+/// [`W4Run`] with `threads` threads, in order or in random order within each thread's pages.
+fn w4_cowarena_in(arena: &Arena, size: usize, threads: usize, random: bool) -> Res<W4Run> {
+    let order = w4_order(size / PAGE, threads, random);
+    let order = &order;
     let mut held_ns = [0; 4];
     let mut holds = [0; 4];
     let mut phase = |i: usize, f: &mut dyn FnMut() -> Duration| {
@@ -1558,14 +1581,15 @@ fn w4_cowarena(arena: &Arena, size: usize, threads: usize) -> Res<W4Run> {
     };
     let root = arena.space(size)?;
     let pages = pages_of(&root);
-    let first = phase(0, &mut || threaded(pages, threads, |r| r.for_each(|p| store(&root, p, pattern(1, p)))));
+    let first =
+        phase(0, &mut || threaded(pages, threads, |r| r.for_each(|i| store(&root, order[i], pattern(1, order[i])))));
 
     let child = root.fork()?;
     let read = phase(1, &mut || {
         threaded(pages, threads, |r| {
             let mut acc = 0u64;
-            for p in r {
-                acc = acc.wrapping_add(load(&child, p));
+            for i in r {
+                acc = acc.wrapping_add(load(&child, order[i]));
             }
             std::hint::black_box(acc);
         })
@@ -1573,14 +1597,14 @@ fn w4_cowarena(arena: &Arena, size: usize, threads: usize) -> Res<W4Run> {
     drop(child);
 
     let child = root.fork()?;
-    let cow_child = phase(2, &mut || threaded(pages, threads, |r| r.for_each(|p| store(&child, p, 2))));
+    let cow_child = phase(2, &mut || threaded(pages, threads, |r| r.for_each(|i| store(&child, order[i], 2))));
     if load(&root, pages / 2) != pattern(1, pages / 2) {
         return Err("W4: a child's write reached its parent".into());
     }
     drop(child);
 
     let child = root.fork()?;
-    let cow_parent = phase(3, &mut || threaded(pages, threads, |r| r.for_each(|p| store(&root, p, 3))));
+    let cow_parent = phase(3, &mut || threaded(pages, threads, |r| r.for_each(|i| store(&root, order[i], 3))));
     drop(child);
     Ok(W4Run {
         rates: [per_sec(pages, first), per_sec(pages, read), per_sec(pages, cow_child), per_sec(pages, cow_parent)],
@@ -1588,6 +1612,38 @@ fn w4_cowarena(arena: &Arena, size: usize, threads: usize) -> Res<W4Run> {
         holds,
         pages,
     })
+}
+
+/// Issue 13 item 3, sibling spaces: `threads` forks of one written space, thread `t`
+/// reading (then writing) every page of fork `t` in random order. Aggregate rates of all
+/// threads: [read faults, COW write faults].
+fn w4_siblings(arena: &Arena, size: usize, threads: usize) -> Res<[f64; 2]> {
+    let root = arena.space(size)?;
+    let pages = pages_of(&root);
+    threaded(pages, 1, |r| r.for_each(|p| store(&root, p, pattern(1, p))));
+    let order = w4_order(pages, 1, true);
+    let kids: Vec<Space> = (0..threads).map(|_| root.fork()).collect::<Result<_, _>>()?;
+    // `threads` ranges of `pages`: range `t` is fork `t`'s pages.
+    let read = threaded(pages * threads, threads, |r| {
+        let (kid, base) = (&kids[r.start / pages], r.start);
+        let mut acc = 0u64;
+        for i in r {
+            acc = acc.wrapping_add(load(kid, order[i - base]));
+        }
+        std::hint::black_box(acc);
+    });
+    drop(kids);
+    let kids: Vec<Space> = (0..threads).map(|_| root.fork()).collect::<Result<_, _>>()?;
+    let cow = threaded(pages * threads, threads, |r| {
+        let (kid, base) = (&kids[r.start / pages], r.start);
+        for i in r {
+            store(kid, order[i - base], 2);
+        }
+    });
+    if (0..pages).step_by(101).any(|p| load(&root, p) != pattern(1, p)) {
+        return Err("W4: a sibling's write reached its parent".into());
+    }
+    Ok([per_sec(pages * threads, read), per_sec(pages * threads, cow)])
 }
 
 /// Write faults on pages only the parent maps again (its snapshot was dropped): UFFDIO_MOVE
@@ -1777,6 +1833,77 @@ fn w4(cfg: &Config, rep: &mut Report) -> Res<()> {
         ));
         w4_lock_rows(rep, &t, &run);
         by_threads.push((threads, rates, touch, kcow));
+    }
+    // Issue 13 item 3: scaling in random page order, disjoint pages of one space and two
+    // sibling spaces (views registered from the start, as above).
+    {
+        let run = |threads| -> Res<W4Run> {
+            let arena = Arena::builder().plain_until_fork(false).build()?;
+            w4_cowarena_in(&arena, size, threads, true)
+        };
+        let sib = |threads| -> Res<[f64; 2]> {
+            let arena = Arena::builder().plain_until_fork(false).build()?;
+            w4_siblings(&arena, size, threads)
+        };
+        let (one, two) = (run(1)?.rates, run(2)?.rates);
+        let (s1, s2) = (sib(1)?, sib(2)?);
+        let kernel = |i: usize| {
+            let (k1, k2) = (by_threads.iter().find(|r| r.0 == 1), by_threads.iter().find(|r| r.0 == 2));
+            match (k1, k2) {
+                (Some(a), Some(b)) if i == 0 || i == 1 => Some(b.2 / a.2),
+                (Some(a), Some(b)) => Some(b.3 / a.3),
+                _ => None,
+            }
+        };
+        for (i, what, base) in [
+            (0, "first-touch write faults", "kernel first touch 2t/1t (sequential)"),
+            (1, "read faults in a fork", "kernel first touch 2t/1t (sequential)"),
+            (2, "COW write faults in the fork", "kernel COW 2t/1t (sequential)"),
+        ] {
+            let ratio = two[i] / one[i];
+            rep.row(
+                "W4",
+                format!("random order, one space: {what}, 2 threads / 1 thread"),
+                Unit::Factor,
+                Some(ratio),
+                base,
+                kernel(i),
+            );
+            rep.target(
+                "W4",
+                format!("random order, one space: {what}, 2 threads >= 1.6x one (issue 13)"),
+                Some(ratio),
+                true,
+                1.6,
+                Unit::Factor,
+            );
+        }
+        for (i, what, base) in [
+            (0, "read faults in a fork", "kernel first touch 2t/1t (sequential)"),
+            (1, "COW write faults in the fork", "kernel COW 2t/1t (sequential)"),
+        ] {
+            let ratio = s2[i] / s1[i];
+            rep.row(
+                "W4",
+                format!("random order, two sibling spaces: {what}, 2 threads / 1 thread"),
+                Unit::Factor,
+                Some(ratio),
+                base,
+                kernel(i + 1),
+            );
+            rep.target(
+                "W4",
+                format!("random order, sibling spaces: {what}, 2 threads >= 1.6x one (issue 13)"),
+                Some(ratio),
+                true,
+                1.6,
+                Unit::Factor,
+            );
+        }
+        rep.note(format!(
+            "W4 random order, one space, 1 / 2 threads (k/s): first touch {:.0} / {:.0}, read in fork {:.0} / {:.0}, COW {:.0} / {:.0}; sibling spaces: read {:.0} / {:.0}, COW {:.0} / {:.0}",
+            one[0] / 1e3, two[0] / 1e3, one[1] / 1e3, two[1] / 1e3, one[2] / 1e3, two[2] / 1e3, s1[0] / 1e3, s2[0] / 1e3, s1[1] / 1e3, s2[1] / 1e3
+        ));
     }
     // The same two-thread read phase with the fault path's fills kept under the lock
     // (`ArenaBuilder::unlocked_fills(false)`): what releasing it around the copies buys.
