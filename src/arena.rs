@@ -75,7 +75,8 @@ impl ArenaBuilder {
     /// more page beyond it fails — [`Error::CapacityExhausted`] from the API, a loud fault
     /// (SIGBUS in signal fault mode, SIGSEGV in thread mode, with the reason on stderr)
     /// from a view access — while rewriting pages a space already owns keeps working.
-    /// [`Space::read`](crate::Space::read) maps nothing and is never refused. Not counted:
+    /// [`Space::read`](crate::Space::read) maps nothing and is never refused (it may bring
+    /// an evicted page back, see [`Arena::evict`]). Not counted:
     /// the arena's bookkeeping (tables, bitmaps: a few bytes per page touched). Dropping
     /// spaces, [`Space::discard`](crate::Space::discard) and resets give pages back. To
     /// stay under a container limit, set it below the limit by your process's other memory.
@@ -555,8 +556,13 @@ impl Arena {
     /// [`Arena::clear_referenced`], the frames touched since are kept. Never evicted:
     /// pinned pages ([`Space::pin`](crate::Space::pin)), pages still homed in a loaded
     /// image (they are on a file already), pages already evicted. Faults wait while it
-    /// runs (it holds the arena lock, disk writes and one `fdatasync` per 16 MiB
-    /// included).
+    /// runs (it holds the arena lock, disk writes and one `fdatasync` per 8 MiB
+    /// included). The memory of an evicted page whose old home a
+    /// [`Space::write_to`](crate::Space::write_to) stream may still be reading is given
+    /// back when the stream ends. In an [async-WP arena](ArenaBuilder::async_wp) stores to
+    /// mapped pages take no trap, so a mapped page cannot be evicted safely: eviction
+    /// first freezes every view that maps pages (as a fork does), and their working sets
+    /// fault back in afterwards, whatever the target.
     ///
     /// ```
     /// # fn main() -> Result<(), cowarena::Error> {
@@ -571,14 +577,21 @@ impl Arena {
     /// ```
     ///
     /// # Errors
-    /// [`Error::SwapIo`] when the swap file cannot be created, grown or written (nothing
-    /// was moved); [`Error::Os`] if unmapping or write-protecting view pages fails.
+    /// [`Error::SwapIo`] when the swap file cannot be created, grown or written: the batch
+    /// being written (up to 8 MiB) moves nothing, earlier batches stay evicted (pages
+    /// aged or write-protected on the way stay so: harmless, they fault once);
+    /// [`Error::Os`] if unmapping or write-protecting view pages fails.
     pub fn evict(&self, target_bytes: u64) -> Result<EvictStats> {
         let core = &self.inner.core;
         core.check_process()?;
         let pages = target_bytes.div_ceil(PAGE_SIZE as u64).min(usize::MAX as u64) as usize;
         let mut mm = core.lock();
-        core.evict(&mut mm, pages)
+        let st = core.evict(&mut mm, pages);
+        drop(mm);
+        if let Ok(st) = &st {
+            tracing::debug!(frames = st.frames_evicted, aged = st.frames_aged, unmapped = st.pages_unmapped, "evicted");
+        }
+        st
     }
 
     /// Clear the referenced bits of every space (aging), breaking no table. Returns how many

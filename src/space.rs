@@ -266,10 +266,14 @@ impl Space {
     }
 
     /// Copy `buf.len()` bytes at `offset` into `buf`, without faulting the view. Maps
-    /// nothing, so it is never refused by the memory limit.
+    /// nothing, so it is never refused by `max_memory`. A page evicted by
+    /// [`Arena::evict`](crate::Arena::evict) is read back from the swap file first (it
+    /// becomes resident again: under `max_resident` this may wait for the evictor).
     ///
     /// # Errors
-    /// [`Error::OutOfRange`] when the range leaves the space.
+    /// [`Error::OutOfRange`] when the range leaves the space; [`Error::SwapIo`] when an
+    /// evicted page cannot be read back; [`Error::CapacityExhausted`] when `max_resident`
+    /// leaves no room to bring one back (only pinned or loaded pages left to evict).
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len())?;
         let core = self.core()?;
@@ -593,7 +597,10 @@ impl Space {
 
     /// Populate the view pages covering `offset..offset+len` (writable when `write`), so
     /// that syscalls may touch them even where only user-mode faults are served
-    /// (see [`crate::UffdAccess::UserModeOnly`]).
+    /// (see [`crate::UffdAccess::UserModeOnly`]). Under
+    /// [`max_resident`](crate::ArenaBuilder::max_resident) pages populated early in a
+    /// large range may be evicted again before the call returns: populate no more than
+    /// the limit holds, just before the syscall.
     ///
     /// # Errors
     /// [`Error::OutOfRange`]; [`Error::CapacityExhausted`] at the memory limit (reading
@@ -679,11 +686,25 @@ impl Space {
         }
         // A plain space becomes the engine's in place (its pages stay where they are).
         core.adopt_if_plain(&mut mm, self.id, AdoptHow::InPlace)?;
-        for page in first..end {
-            if !mm.is_writable(self.id, page) {
-                // The write fault's path: break a shared table, copy or take the frame,
-                // map it writable; the bytes are unchanged.
-                core.fault_in_api(&mut mm, self.id, page, true)?;
+        // A fault-in may release the lock (waiting for the evictor under `max_resident`,
+        // or for fills in flight), and pages made writable before it may have been evicted
+        // or protected meanwhile: repeat until every page is writable with the lock held
+        // throughout the check, then pin.
+        let mut rounds = 0;
+        while (first..end).any(|p| !mm.is_writable(self.id, p)) {
+            rounds += 1;
+            if rounds > 16 {
+                return Err(Error::CapacityExhausted {
+                    what: "pages to pin (they keep being evicted: max_resident is too small for the range)",
+                    limit: (core.max_resident_pages * PAGE_SIZE) as u64,
+                });
+            }
+            for page in first..end {
+                if !mm.is_writable(self.id, page) {
+                    // The write fault's path: break a shared table, copy or take the frame,
+                    // map it writable; the bytes are unchanged.
+                    core.fault_in_api(&mut mm, self.id, page, true)?;
+                }
             }
         }
         mm.pin(self.id, first, end);

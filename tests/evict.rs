@@ -384,3 +384,59 @@ fn evictions_racing_writers_lose_no_store() {
         arena.check_invariants().unwrap();
     }
 }
+
+/// `max_resident` with more faulting threads than cores: faults at the limit wait for the
+/// evictor (the lock released), other threads use the headroom meanwhile, and every byte
+/// still comes back right — in both fault modes; resident memory stays near the limit.
+#[test]
+fn max_resident_under_four_threads_keeps_every_byte() {
+    let _wd = Watchdog::new("max_resident_under_four_threads_keeps_every_byte", std::time::Duration::from_secs(240));
+    for mode in [FaultMode::Signal, FaultMode::Thread] {
+        let limit = 4u64 << 20;
+        let arena = Arena::builder().fault_mode(mode).max_resident(limit).build().unwrap();
+        let s = arena.space(16 * TABLE).unwrap(); // 32 MiB: 8x the limit
+        let pages = s.len() / PAGE;
+        let base = s.as_mut_ptr() as usize;
+        let peak = std::sync::atomic::AtomicU64::new(0);
+        for round in 0..2u64 {
+            std::thread::scope(|sc| {
+                for t in 0..4usize {
+                    let (s, peak, arena) = (&s, &peak, &arena);
+                    sc.spawn(move || {
+                        let (lo, hi) = (pages * t / 4, pages * (t + 1) / 4);
+                        let mut order: Vec<usize> = (lo..hi).collect();
+                        let mut rng = Rng::new(round * 10 + t as u64);
+                        for i in (1..order.len()).rev() {
+                            order.swap(i, rng.below(i + 1));
+                        }
+                        for (k, &p) in order.iter().enumerate() {
+                            let v = (p as u64) << 8 | round;
+                            if round == 0 {
+                                // SAFETY: page `p` is this thread's; the view outlives the scope.
+                                unsafe { ((base + p * PAGE) as *mut u64).write_volatile(v) };
+                            } else {
+                                let got = u64::from_ne_bytes(s.as_slice()[p * PAGE..p * PAGE + 8].try_into().unwrap());
+                                assert_eq!(got, (p as u64) << 8, "{mode:?}: page {p}");
+                                unsafe { ((base + p * PAGE) as *mut u64).write_volatile(v) };
+                            }
+                            if k % 64 == 0 {
+                                let r = arena.stats().resident_bytes;
+                                peak.fetch_max(r, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                    });
+                }
+            });
+        }
+        for p in 0..pages {
+            let got = u64::from_ne_bytes(s.as_slice()[p * PAGE..p * PAGE + 8].try_into().unwrap());
+            assert_eq!(got, (p as u64) << 8 | 1, "{mode:?}: page {p} at the end");
+        }
+        let st = arena.stats();
+        assert!(st.frames_evicted > 0 && st.frames_swapped_in > 0, "{mode:?}: {st:?}");
+        let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(peak <= limit + (64 << 10), "{mode:?}: resident peaked at {peak} over the {limit} limit");
+        assert_eq!(st.faults.failed, 0, "{mode:?}");
+        arena.check_invariants().unwrap();
+    }
+}

@@ -79,6 +79,11 @@ impl Core {
                 if mm.is_plain(sp) || mm.view_pages_mapped(sp) > 0 {
                     self.prepare_share(mm, sp, crate::ForkStrategy::Freeze)?;
                 }
+                // (A view holding only read-only copies is "ready" for a fork and left
+                // mapped; here its copies must go too.)
+                if mm.view_pages_mapped(sp) > 0 && mm.pinned_in(sp) == 0 {
+                    self.freeze_view_now(mm, sp)?;
+                }
             } else {
                 self.adopt_if_plain(mm, sp, super::adopt::AdoptHow::Auto)?;
             }
@@ -102,7 +107,6 @@ impl Core {
             left -= victims.len();
         }
         st.pages_unmapped = mm.counters.evict_zaps - zaps_before;
-        tracing::debug!(frames = st.frames_evicted, aged = st.frames_aged, unmapped = st.pages_unmapped, "evicted");
         Ok(st)
     }
 
@@ -162,7 +166,13 @@ impl Core {
     pub fn swap_in_page(&self, mm: &mut Mm<Mapping>, sp: SpaceId, page: usize) -> Result<()> {
         let Some((f, off)) = mm.swapped_at(sp, page) else { return Ok(()) };
         let file = self.swap.get().expect("a frame in the swap implies the file");
-        let dst = mm.next_pool_slot_addr();
+        let Some(dst) = mm.next_pool_slot_addr() else {
+            // (No allocation: this may run in a signal handler.)
+            return Err(Error::Os {
+                op: "bring an evicted page back: no free pool slot (a headroom bug)",
+                source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
+            });
+        };
         let read = if let Some(errno) = crate::sys::inject::hit(crate::sys::inject::Point::SwapIo) {
             Err(std::io::Error::from_raw_os_error(errno))
         } else {
@@ -184,7 +194,7 @@ impl Core {
             return Ok(());
         }
         let limit = self.max_resident_pages;
-        if limit != 0 && mm.resident_pages() + 1 > limit && !self.wait_for_room(mm) {
+        if limit != 0 && mm.resident_pages() + 1 > limit && !self.wait_for_room(mm, 1) {
             return Err(Error::CapacityExhausted {
                 what: "an evicted page read back (nothing left to evict: pinned or loaded pages, or the swap failed)",
                 limit: (limit * PAGE_SIZE) as u64,
@@ -198,13 +208,13 @@ impl Core {
         Ok(())
     }
 
-    /// A fault would add a resident page with the arena at its `max_resident` limit: ask
-    /// the evictor and wait (the lock released) until it made room, up to ~3 s. Returns
+    /// A fault would add `need` resident pages with the arena at its `max_resident` limit:
+    /// ask the evictor and wait (the lock released) until it made room, up to ~3 s. Returns
     /// whether there is room now; the caller re-decides the fault either way (the state
     /// changed while the lock was released). Async-signal-safe (`FUTEX_WAIT`).
-    pub fn wait_for_room(&self, mm: &mut MmGuard<'_>) -> bool {
+    pub fn wait_for_room(&self, mm: &mut MmGuard<'_>, need: usize) -> bool {
         for _ in 0..EVICT_WAIT_ROUNDS {
-            if mm.resident_pages() < self.max_resident_pages {
+            if mm.resident_pages() + need <= self.max_resident_pages {
                 return true;
             }
             let gen = self.evicted_gen.load(Ordering::Acquire);
@@ -213,7 +223,7 @@ impl Core {
                 crate::sys::futex::wait(&self.evicted_gen, gen, Some(Duration::from_millis(10)));
             });
         }
-        mm.resident_pages() < self.max_resident_pages
+        mm.resident_pages() + need <= self.max_resident_pages
     }
 
     /// Ask the evictor thread to run (async-signal-safe).
@@ -247,16 +257,17 @@ pub(super) fn evictor_loop(core: &Core) {
         }
         let mut mm = core.lock();
         let resident = mm.resident_pages();
-        if resident * 16 > limit * 15 {
-            match core.evict(&mut mm, resident - low) {
-                Ok(st) if st.frames_evicted == 0 => {
-                    tracing::warn!(resident, limit, "max_resident: nothing left to evict (pinned or image pages)")
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "max_resident: eviction failed"),
-            }
-        }
+        let outcome = (resident * 16 > limit * 15).then(|| core.evict(&mut mm, resident - low));
         drop(mm);
+        // (Tracing after the lock is released: a subscriber may touch view memory.)
+        match outcome {
+            Some(Ok(st)) if st.frames_evicted == 0 => {
+                tracing::warn!(resident, limit, "max_resident: nothing left to evict (pinned or image pages)")
+            }
+            Some(Ok(st)) => tracing::debug!(frames = st.frames_evicted, resident, "max_resident: evicted"),
+            Some(Err(e)) => tracing::warn!(error = %e, "max_resident: eviction failed"),
+            None => {}
+        }
         core.evicted_gen.fetch_add(1, Ordering::AcqRel);
         crate::sys::futex::wake(&core.evicted_gen, u32::MAX);
     }

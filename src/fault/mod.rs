@@ -641,6 +641,16 @@ impl Core {
     }
 
     /// Freeze `sp`'s view into a new frozen region (see `Mm::freeze_view`).
+    /// Freeze `sp`'s view now, whatever it maps (eviction in an async-WP arena).
+    /// A view of read-only copies leaves an empty frozen region, released at once.
+    pub(crate) fn freeze_view_now(&self, mm: &mut Mm<Mapping>, sp: SpaceId) -> Result<()> {
+        let old = mm.view_region(sp); // becomes the frozen region
+        self.freeze_into_mm(mm, sp)?;
+        mm.release_if_empty(old);
+        self.reclaim(mm);
+        Ok(())
+    }
+
     fn freeze_into_mm(&self, mm: &mut Mm<Mapping>, sp: SpaceId) -> Result<()> {
         let candidates = self.prepare_frozen_writes(mm, sp)?;
         let frozen = self.freeze(mm, sp)?;
@@ -821,22 +831,50 @@ impl Core {
 
     /// Serve (or pre-serve) page `page` of `sp` under the lock. Does not wake anyone
     /// beyond what the ioctl does; the caller decides.
+    /// When it had to release the lock (waiting for the evictor or for fills in flight)
+    /// and other threads used up the headroom meanwhile, the fault is not served: it
+    /// returns [`FaultKind::Spurious`] and the access retries (faults again, with a fresh
+    /// headroom check) — see [`Core::fault_in_once`].
     pub fn fault_in(&self, mm: &mut MmGuard<'_>, sp: SpaceId, page: usize, write: bool) -> Result<FaultKind> {
+        Ok(self.fault_in_once(mm, sp, page, write)?.unwrap_or(FaultKind::Spurious))
+    }
+
+    /// [`Core::fault_in`], or `None` when the fault must be retried after a headroom
+    /// refill: the lock was released (waiting for room under `max_resident`, or for
+    /// fills in flight before an evacuation) and the headroom checked before the call
+    /// may be gone. Everything decided comes after the last release.
+    fn fault_in_once(&self, mm: &mut MmGuard<'_>, sp: SpaceId, page: usize, write: bool) -> Result<Option<FaultKind>> {
         if crate::sys::inject::hit(crate::sys::inject::Point::FaultPath).is_some() {
             panic!("injected panic in the fault path");
         }
-        if write && mm.fills_in_flight() > 0 && mm.evacuates_on_write(sp, page) {
-            // An evacuation changes a home that fills in flight may be reading.
-            self.drain_fills(mm);
-        }
-        // At the `max_resident` limit (a fault adds at most two resident pages: a frame
-        // brought back from the swap, and its copy): wait for the evictor to make room.
+        // At the `max_resident` limit: wait for the evictor to make room for what this
+        // fault adds — a frame brought back from the swap, a copy or a new frame for a page
+        // not mapped, a pool slot for an evacuation (un-protects and spurious faults add
+        // nothing and never wait).
         let limit = self.max_resident_pages;
-        if limit != 0 && mm.resident_pages() + 2 > limit && !self.wait_for_room(mm) {
-            return Err(Error::CapacityExhausted {
-                what: "a page brought in (nothing left to evict: pinned or loaded pages, or the swap failed)",
-                limit: (limit * PAGE_SIZE) as u64,
-            });
+        if limit != 0 {
+            let need = usize::from(mm.swapped_at(sp, page).is_some())
+                + usize::from(!mm.is_present(sp, page))
+                + usize::from(write && mm.evacuates_on_write(sp, page));
+            if need > 0 && mm.resident_pages() + need > limit {
+                if !self.wait_for_room(mm, need) {
+                    return Err(Error::CapacityExhausted {
+                        what: "a page brought in (nothing left to evict: pinned or loaded pages, or the swap failed)",
+                        limit: (limit * PAGE_SIZE) as u64,
+                    });
+                }
+                if !mm.has_headroom() {
+                    return Ok(None);
+                }
+            }
+        }
+        if write && mm.fills_in_flight() > 0 && mm.evacuates_on_write(sp, page) {
+            // An evacuation changes a home that fills in flight may be reading. (After the
+            // wait for room: a fill could start while that wait released the lock.)
+            self.drain_fills(mm);
+            if !mm.has_headroom() {
+                return Ok(None);
+            }
         }
         // A frame in the swap comes back to a pool slot first; then the fault is served
         // from there as from any home.
@@ -865,7 +903,7 @@ impl Core {
         if limit != 0 {
             self.note_resident(mm);
         }
-        Ok(kind)
+        Ok(Some(kind))
     }
 
     /// Serve a fault through the view, then — when *read* faults on this space run
@@ -1006,10 +1044,19 @@ impl Core {
     /// arena lock poisoned.
     /// Refills the headroom first when it is short (the fault path may not allocate), and
     /// fails with the refill's reason when memory cannot be had.
+    /// Loops until the fault is served: the API may refill the headroom a released lock
+    /// let other threads use up ([`Core::fault_in_once`]). The lock may be released in
+    /// between: callers re-check what they decided before the call.
     pub fn fault_in_api(&self, mm: &mut MmGuard<'_>, sp: SpaceId, page: usize, write: bool) -> Result<FaultKind> {
-        self.ensure_headroom(mm)?;
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.fault_in(mm, sp, page, write)))
-            .unwrap_or_else(|p| Err(Error::Internal(panic_message(&p))))
+        loop {
+            self.ensure_headroom(mm)?;
+            let served =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.fault_in_once(mm, sp, page, write)))
+                    .unwrap_or_else(|p| Err(Error::Internal(panic_message(&p))))?;
+            if let Some(kind) = served {
+                return Ok(kind);
+            }
+        }
     }
 
     /// Perform kernel work queued by an rmap operation, in order, under the lock.
@@ -1249,16 +1296,6 @@ impl Engine {
     pub fn start(core: Arc<Core>) -> Result<Engine> {
         let stop = Arc::new(EventFd::new().map_err(|e| Error::open_fd("eventfd", "an eventfd", e))?);
         let (tx, rx) = mpsc::channel::<(u64, u64, u32, bool)>();
-        let evictor = if core.max_resident_pages != 0 {
-            let c = core.clone();
-            let h = std::thread::Builder::new()
-                .name("cowarena-evict".into())
-                .spawn(move || evict::evictor_loop(&c))
-                .map_err(|e| Error::os("spawn evictor thread", e))?;
-            Some((h, core.clone()))
-        } else {
-            None
-        };
         let reader = {
             let (core, stop) = (core.clone(), stop.clone());
             std::thread::Builder::new()
@@ -1266,6 +1303,7 @@ impl Engine {
                 .spawn(move || reader_loop(&core, &stop, tx))
                 .map_err(|e| Error::os("spawn reader thread", e))?
         };
+        let evict_core = (core.max_resident_pages != 0).then(|| core.clone());
         let worker = std::thread::Builder::new()
             .name("cowarena-fault".into())
             .spawn(move || {
@@ -1280,7 +1318,17 @@ impl Engine {
                 }
             })
             .map_err(|e| Error::os("spawn fault thread", e))?;
-        Ok(Engine { stop, reader: Some(reader), worker: Some(worker), evictor })
+        let mut engine = Engine { stop, reader: Some(reader), worker: Some(worker), evictor: None };
+        // Last: if it cannot start, dropping `engine` stops the other two.
+        if let Some(core) = evict_core {
+            let c = core.clone();
+            let h = std::thread::Builder::new()
+                .name("cowarena-evict".into())
+                .spawn(move || evict::evictor_loop(&c))
+                .map_err(|e| Error::os("spawn evictor thread", e))?;
+            engine.evictor = Some((h, core));
+        }
+        Ok(engine)
     }
 }
 

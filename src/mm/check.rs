@@ -106,6 +106,7 @@ impl<B> Mm<B> {
                 }
             }
         }
+        self.check_swap()?;
         self.check_async_homes()
     }
 }

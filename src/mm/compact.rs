@@ -105,7 +105,13 @@ impl<B> Mm<B> {
         let pool = self.pool;
         let (mut count, mut bytes, mut pick) = (0, 0, None::<(u32, usize, usize)>);
         for (i, r) in self.regions.iter() {
-            if r.kind != RegionKind::Frozen || r.queued || pool == Some(RegionId(i)) || r.homes * 16 >= r.pages {
+            if r.kind != RegionKind::Frozen
+                || r.queued
+                || pool == Some(RegionId(i))
+                || r.check.is_some()
+                || r.swap.is_some()
+                || r.homes * 16 >= r.pages
+            {
                 continue;
             }
             count += 1;

@@ -113,6 +113,41 @@ impl<B> Mm<B> {
             && !(self.async_wp && self.frame_mapped(f))
     }
 
+    /// The region of `sp`'s view (a freeze turns it into the frozen region).
+    pub fn view_region(&self, sp: SpaceId) -> RegionId {
+        self.space(sp).view
+    }
+
+    /// Invariants of the swap (for [`Mm::check`]): `swapped_now` counts the frames homed in
+    /// swap regions; each swap region's free list holds distinct slots below its bump
+    /// pointer, none of them a live frame's home, and free + used + untouched = its slots.
+    pub(super) fn check_swap(&self) -> Result<(), String> {
+        let homed = self.frames.iter().filter(|(_, f)| self.region(f.home.region).swap.is_some()).count();
+        if homed != self.swapped_now {
+            return Err(format!("{homed} frames homed in the swap, but swapped_now is {}", self.swapped_now));
+        }
+        for &r in &self.swap_regions {
+            let reg = self.region(r);
+            let s = reg.swap.as_ref().ok_or("a swap region without slots")?;
+            let mut seen = vec![false; reg.pages];
+            for &slot in &s.free {
+                if slot >= s.next || std::mem::replace(&mut seen[slot as usize], true) {
+                    return Err(format!("swap region {}: free slot {slot} repeated or never used", r.0));
+                }
+            }
+            if s.free.len() + reg.homes != s.next as usize {
+                return Err(format!(
+                    "swap region {}: {} free + {} homes != {} slots used",
+                    r.0,
+                    s.free.len(),
+                    reg.homes,
+                    s.next
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Pages `sp`'s view maps now (homes and copies).
     pub fn view_pages_mapped(&self, sp: SpaceId) -> usize {
         self.space(sp).vs.present.count()
@@ -276,10 +311,11 @@ impl<B> Mm<B> {
 
     /// The address of the pool slot [`Mm::swap_in`] will take next (the engine reads the
     /// swap slot into it first). Needs pool headroom, as the fault path always has.
-    pub fn next_pool_slot_addr(&self) -> usize {
-        let r = self.pool.expect("pool headroom is guaranteed by the engine");
-        debug_assert!(self.pool_next < self.region(r).pages, "pool headroom is guaranteed by the engine");
-        self.region(r).base + self.pool_next * PAGE_SIZE
+    /// `None` if the pool has no free slot (the engine checks headroom first, so this
+    /// is a bug, reported as an error rather than a write past the pool).
+    pub fn next_pool_slot_addr(&self) -> Option<usize> {
+        let r = self.pool?;
+        (self.pool_next < self.region(r).pages).then(|| self.region(r).base + self.pool_next * PAGE_SIZE)
     }
 
     /// Frame `f` (in the swap) was read into the slot at [`Mm::next_pool_slot_addr`]:

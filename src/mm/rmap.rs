@@ -63,11 +63,16 @@ impl<B> Mm<B> {
         RegionId(self.regions.insert(Region::pool(base, pages, backing)))
     }
 
-    /// Release a pool region that received no frame (e.g. nothing needed migrating).
-    #[allow(dead_code)]
+    /// Release a pool or frozen region that holds no frame (nothing needed migrating; a
+    /// view of read-only copies frozen by an eviction).
     pub fn release_if_empty(&mut self, r: RegionId) {
         if self.region(r).homes == 0 {
             let reg = self.regions.remove(r.0);
+            if reg.queued {
+                self.sparse.retain(|q| *q != r);
+            }
+            let (lo, hi) = (reg.base, reg.base + reg.pages * PAGE_SIZE);
+            self.reclaim.discard.retain(|(a, _)| *a < lo || *a >= hi);
             self.reclaim.dead.push(reg.backing);
         }
     }
