@@ -417,6 +417,7 @@ fn max_resident_under_four_threads_keeps_every_byte() {
                             } else {
                                 let got = u64::from_ne_bytes(s.as_slice()[p * PAGE..p * PAGE + 8].try_into().unwrap());
                                 assert_eq!(got, (p as u64) << 8, "{mode:?}: page {p}");
+                                // SAFETY: as above.
                                 unsafe { ((base + p * PAGE) as *mut u64).write_volatile(v) };
                             }
                             if k % 64 == 0 {
