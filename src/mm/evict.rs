@@ -88,6 +88,9 @@ impl<B> Mm<B> {
     /// The frame page `page` of `sp` names, if it is in the swap, with its slot's offset
     /// in the swap file.
     pub fn swapped_at(&self, sp: SpaceId, page: usize) -> Option<(FrameId, u64)> {
+        if self.swapped_now == 0 {
+            return None; // the common case: nothing evicted (no frame or region lookups)
+        }
         let f = self.lookup(sp, page).frame()?;
         let home = self.frames.get(f).home;
         let s = self.region(home.region).swap.as_ref()?;
