@@ -35,6 +35,7 @@ struct Totals {
     bytes_written: AtomicU64,
     bytes_verified: AtomicU64,
     invariant_checks: AtomicU64,
+    evictions: AtomicU64,
 }
 
 struct Owned {
@@ -202,10 +203,17 @@ fn worker(
                     }
                 }
             }
-            // check every invariant (takes the arena lock for a while)
+            // check every invariant (takes the arena lock for a while), or evict cold frames
+            // while the other threads fault, fork, write the root and drop (issue 16)
             89 => {
-                arena.check_invariants().unwrap_or_else(|e| panic!("{who}: invariant broken: {e}"));
-                t.invariant_checks.fetch_add(1, Ordering::Relaxed);
+                if rng.chance(1, 2) {
+                    let target = if rng.chance(1, 4) { u64::MAX } else { (1 + rng.below(2048) as u64) * PAGE as u64 };
+                    arena.evict(target).unwrap_or_else(|e| panic!("{who}: evict: {e}"));
+                    t.evictions.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    arena.check_invariants().unwrap_or_else(|e| panic!("{who}: invariant broken: {e}"));
+                    t.invariant_checks.fetch_add(1, Ordering::Relaxed);
+                }
             }
             // drop one
             _ => {
@@ -391,7 +399,7 @@ fn stress_arena(arena: Arena, dur: Duration, workers: usize, seed: u64, fork_chi
     assert_nothing_left(&arena, "stress");
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
     println!(
-        "stress {mode:?} seed {seed}: {:.1?}, {} threads: {} ops, {} forks, {} creates, {} drops, {} hand-offs, {} invariant checks, {} MiB written, {} MiB verified, 0 divergences; faults: {:?}; tables broken {} reused {}; 0 leaks",
+        "stress {mode:?} seed {seed}: {:.1?}, {} threads: {} ops, {} forks, {} creates, {} drops, {} hand-offs, {} invariant checks, {} evictions ({} frames out, {} back), {} MiB written, {} MiB verified, 0 divergences; faults: {:?}; tables broken {} reused {}; 0 leaks",
         elapsed,
         workers + 1,
         g(&t.ops),
@@ -400,6 +408,9 @@ fn stress_arena(arena: Arena, dur: Duration, workers: usize, seed: u64, fork_chi
         g(&t.drops),
         g(&t.handoffs),
         g(&t.invariant_checks),
+        g(&t.evictions),
+        st.frames_evicted,
+        st.frames_swapped_in,
         g(&t.bytes_written) >> 20,
         g(&t.bytes_verified) >> 20,
         st.faults,
