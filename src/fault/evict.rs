@@ -19,6 +19,8 @@ const SWAP_CHUNK_PAGES: usize = 4096;
 /// Eviction writes out at most this many pages per batch (one `fdatasync` each, which
 /// also bounds the dirty page cache an eviction holds: 8 MiB).
 const EVICT_BATCH: usize = 2048;
+/// Pages brought back by one swap-in at most (see [`Core::swap_in_page`]).
+const SWAP_READAHEAD: usize = 16;
 /// How long a fault waits for the evictor (in rounds of 10 ms) before it fails with
 /// `Error::CapacityExhausted`.
 const EVICT_WAIT_ROUNDS: u32 = 300;
@@ -163,9 +165,32 @@ impl Core {
     /// If page `page` of `sp` names a frame in the swap, bring it back: read its slot into
     /// a pool slot and re-home it there. Async-signal-safe (the fault path calls it with
     /// headroom: one pool slot); an I/O error is [`Error::SwapIo`], never a zero page.
+    ///
+    /// Readahead: the pages after it in the same 2 MiB table whose frames sit in the next
+    /// slots of the file (a sequential eviction leaves them so) come back in the same
+    /// `pread`, up to [`SWAP_READAHEAD`] pages, while the pool has the contiguous slots
+    /// (keeping the headroom) and `max_resident` has room for them; a later fault on them
+    /// — or the fault-around of this one — finds them in the pool.
     pub fn swap_in_page(&self, mm: &mut Mm<Mapping>, sp: SpaceId, page: usize) -> Result<()> {
         let Some((f, off)) = mm.swapped_at(sp, page) else { return Ok(()) };
         let file = self.swap.get().expect("a frame in the swap implies the file");
+        let mut frames = [f; SWAP_READAHEAD];
+        let table_end = (page / 512 + 1) * 512;
+        let mut cap = SWAP_READAHEAD.min(table_end - page).min(mm.pool_free().saturating_sub(2)).max(1);
+        let limit = self.max_resident_pages;
+        if limit != 0 {
+            cap = cap.min((limit * 15 / 16).saturating_sub(mm.resident_pages() + 2)).max(1);
+        }
+        let mut n = 1;
+        while n < cap {
+            match mm.swapped_at(sp, page + n) {
+                Some((g, o)) if o == off + (n * PAGE_SIZE) as u64 => {
+                    frames[n] = g;
+                    n += 1;
+                }
+                _ => break,
+            }
+        }
         let Some(dst) = mm.next_pool_slot_addr() else {
             // (No allocation: this may run in a signal handler.)
             return Err(Error::Os {
@@ -176,12 +201,15 @@ impl Core {
         let read = if let Some(errno) = crate::sys::inject::hit(crate::sys::inject::Point::SwapIo) {
             Err(std::io::Error::from_raw_os_error(errno))
         } else {
-            // SAFETY: the next free slot of the active pool: mapped, writable, and no frame
-            // is homed there until `swap_in` below.
-            unsafe { file.read_page(dst, off) }
+            // SAFETY: the next `n` free slots of the active pool (`n <= pool_free`):
+            // mapped, writable, and no frame is homed there until `swap_in` below.
+            unsafe { file.read_pages(dst, n * PAGE_SIZE, off) }
         };
         read.map_err(|source| Error::SwapIo { op: "read an evicted page back from the swap file", source })?;
-        mm.swap_in(f);
+        // (`swap_in` takes the pool's slots in order: frame `i` lands at `dst + i pages`.)
+        for &g in &frames[..n] {
+            mm.swap_in(g);
+        }
         Ok(())
     }
 

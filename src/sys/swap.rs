@@ -94,18 +94,17 @@ impl SwapFile {
         Ok(())
     }
 
-    /// Read one page at offset `off` into address `dst`. Async-signal-safe (no allocation:
-    /// the errors are OS codes or a simple kind). A short read — the file was truncated
-    /// under the arena — is `UnexpectedEof`.
+    /// Read `len` bytes (whole pages) at offset `off` into address `dst`.
+    /// Async-signal-safe (no allocation: the errors are OS codes or a simple kind). A short
+    /// read — the file was truncated under the arena — is `UnexpectedEof`.
     ///
     /// # Safety
-    /// `[dst, dst + 4096)` must be writable memory that nothing else uses during the call.
-    pub unsafe fn read_page(&self, dst: usize, off: u64) -> io::Result<()> {
-        const PAGE: usize = 4096;
-        // SAFETY: the caller guarantees the page is writable and ours.
-        let buf = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, PAGE) };
+    /// `[dst, dst + len)` must be writable memory that nothing else uses during the call.
+    pub unsafe fn read_pages(&self, dst: usize, len: usize, off: u64) -> io::Result<()> {
+        // SAFETY: the caller guarantees the range is writable and ours.
+        let buf = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, len) };
         let mut done = 0;
-        while done < PAGE {
+        while done < len {
             match rustix::io::pread(self.file.as_fd(), &mut buf[done..], off + done as u64) {
                 Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
                 Ok(n) => done += n,
