@@ -299,8 +299,9 @@ fn a_failing_swap_file_is_an_error_from_the_api() {
 #[test]
 fn a_failing_swap_file_at_a_view_access_dies_loudly() {
     const ENV: &str = "COWARENA_SWAP_CHILD";
-    if let Ok(mode) = std::env::var(ENV) {
-        let path = swap_path(&format!("view-{mode}"));
+    if let Ok(arg) = std::env::var(ENV) {
+        // `mode:path` — the parent names the file, so that it can remove it after our death.
+        let (mode, path) = arg.split_once(':').expect("mode:path");
         let mode = if mode == "thread" { FaultMode::Thread } else { FaultMode::Signal };
         let arena = Arena::builder().fault_mode(mode).swap_path(&path).build().unwrap();
         let mut s = arena.space(TABLE).unwrap();
@@ -313,13 +314,15 @@ fn a_failing_swap_file_at_a_view_access_dies_loudly() {
         return;
     }
     for mode in ["signal", "thread"] {
+        let path = swap_path(&format!("view-{mode}"));
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["a_failing_swap_file_at_a_view_access_dies_loudly", "--exact", "--nocapture", "--test-threads=1"])
-            .env(ENV, mode)
+            .env(ENV, format!("{mode}:{}", path.display()))
             .output()
             .unwrap();
         let (so, se) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        let _ = std::fs::remove_file(swap_path(&format!("view-{mode}")));
+        // (The child died with its arena: its swap file is left for us to remove.)
+        std::fs::remove_file(&path).expect("the child's swap file");
         assert!(so.contains("EVICTED"), "{mode}: {so}\n{se}");
         assert!(!so.contains("READ"), "{mode}: an unreadable page was read through the view: {so}");
         assert!(!out.status.success(), "{mode}: survived");
