@@ -303,11 +303,11 @@ fn a_failing_swap_file_at_a_view_access_dies_loudly() {
         // `mode:path` — the parent names the file, so that it can remove it after our death.
         let (mode, path) = arg.split_once(':').expect("mode:path");
         let mode = if mode == "thread" { FaultMode::Thread } else { FaultMode::Signal };
-        let arena = Arena::builder().fault_mode(mode).swap_path(&path).build().unwrap();
+        let arena = Arena::builder().fault_mode(mode).swap_path(path).build().unwrap();
         let mut s = arena.space(TABLE).unwrap();
         fill(&mut s, 6);
         arena.evict(u64::MAX).unwrap();
-        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(0).unwrap();
+        std::fs::OpenOptions::new().write(true).open(path).unwrap().set_len(0).unwrap();
         println!("EVICTED");
         let v = s.as_slice()[3 * PAGE];
         println!("READ {v} (an unreadable page was used)");
