@@ -221,19 +221,33 @@ impl Core {
         if mm.swapped_at(sp, page).is_none() {
             return Ok(());
         }
-        let limit = self.max_resident_pages;
-        if limit != 0 && mm.resident_pages() + 1 > limit && !self.wait_for_room(mm, 1) {
-            return Err(Error::CapacityExhausted {
-                what: "an evicted page read back (nothing left to evict: pinned or loaded pages, or the swap failed)",
-                limit: (limit * PAGE_SIZE) as u64,
-            });
-        }
+        self.make_room(
+            mm,
+            1,
+            "an evicted page read back (nothing left to evict: pinned or loaded pages, or the swap failed)",
+        )?;
         self.ensure_headroom(mm)?;
         self.swap_in_page(mm, sp, page)?;
-        if limit != 0 {
+        if self.max_resident_pages != 0 {
             self.note_resident(mm);
         }
         Ok(())
+    }
+
+    /// Make room for `need` more resident pages under `max_resident` (none set: nothing to
+    /// do): if they would pass the limit, wait for the evictor ([`Core::wait_for_room`]).
+    /// `Ok(true)` when the lock was released meanwhile (the caller re-checks what it
+    /// decided, headroom included); [`Error::CapacityExhausted`] naming `what` when no room
+    /// came.
+    pub fn make_room(&self, mm: &mut MmGuard<'_>, need: usize, what: &'static str) -> Result<bool> {
+        let limit = self.max_resident_pages;
+        if limit == 0 || need == 0 || mm.resident_pages() + need <= limit {
+            return Ok(false);
+        }
+        if !self.wait_for_room(mm, need) {
+            return Err(Error::CapacityExhausted { what, limit: (limit * PAGE_SIZE) as u64 });
+        }
+        Ok(true)
     }
 
     /// A fault would add `need` resident pages with the arena at its `max_resident` limit:

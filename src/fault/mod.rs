@@ -856,16 +856,9 @@ impl Core {
             let need = usize::from(mm.swapped_at(sp, page).is_some())
                 + usize::from(!mm.is_present(sp, page))
                 + usize::from(write && mm.evacuates_on_write(sp, page));
-            if need > 0 && mm.resident_pages() + need > limit {
-                if !self.wait_for_room(mm, need) {
-                    return Err(Error::CapacityExhausted {
-                        what: "a page brought in (nothing left to evict: pinned or loaded pages, or the swap failed)",
-                        limit: (limit * PAGE_SIZE) as u64,
-                    });
-                }
-                if !mm.has_headroom() {
-                    return Ok(None);
-                }
+            let what = "a page brought in (nothing left to evict: pinned or loaded pages, or the swap failed)";
+            if self.make_room(mm, need, what)? && !mm.has_headroom() {
+                return Ok(None);
             }
         }
         if write && mm.fills_in_flight() > 0 && mm.evacuates_on_write(sp, page) {

@@ -219,17 +219,8 @@ impl<B> Mm<B> {
             }
             let base = self.view_base(sp);
             let vs = &mut self.space_mut(sp).vs;
-            if !vs.present.get(idx) {
-                continue;
-            }
-            if vs.home.get(idx) {
-                if vs.writable.get(idx) {
-                    vs.writable.clear(idx);
-                    ops.push(KernelOp::Protect { addr: base + idx * PAGE_SIZE, len: PAGE_SIZE });
-                }
-            } else if !async_wp {
-                vs.present.clear(idx);
-                ops.push(KernelOp::Zap { addr: base + idx * PAGE_SIZE, len: PAGE_SIZE });
+            if vs.present.get(idx) {
+                super::rmap::rearm_page(vs, base, idx, async_wp, ops);
             }
         }
     }

@@ -17,6 +17,26 @@ pub enum KernelOp {
     CopyPage { dst: usize, src: usize },
 }
 
+/// Re-arm access detection on view page `p` (mapped, not pinned) after its ACCESSED bit
+/// was cleared: a writable home is write-protected (its next write is seen), a read-only
+/// copy zapped (its next access faults) — except in an async-WP arena, where a copy may
+/// hold a store the kernel served alone and stays mapped (see `async_wp.rs`). Returns
+/// whether anything was re-armed. Shared by aging and the eviction clock.
+pub(super) fn rearm_page(vs: &mut ViewState, base: usize, p: usize, async_wp: bool, ops: &mut Vec<KernelOp>) -> bool {
+    if vs.home.get(p) {
+        if vs.writable.get(p) {
+            vs.writable.clear(p);
+            push_page(ops, false, base, p);
+            return true;
+        }
+    } else if !async_wp {
+        vs.present.clear(p);
+        push_page(ops, true, base, p);
+        return true;
+    }
+    false
+}
+
 /// Append `page` of the view at `base` to the last op of the same kind when adjacent.
 fn push_page(ops: &mut Vec<KernelOp>, zap: bool, base: usize, page: usize) {
     let addr = base + page * PAGE_SIZE;
@@ -230,22 +250,9 @@ impl<B> Mm<B> {
                     let s = self.space_mut(m);
                     let (vs, pinned) = (&mut s.vs, &s.pinned);
                     for p in lo..hi {
-                        if !vs.present.get(p) || pinned.get(p) {
-                            continue;
-                        }
-                        if vs.home.get(p) {
-                            if vs.writable.get(p) {
-                                vs.writable.clear(p);
-                                push_page(ops, false, base, p);
-                                rearmed += 1;
-                            }
-                        } else if !async_wp {
-                            vs.present.clear(p);
-                            push_page(ops, true, base, p);
+                        if vs.present.get(p) && !pinned.get(p) && rearm_page(vs, base, p, async_wp, ops) {
                             rearmed += 1;
                         }
-                        // (In an async-WP arena a read-only copy may hold a store the
-                        // kernel served alone: it stays mapped; see `async_wp.rs`.)
                     }
                 }
             }
