@@ -64,6 +64,7 @@ pub struct ArenaBuilder {
     registered_from_start: bool,
     unlocked_fills: Option<bool>,
     async_wp: Option<bool>,
+    async_forks: Option<bool>,
     max_resident: Option<u64>,
     swap_path: Option<std::path::PathBuf>,
 }
@@ -194,6 +195,36 @@ impl ArenaBuilder {
         self
     }
 
+    /// Give every fork (in the arena's default fault mode) an async-WP view, while the
+    /// spaces made by [`Arena::space`](crate::Arena::space) and
+    /// [`Arena::load`](crate::Arena::load) keep the default, trapping one — the split of
+    /// [`ArenaBuilder::async_wp`] that keeps each side where it wins. Linux 6.7+.
+    ///
+    /// A fork's stores to the pages it reads or was filled with are then the kernel's
+    /// alone (the kernel's own fault speed, no trap), recorded by the next sync as
+    /// `async_wp` describes: copy-on-write in a fork at or above the kernel's own
+    /// (`examples/bench`, W4). The parent — usually the long-lived space, and the one a
+    /// snapshot is read from — keeps write-protecting its written pages in place at a
+    /// fork: forks stay O(pages written since the last one), and the parent neither
+    /// re-faults its working set nor holds a second copy of it. A fork that is forked
+    /// again shares as an async-WP space does (its few written pages move to the pool, or
+    /// its view freezes). [`Space::pin`](crate::Space::pin) is refused for the forks.
+    /// Ignored when `async_wp(true)` makes every view async already.
+    ///
+    /// Default: on where the kernel offers both features (Linux 6.7+), off before. Turn it
+    /// off to pin pages of forks, to have [`Space::clear_referenced`](crate::Space::clear_referenced)
+    /// observe reads of a fork's read-only copies, or to count every first write of a fork
+    /// as a fault ([`Stats::faults`](crate::Stats)). DESIGN.md, "Fault economy", has the
+    /// figures for both settings.
+    ///
+    /// # Errors (at [`ArenaBuilder::build`])
+    /// `async_forks(true)` on kernels before 6.7: [`Error::MissingFeature`] naming
+    /// `UFFD_FEATURE_WP_ASYNC` or `PAGEMAP_SCAN`.
+    pub fn async_forks(mut self, on: bool) -> Self {
+        self.async_forks = Some(on);
+        self
+    }
+
     /// Let the fault path release the arena lock while the `UFFDIO_COPY`s of a read
     /// fault's window run (fault-around, dense fills: a 2 MiB dense fill's copies are
     /// nearly all the time its fault holds the lock), so threads reading a fork overlap
@@ -227,6 +258,23 @@ impl ArenaBuilder {
         // Without PAGEMAP_SCAN (before 6.7, or no /proc) spaces are registered from the start
         // and stores are never the kernel's alone.
         let pagemap = crate::sys::pagemap::Pagemap::open().ok();
+        let async_forks = match self.async_forks {
+            Some(true) if pagemap.is_none() => {
+                return Err(Error::MissingFeature {
+                    feature: "PAGEMAP_SCAN",
+                    kernel: crate::sys::uffd::kernel_release(),
+                })
+            }
+            Some(true) if offered & uffd::FEATURE_WP_ASYNC == 0 => {
+                return Err(Error::MissingFeature {
+                    feature: "UFFD_FEATURE_WP_ASYNC",
+                    kernel: crate::sys::uffd::kernel_release(),
+                })
+            }
+            Some(on) => on,
+            // On where the kernel offers it (6.7+): see the builder method.
+            None => pagemap.is_some() && offered & uffd::FEATURE_WP_ASYNC != 0,
+        };
         let async_wp = match self.async_wp {
             Some(true) if pagemap.is_none() => {
                 return Err(Error::MissingFeature {
@@ -252,6 +300,8 @@ impl ArenaBuilder {
             uffd,
             other: Default::default(),
             other_init: Default::default(),
+            async_uffd: Default::default(),
+            async_forks: async_forks && !async_wp,
             signal_slot: Default::default(),
             max_memory: self.max_memory.unwrap_or(u64::MAX),
             faults_failed: AtomicU64::new(0),
@@ -624,10 +674,17 @@ impl Arena {
         self.inner.core.mode
     }
 
-    /// Whether stores to read-only view pages are the kernel's alone in this arena
-    /// ([`ArenaBuilder::async_wp`]; on by default where the kernel offers it).
+    /// Whether stores to read-only view pages are the kernel's alone in every view of this
+    /// arena ([`ArenaBuilder::async_wp`]; off by default).
     pub fn async_wp(&self) -> bool {
         self.inner.core.lock().async_wp()
+    }
+
+    /// Whether forks get async-WP views while the other spaces keep trapping ones
+    /// ([`ArenaBuilder::async_forks`]; on by default where the kernel offers it). False
+    /// when [`Arena::async_wp`] is true (every view is async-WP then).
+    pub fn async_forks(&self) -> bool {
+        self.inner.core.async_forks
     }
 
     /// Check every internal invariant (O(everything); for tests and debugging).
@@ -645,6 +702,21 @@ pub(crate) fn new_view(core: &Core, pages: usize, mode: FaultMode) -> Result<(Ma
     let view = Mapping::anon(pages * PAGE_SIZE).map_err(|e| Error::os("mmap view", e))?;
     uffd.register(view.addr(), view.len()).map_err(|e| Error::os("UFFDIO_REGISTER view", e))?;
     Ok((view, other))
+}
+
+/// [`new_view`] for a fork's child: in an [`ArenaBuilder::async_forks`] arena, a child in
+/// the default fault mode is registered with the async-WP userfaultfd instead (the third
+/// value: for `Mm::set_space_async`).
+pub(crate) fn new_fork_view(core: &Core, pages: usize, mode: FaultMode) -> Result<(Mapping, bool, bool)> {
+    if mode == core.mode {
+        if let Some(uffd) = core.async_fork_uffd()? {
+            let view = Mapping::anon(pages * PAGE_SIZE).map_err(|e| Error::os("mmap view", e))?;
+            uffd.register(view.addr(), view.len()).map_err(|e| Error::os("UFFDIO_REGISTER view", e))?;
+            return Ok((view, false, true));
+        }
+    }
+    let (view, other) = new_view(core, pages, mode)?;
+    Ok((view, other, false))
 }
 
 /// Faults served, by kind.

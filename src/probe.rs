@@ -184,6 +184,11 @@ const FEATURES: &[(&str, &str, &str)] = &[
     ("WP", "UFFD_FEATURE_PAGEFAULT_FLAG_WP", "required: write-protect faults break shared pages"),
     ("WP_UNPOPULATED", "UFFD_FEATURE_WP_UNPOPULATED", "optional (6.4+): not used by this version"),
     ("MOVE", "UFFD_FEATURE_MOVE", "optional (6.8+): a write to a page no one else maps takes it instead of copying"),
+    (
+        "WP_ASYNC",
+        "UFFD_FEATURE_WP_ASYNC",
+        "optional (6.7+, with PAGEMAP_SCAN): forks' stores served by the kernel alone (async_forks, async_wp)",
+    ),
     ("SIGBUS", "UFFD_FEATURE_SIGBUS", "fast path: faults served in the faulting thread (else a handler thread)"),
     ("EVENT_REMAP", "UFFD_FEATURE_EVENT_REMAP", "fast fork: mremap of registered views without re-registering"),
     ("THREAD_ID", "UFFD_FEATURE_THREAD_ID", "optional: names the faulting thread in logs"),

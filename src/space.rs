@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::arena::{new_view, Inner};
+use crate::arena::{new_fork_view, Inner};
 use crate::error::{Error, Result};
 use crate::fault::{AdoptHow, FaultMode};
 use crate::mm::{SpaceId, Src, PAGE_SIZE};
@@ -242,7 +242,7 @@ impl Space {
         core.check_sigmask(mode)?;
         let pages = self.len.div_ceil(PAGE_SIZE);
         // Mapping and registering the child's view needs no lock.
-        let (view, other) = new_view(core, pages, mode)?;
+        let (view, other, async_wp) = new_fork_view(core, pages, mode)?;
         let base = view.addr();
         let t0 = Instant::now();
         let mut mm = core.lock();
@@ -253,6 +253,9 @@ impl Space {
         let mut ops = Vec::new();
         let child = mm.fork(self.id, base, view, &mut ops);
         mm.set_other_uffd(child, other);
+        if async_wp {
+            mm.set_space_async(child, true);
+        }
         core.run_ops(&mut mm, &ops)?; // copies only (a pinned page is no image page)
         drop(mm);
         tracing::debug!(
@@ -667,18 +670,20 @@ impl Space {
     ///
     /// # Errors
     /// [`Error::OutOfRange`]; [`Error::CapacityExhausted`] at the memory limit;
-    /// [`Error::Unsupported`] in an [async-WP arena](crate::ArenaBuilder::async_wp)
-    /// (its forks must move or freeze every written page); [`Error::Os`] when a page
+    /// [`Error::Unsupported`] for an async-WP space — every space of an
+    /// [`async_wp`](crate::ArenaBuilder::async_wp) arena, and the forks of an
+    /// [`async_forks`](crate::ArenaBuilder::async_forks) one (the default on Linux 6.7+):
+    /// their forks must move or freeze every written page; [`Error::Os`] when a page
     /// cannot be made writable.
     pub fn pin(&self, offset: usize, len: usize) -> Result<Pinned<'_>> {
         let (first, end) = self.page_range(offset, len)?;
         let core = self.core()?;
         let mut mm = core.lock();
-        if mm.async_wp() {
+        if mm.space_async(self.id) {
             return Err(Error::Unsupported {
                 what: "Space::pin",
-                why: "in an async-WP arena (its forks must move or freeze every written page): build the arena \
-                      with `.async_wp(false)` for spaces you pin",
+                why: "in an async-WP space (its forks must move or freeze every written page): build the arena \
+                      with `.async_wp(false).async_forks(false)` to pin forks",
             });
         }
         if first == end {
@@ -994,7 +999,7 @@ impl Space {
         let core = self.core()?;
         let mut mm = core.lock();
         core.adopt_if_plain(&mut mm, self.id, AdoptHow::Auto)?; // re-protecting needs the model
-        if mm.async_wp() {
+        if mm.space_async(self.id) {
             return core.clean_async(&mut mm, self.id, first, end);
         }
         let mut ops = Vec::new();

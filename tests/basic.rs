@@ -29,14 +29,18 @@ fn hello_jello() {
 
 #[test]
 fn both_fault_modes_serve_views() {
-    for (mode, async_wp) in [
-        (cowarena::FaultMode::Signal, false),
-        (cowarena::FaultMode::Thread, false),
-        (cowarena::FaultMode::Signal, true),
-        (cowarena::FaultMode::Thread, true),
+    use cowarena::FaultMode::{Signal, Thread};
+    // (mode, every view async-WP, forks async-WP)
+    for (mode, async_wp, async_forks) in [
+        (Signal, false, false),
+        (Thread, false, false),
+        (Signal, true, false),
+        (Thread, true, false),
+        (Signal, false, true),
+        (Thread, false, true),
     ] {
-        let arena = Arena::builder().fault_mode(mode).async_wp(async_wp).build().unwrap();
-        assert_eq!((arena.fault_mode(), arena.async_wp()), (mode, async_wp));
+        let arena = Arena::builder().fault_mode(mode).async_wp(async_wp).async_forks(async_forks).build().unwrap();
+        assert_eq!((arena.fault_mode(), arena.async_wp(), arena.async_forks()), (mode, async_wp, async_forks));
         let mut a = arena.space(8 << 20).unwrap();
         for (i, b) in a.as_mut_slice().iter_mut().enumerate().step_by(4096) {
             *b = (i / 4096) as u8;
@@ -53,10 +57,14 @@ fn both_fault_modes_serve_views() {
             assert_eq!(c.as_slice()[i], want, "{mode:?} grandchild page {}", i / 4096);
         }
         arena.check_invariants().unwrap();
-        // Every page of `b` was written once: a copy-on-write fault each, or (async_wp) the
-        // first per fault-around window, the kernel's alone after it.
+        // Every page of `b` (a fork) was written once: a copy-on-write fault each, or (an
+        // async-WP fork) the first per fault-around window, the kernel's alone after it.
         assert_eq!(b.dirty_pages(0, 8 << 20).unwrap().len(), 2048, "{mode:?} async_wp={async_wp}");
         let s = arena.stats();
-        assert!(async_wp || s.faults.write_cow >= 2048, "{s:?}");
+        if async_wp || async_forks {
+            assert!(s.faults.write_cow < 2048, "{mode:?}: the kernel served stores alone: {s:?}");
+        } else {
+            assert!(s.faults.write_cow >= 2048, "{s:?}");
+        }
     }
 }

@@ -81,13 +81,27 @@ fn other_mode(m: FaultMode) -> FaultMode {
     }
 }
 
-fn run_seed(seed: u64, mode: FaultMode, async_wp: bool, ops: usize) -> u64 {
+/// Which views are async-WP: none, every one (`ArenaBuilder::async_wp`), or the forks'
+/// (`ArenaBuilder::async_forks`, the default where the kernel offers it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Wp {
+    Sync,
+    All,
+    Forks,
+}
+
+fn run_seed(seed: u64, mode: FaultMode, wp: Wp, ops: usize) -> u64 {
     let mut rng = Rng::new(seed);
     // Odd seeds register every view from the start; even seeds keep new spaces plain
     // kernel memory until their first fork, clean or clear_referenced (adoption).
     let plain = seed % 2 == 0;
-    let arena =
-        Arena::builder().fault_mode(mode).plain_until_fork(plain).async_wp(async_wp).build().expect("userfaultfd");
+    let arena = Arena::builder()
+        .fault_mode(mode)
+        .plain_until_fork(plain)
+        .async_wp(wp == Wp::All)
+        .async_forks(wp == Wp::Forks)
+        .build()
+        .expect("userfaultfd");
     let mut live: Vec<Entry> = Vec::new();
     let mut trail = Trail { seed, mode, op: 0, log: VecDeque::new() };
     let mut bytes_checked = 0u64;
@@ -397,7 +411,7 @@ fn run_seed(seed: u64, mode: FaultMode, async_wp: bool, ops: usize) -> u64 {
 // Pages write faults took with UFFDIO_MOVE over all seeds, per test thread (the path must be exercised).
 thread_local! { static PAGES_MOVED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) } }
 
-fn run(mode: FaultMode, async_wp: bool, first_seed: u64) {
+fn run(mode: FaultMode, wp: Wp, first_seed: u64) {
     let ops = env_u64("COWARENA_MODEL_OPS", 400) as usize;
     let seeds: Vec<u64> = match std::env::var("COWARENA_MODEL_SEED") {
         Ok(s) => vec![s.trim().parse().expect("COWARENA_MODEL_SEED")],
@@ -406,11 +420,11 @@ fn run(mode: FaultMode, async_wp: bool, first_seed: u64) {
     let t0 = std::time::Instant::now();
     let mut checked = 0;
     for &seed in &seeds {
-        checked += run_seed(seed, mode, async_wp, ops);
+        checked += run_seed(seed, mode, wp, ops);
     }
     let moved = PAGES_MOVED.with(|m| m.get());
     println!(
-        "model {mode:?} async_wp={async_wp}: {} seeds x {ops} ops, {} MiB compared, 0 divergences, {moved} pages taken by UFFDIO_MOVE, {:.1?}",
+        "model {mode:?} {wp:?}: {} seeds x {ops} ops, {} MiB compared, 0 divergences, {moved} pages taken by UFFDIO_MOVE, {:.1?}",
         seeds.len(),
         checked >> 20,
         t0.elapsed()
@@ -421,25 +435,38 @@ fn run(mode: FaultMode, async_wp: bool, first_seed: u64) {
     }
 }
 
+/// The default arena: forks' stores to read-only pages are the kernel's alone
+/// (`ArenaBuilder::async_forks`), the other spaces trap.
 #[test]
 fn model_signal_mode() {
-    run(FaultMode::Signal, false, 1);
+    run(FaultMode::Signal, Wp::Forks, 1);
 }
 
 #[test]
 fn model_thread_mode() {
-    run(FaultMode::Thread, false, 1_000_001);
+    run(FaultMode::Thread, Wp::Forks, 1_000_001);
 }
 
-/// Stores to read-only pages served by the kernel alone (`ArenaBuilder::async_wp`).
+/// Every view traps its first store to a page (`async_forks(false)`; kernels before 6.7).
+#[test]
+fn model_signal_mode_all_trapping() {
+    run(FaultMode::Signal, Wp::Sync, 4_000_001);
+}
+
+#[test]
+fn model_thread_mode_all_trapping() {
+    run(FaultMode::Thread, Wp::Sync, 5_000_001);
+}
+
+/// Stores to read-only pages served by the kernel alone in every view (`ArenaBuilder::async_wp`).
 #[test]
 fn model_signal_mode_async_wp() {
-    run(FaultMode::Signal, true, 2_000_001);
+    run(FaultMode::Signal, Wp::All, 2_000_001);
 }
 
 #[test]
 fn model_thread_mode_async_wp() {
-    run(FaultMode::Thread, true, 3_000_001);
+    run(FaultMode::Thread, Wp::All, 3_000_001);
 }
 
 /// The model must be able to fail: a deliberately wrong model is detected.

@@ -29,8 +29,8 @@ fn set_errno(v: i32) {
 fn fault_around_never_dirties_or_copies_unwritten_pages() {
     for mode in modes() {
         for strategy in [ForkStrategy::KeepWarm, ForkStrategy::Freeze] {
-            // Counts a trap per first write (async_wp: tests/async_wp.rs).
-            let arena = Arena::builder().fault_mode(mode).async_wp(false).build().unwrap();
+            // Counts a trap per first write (async_wp, async_forks: tests/async_wp.rs).
+            let arena = Arena::builder().fault_mode(mode).async_wp(false).async_forks(false).build().unwrap();
             let mut parent = arena.space(TABLE).unwrap();
             parent.write(0, &vec![7u8; 128 * PAGE]).unwrap();
             parent.clean(0, TABLE).unwrap();
@@ -171,8 +171,9 @@ fn errno_survives_view_faults() {
 /// `Arena::clear_referenced` counts distinct entries: one shared by 4 spaces counts once.
 #[test]
 fn arena_clear_referenced_counts_distinct_entries_and_aging_is_counted() {
-    // Re-arming reads of read-only copies needs a trap per store (ArenaBuilder::async_wp).
-    let arena = Arena::builder().async_wp(false).build().unwrap();
+    // Re-arming reads of read-only copies needs a trap per store (ArenaBuilder::async_wp,
+    // and async_forks for the forks' copies).
+    let arena = Arena::builder().async_wp(false).async_forks(false).build().unwrap();
     let mut root = arena.space(TABLE).unwrap();
     root.write(0, &vec![1u8; 8 * PAGE]).unwrap();
     let kids: Vec<_> = (0..3).map(|_| root.fork().unwrap()).collect();

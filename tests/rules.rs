@@ -66,8 +66,9 @@ fn mkclean_breaks_the_table_and_tracks_new_writes() {
 
 #[test]
 fn aging_100_sharers_breaks_nothing_and_one_access_is_seen_by_all() {
-    // Re-arming reads of read-only copies needs a trap per store (ArenaBuilder::async_wp).
-    let arena = Arena::builder().async_wp(false).build().unwrap();
+    // Re-arming reads of read-only copies needs a trap per store (ArenaBuilder::async_wp,
+    // and async_forks for the forks' copies).
+    let arena = Arena::builder().async_wp(false).async_forks(false).build().unwrap();
     let mut root = arena.space(TABLE).unwrap();
     root.write(0, &[42; PAGE]).unwrap();
     let forks: Vec<Space> = (0..99).map(|_| root.fork().unwrap()).collect();

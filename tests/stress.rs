@@ -447,3 +447,11 @@ fn stress_signal_mode_async_wp() {
 fn stress_thread_mode() {
     stress(FaultMode::Thread, stress_duration(12) / 2, 2, seed() + 1);
 }
+
+/// Every view trapping its first store to a page (`async_forks(false)`, as on kernels
+/// before 6.7); the tests above use the default, where forks' stores are the kernel's.
+#[test]
+fn stress_signal_mode_all_trapping() {
+    let arena = Arena::builder().fault_mode(FaultMode::Signal).async_forks(false).build().unwrap();
+    stress_arena(arena, stress_duration(12) / 2, 3, seed() + 5, false);
+}

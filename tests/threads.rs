@@ -131,9 +131,17 @@ fn check_child(child: &Space, sh: &Writers, lo: &[u64], hi: &[u64], prev: Option
 }
 
 fn forks_of_a_written_space(mode: FaultMode, pages: usize, threads: usize, interleave: bool, dur: Duration) {
+    forks_of_a_written(mode, pages, threads, interleave, false, dur)
+}
+
+/// The same, with `of_fork`: the space written and forked is itself a fork (an async-WP
+/// view in the default arena: the writers' stores are the kernel's alone, and each fork
+/// must be a consistent cut of them all the same).
+fn forks_of_a_written(mode: FaultMode, pages: usize, threads: usize, interleave: bool, of_fork: bool, dur: Duration) {
     let _wd = Watchdog::new("forks_of_a_written_space", dur + Duration::from_secs(120));
     let arena = Arena::builder().fault_mode(mode).build().unwrap();
-    let space = arena.space(pages * PAGE).unwrap();
+    let root = arena.space(pages * PAGE).unwrap();
+    let (space, root) = if of_fork { (root.fork().unwrap(), Some(root)) } else { (root, None) };
     let sh = Writers {
         threads,
         pages,
@@ -197,9 +205,13 @@ fn forks_of_a_written_space(mode: FaultMode, pages: usize, threads: usize, inter
     }
     arena.check_invariants().unwrap();
     println!(
-        "{mode:?}: {forks} forks of a {pages}-page space under {threads} writers (interleaved words: {interleave}) (generations {gens_written:?}), {kept_checks} kept-child re-checks"
+        "{mode:?}: {forks} forks of a {pages}-page space (itself a fork: {of_fork}) under {threads} writers (interleaved words: {interleave}) (generations {gens_written:?}), {kept_checks} kept-child re-checks"
     );
+    if let Some(root) = &root {
+        assert!(root.as_slice().iter().all(|&b| b == 0), "the root never changes");
+    }
     drop(space);
+    drop(root);
     assert_nothing_left(&arena, "forks_of_a_written_space");
 }
 
@@ -228,6 +240,19 @@ fn forks_of_a_space_written_word_interleaved_signal_mode() {
 #[test]
 fn forks_of_a_space_written_word_interleaved_thread_mode() {
     forks_of_a_written_space(FaultMode::Thread, 200, 3, true, secs());
+}
+
+/// The space written is a fork (async-WP in the default arena: `ArenaBuilder::async_forks`).
+#[test]
+fn forks_of_a_written_fork_signal_mode() {
+    let offered = cowarena::probe::probe().feature("WP_ASYNC").and_then(|f| f.present) == Some(true);
+    assert_eq!(Arena::new().unwrap().async_forks(), offered, "async forks are the default where offered");
+    forks_of_a_written(FaultMode::Signal, 520, 3, true, true, secs());
+}
+
+#[test]
+fn forks_of_a_written_fork_thread_mode() {
+    forks_of_a_written(FaultMode::Thread, 300, 2, false, true, secs());
 }
 
 /// Threads write different children of one parent at once (views and API), each verifying

@@ -85,7 +85,7 @@ impl Core {
         // ([`Core::adopt_in_place_async`]): the pages stay mapped, and stores to them keep
         // costing no trap, where a freeze would make every later touch a fault.
         let how = match how {
-            AdoptHow::Auto if mm.async_wp() => AdoptHow::InPlace,
+            AdoptHow::Auto if mm.space_async(sp) => AdoptHow::InPlace,
             how => how,
         };
         let t0 = Instant::now();
@@ -134,7 +134,7 @@ impl Core {
                 runs.iter().map(|(a, b)| b - a).sum::<usize>() <= limit
             }
         };
-        if in_place && mm.async_wp() {
+        if in_place && mm.space_async(sp) {
             self.adopt_in_place_async(mm, sp, base, len)?;
         } else if in_place {
             // Stable contents: every write now traps (present pages are write-protected,

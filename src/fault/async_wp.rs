@@ -225,7 +225,7 @@ impl Core {
     /// [`Core::sync_written`] over every space (the family-wide operations: aging of the
     /// whole arena).
     pub fn sync_all_written(&self, mm: &mut Mm<Mapping>) -> Result<()> {
-        if !mm.async_wp() {
+        if !mm.any_async() {
             return Ok(());
         }
         for sp in mm.space_ids() {

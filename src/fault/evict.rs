@@ -71,9 +71,8 @@ impl Core {
         // Stores the kernel served alone must be in the model first (async-WP arenas), and
         // plain spaces' pages become frames (the kernel's memory is not ours to page out).
         self.sync_all_written(mm)?;
-        let async_wp = mm.async_wp();
         for sp in mm.space_ids() {
-            if async_wp {
+            if mm.space_async(sp) {
                 // A page a view maps takes stores without a trap here, so no frame a view
                 // maps is evicted (`Mm::evictable`): freeze the views first, as a fork
                 // does — their pages become unmapped homes, and the working set faults

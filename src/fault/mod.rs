@@ -63,6 +63,13 @@ pub enum FaultMode {
 pub(crate) const COMPACT_BUDGET: usize = 1024;
 /// Free pool slots kept for the fault path.
 const POOL_MARGIN: usize = 64;
+
+/// The arena's userfaultfds ([`Core::uffd_by`]): the default fault mode's, the other
+/// mode's (`Arena::space_in`, `Space::fork_in`), and the async-WP one of forks
+/// (`ArenaBuilder::async_forks`).
+pub(crate) const UFFD_MAIN: u8 = 0;
+pub(crate) const UFFD_OTHER: u8 = 1;
+pub(crate) const UFFD_ASYNC: u8 = 2;
 /// Most frame slots one housekeeping step examines.
 pub(crate) const COMPACT_SCAN: usize = 1 << 16;
 
@@ -106,8 +113,14 @@ pub(crate) struct Core {
     /// through it (the kernel checks the context for `UFFDIO_MOVE`, and a wake-up reaches
     /// only the waiters of its own context); the reader thread polls it beside `uffd`.
     pub other: std::sync::OnceLock<Uffd>,
-    /// Serialises opening `other`.
+    /// Serialises opening `other` and `async_uffd`.
     pub other_init: Mutex<()>,
+    /// An async-WP userfaultfd of the default fault mode, for the forks of an
+    /// `ArenaBuilder::async_forks` arena (opened with the first; [`Core::async_fork_uffd`]).
+    /// Views registered with it are [`Mm::space_async`]; the reader polls it too.
+    pub async_uffd: std::sync::OnceLock<Uffd>,
+    /// Forks (in the default fault mode) get async-WP views (`ArenaBuilder::async_forks`).
+    pub async_forks: bool,
     /// The SIGBUS handler's registry slot, once the arena has a signal-mode userfaultfd
     /// (at build, or with its first signal-mode space); released when the arena drops.
     pub signal_slot: std::sync::OnceLock<usize>,
@@ -340,22 +353,62 @@ impl Core {
 
     /// The userfaultfd `sp`'s view is registered with.
     pub fn uffd_of<'a>(&'a self, mm: &Mm<Mapping>, sp: SpaceId) -> &'a Uffd {
-        self.uffd_by(mm.other_uffd(sp))
+        self.uffd_by(Self::uffd_sel(mm, sp))
     }
 
-    /// The arena's first (`false`) or second (`true`) userfaultfd; the first when there is
-    /// no second (nothing is registered with a second one before it exists).
-    pub fn uffd_by(&self, other: bool) -> &Uffd {
-        match self.other.get() {
-            Some(u) if other => u,
-            _ => &self.uffd,
+    /// Which of the arena's userfaultfds `sp`'s view is registered with: [`UFFD_MAIN`],
+    /// [`UFFD_OTHER`] (the other fault mode) or [`UFFD_ASYNC`] (an async-WP fork).
+    pub fn uffd_sel(mm: &Mm<Mapping>, sp: SpaceId) -> u8 {
+        if mm.other_uffd(sp) {
+            UFFD_OTHER
+        } else if mm.space_async(sp) && !mm.async_wp() {
+            UFFD_ASYNC
+        } else {
+            UFFD_MAIN
         }
+    }
+
+    /// One of the arena's userfaultfds (see [`Core::uffd_sel`]); the first when the one
+    /// asked for does not exist (nothing is registered with one before it exists).
+    pub fn uffd_by(&self, sel: u8) -> &Uffd {
+        let extra = match sel {
+            UFFD_OTHER => self.other.get(),
+            UFFD_ASYNC => self.async_uffd.get(),
+            _ => None,
+        };
+        extra.unwrap_or(&self.uffd)
+    }
+
+    /// The async-WP userfaultfd for forks (`ArenaBuilder::async_forks`), opened by the
+    /// first; `None` when the arena does not give forks async-WP views (or all its views
+    /// are async already).
+    pub fn async_fork_uffd(&self) -> Result<Option<&Uffd>> {
+        if !self.async_forks {
+            return Ok(None);
+        }
+        if let Some(u) = self.async_uffd.get() {
+            return Ok(Some(u));
+        }
+        let _init = self.other_init.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(u) = self.async_uffd.get() {
+            return Ok(Some(u));
+        }
+        let required = uffd::FEATURE_WP
+            | uffd::FEATURE_WP_ASYNC
+            | if self.mode == FaultMode::Signal { uffd::FEATURE_SIGBUS } else { 0 };
+        let optional = uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_THREAD_ID | uffd::FEATURE_MOVE;
+        let u = Uffd::open(required, optional)?;
+        tracing::debug!(access = ?u.access(), features = u.features(), "async-WP userfaultfd for forks opened");
+        let u = self.async_uffd.get_or_init(|| u);
+        // Wake the reader: its next poll includes the new descriptor.
+        let _ = self.refill.signal();
+        Ok(Some(u))
     }
 
     /// The userfaultfd of the view holding `addr` (one lookup, only once the arena has a
     /// second userfaultfd).
     pub fn uffd_at<'a>(&'a self, mm: &Mm<Mapping>, addr: usize) -> &'a Uffd {
-        if self.other.get().is_none() {
+        if self.other.get().is_none() && self.async_uffd.get().is_none() {
             return &self.uffd;
         }
         match mm.space_at(addr) {
@@ -553,7 +606,7 @@ impl Core {
     pub fn prepare_share(&self, mm: &mut Mm<Mapping>, sp: SpaceId, strategy: crate::ForkStrategy) -> Result<bool> {
         use crate::mm::SharePlan;
         self.housekeeping(mm);
-        let async_wp = mm.async_wp();
+        let async_wp = mm.space_async(sp);
         self.adopt_if_plain(
             mm,
             sp,
@@ -918,7 +971,7 @@ impl Core {
         // to user space — unless the kernel serves those alone (async WP), recording the
         // store for the next sync: then writes get fault-around too, and dirty tracking
         // stays exact.
-        if (write && !mm.async_wp()) || !mm.has_headroom_for(FAULT_AROUND_MAX + 2) {
+        if (write && !mm.space_async(sp)) || !mm.has_headroom_for(FAULT_AROUND_MAX + 2) {
             return Ok(kind);
         }
         if self.dense_fill && mm.dense_in_table(sp, page) {
@@ -1166,10 +1219,10 @@ impl Core {
         }
     }
 
-    /// Serve one fault message from the first (`other == false`) or second userfaultfd.
-    fn serve(&self, address: u64, flags: u64, tid: u32, other: bool) {
+    /// Serve one fault message from one of the arena's userfaultfds ([`Core::uffd_by`]).
+    fn serve(&self, address: u64, flags: u64, tid: u32, sel: u8) {
         let addr = address as usize & !(PAGE_SIZE - 1);
-        let u = self.uffd_by(other);
+        let u = self.uffd_by(sel);
         let write = flags & (uffd::PAGEFAULT_FLAG_WRITE | uffd::PAGEFAULT_FLAG_WP) != 0;
         let Some(mut mm) = self.lock_for(tid) else {
             let mut last = self.self_faults.lock().unwrap_or_else(|p| p.into_inner());
@@ -1288,7 +1341,7 @@ pub(crate) struct Engine {
 impl Engine {
     pub fn start(core: Arc<Core>) -> Result<Engine> {
         let stop = Arc::new(EventFd::new().map_err(|e| Error::open_fd("eventfd", "an eventfd", e))?);
-        let (tx, rx) = mpsc::channel::<(u64, u64, u32, bool)>();
+        let (tx, rx) = mpsc::channel::<(u64, u64, u32, u8)>();
         let reader = {
             let (core, stop) = (core.clone(), stop.clone());
             std::thread::Builder::new()
@@ -1300,13 +1353,12 @@ impl Engine {
         let worker = std::thread::Builder::new()
             .name("cowarena-fault".into())
             .spawn(move || {
-                for (address, flags, tid, other) in rx {
-                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        core.serve(address, flags, tid, other)
-                    }));
+                for (address, flags, tid, sel) in rx {
+                    let served =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.serve(address, flags, tid, sel)));
                     if let Err(p) = served {
                         let addr = address as usize & !(PAGE_SIZE - 1);
-                        core.fail_loudly(core.uffd_by(other), addr, &Error::Internal(panic_message(&p)));
+                        core.fail_loudly(core.uffd_by(sel), addr, &Error::Internal(panic_message(&p)));
                     }
                 }
             })
@@ -1333,19 +1385,24 @@ impl Engine {
 /// `mremap`, waiting for this thread to read the event — a deadlock (seen in the W1 bench).
 /// So a refill request meets `try_lock`; when the lock is busy the request stays pending
 /// and is retried every millisecond, while messages keep being read.
-fn reader_loop(core: &Core, stop: &EventFd, tx: mpsc::Sender<(u64, u64, u32, bool)>) {
+fn reader_loop(core: &Core, stop: &EventFd, tx: mpsc::Sender<(u64, u64, u32, u8)>) {
     let mut msgs = Vec::with_capacity(64);
     let mut refill_pending = false;
     loop {
         let timeout = if refill_pending { 1 } else { -1 };
-        // The second userfaultfd once it exists (its opener wakes us through `refill`);
-        // until then the first one stands in its place.
-        let other = core.other.get();
-        let second = other.unwrap_or(&core.uffd);
-        let fds = [core.uffd.as_fd(), stop.as_fd(), core.refill.as_fd(), second.as_fd()];
+        // The second and third userfaultfds once they exist (their opener wakes us through
+        // `refill`); until then the first one stands in their place.
+        let (other, asy) = (core.other.get(), core.async_uffd.get());
+        let fds = [
+            core.uffd.as_fd(),
+            stop.as_fd(),
+            core.refill.as_fd(),
+            other.unwrap_or(&core.uffd).as_fd(),
+            asy.unwrap_or(&core.uffd).as_fd(),
+        ];
         let ready = match crate::sys::wake::poll(fds, timeout) {
-            Ok([_, true, _, _]) => return,
-            Ok([first, false, refill, second]) => {
+            Ok([_, true, _, _, _]) => return,
+            Ok([first, false, refill, second, third]) => {
                 if refill {
                     core.refill.clear();
                     core.reap();
@@ -1358,7 +1415,7 @@ fn reader_loop(core: &Core, stop: &EventFd, tx: mpsc::Sender<(u64, u64, u32, boo
                     // `lock` refills the headroom; a busy lock means: try again shortly.
                     refill_pending = core.try_lock().is_none();
                 }
-                [first, second && other.is_some()]
+                [first, second && other.is_some(), third && asy.is_some()]
             }
             Err(e) => {
                 tracing::error!(error = %e, "cowarena: poll on userfaultfd failed");
@@ -1366,8 +1423,8 @@ fn reader_loop(core: &Core, stop: &EventFd, tx: mpsc::Sender<(u64, u64, u32, boo
                 continue;
             }
         };
-        for (is_other, u) in [(false, Some(&core.uffd)), (true, other)] {
-            let Some(u) = u.filter(|_| ready[usize::from(is_other)]) else { continue };
+        for (sel, u) in [(UFFD_MAIN, Some(&core.uffd)), (UFFD_OTHER, other), (UFFD_ASYNC, asy)] {
+            let Some(u) = u.filter(|_| ready[usize::from(sel)]) else { continue };
             msgs.clear();
             if let Err(e) = u.read_msgs(&mut msgs) {
                 tracing::error!(error = %e, "cowarena: read from userfaultfd failed");
@@ -1376,8 +1433,8 @@ fn reader_loop(core: &Core, stop: &EventFd, tx: mpsc::Sender<(u64, u64, u32, boo
             for m in &msgs {
                 match *m {
                     UffdMsg::PageFault { address, flags, tid } => {
-                        tracing::trace!(address, flags, tid, is_other, "fault message");
-                        if tx.send((address, flags, tid, is_other)).is_err() {
+                        tracing::trace!(address, flags, tid, sel, "fault message");
+                        if tx.send((address, flags, tid, sel)).is_err() {
                             return;
                         }
                     }

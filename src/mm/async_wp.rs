@@ -93,13 +93,30 @@ impl<B> Mm<B> {
         self.async_wp
     }
 
+    /// Mark `sp`'s view as registered with an async-WP userfaultfd (or not), whatever the
+    /// arena's default: right after the space is created, before its view maps anything.
+    pub fn set_space_async(&mut self, sp: SpaceId, on: bool) {
+        debug_assert!(self.space(sp).vs.present.count() == 0, "a view changes its write-protect mode only empty");
+        self.space_mut(sp).async_wp = on;
+    }
+
+    /// Is `sp`'s view async-WP ([`SpaceMm::async_wp`])?
+    pub fn space_async(&self, sp: SpaceId) -> bool {
+        self.space(sp).async_wp
+    }
+
+    /// Is any live view async-WP?
+    pub fn any_async(&self) -> bool {
+        self.async_wp || self.spaces.iter().any(|(_, s)| s.async_wp)
+    }
+
     /// Spans of pages in `[first, end)` of `sp` that the kernel may have written without a
     /// trap: runs of pages mapped in the view and not writable in the model, ascending;
     /// runs less than a table apart are merged into one span (its gaps hold no candidate
     /// and are filtered by [`Mm::unseen_written`]).
     pub fn unseen_write_candidates(&self, sp: SpaceId, first: usize, end: usize) -> Vec<ScanSpan> {
         let s = self.space(sp);
-        if !self.async_wp || s.plain {
+        if !s.async_wp || s.plain {
             return Vec::new();
         }
         spans_of(s.vs.present.runs_and_not_in(&s.vs.writable, first, end.min(s.pages)))
@@ -191,14 +208,17 @@ impl<B> Mm<B> {
         })
     }
 
-    /// In an async arena, no view page is the home of a frame that another table or space
-    /// can see (see the module doc).
+    /// No async-WP view page is the home of a frame that another table or space can see
+    /// (see the module doc).
     pub(super) fn check_async_homes(&self) -> Result<(), String> {
-        if !self.async_wp {
+        if !self.any_async() {
             return Ok(());
         }
         for (fid, f) in self.frames.iter() {
             let RegionKind::View(sp) = self.region(f.home.region).kind else { continue };
+            if !self.space(sp).async_wp {
+                continue;
+            }
             let page = f.home.page as usize;
             let t = self.space(sp).dir[page / PTRS_PER_PTE];
             let share = t.map(|t| self.tables.get(t).share).unwrap_or(0);

@@ -113,7 +113,7 @@ impl<B> Mm<B> {
             && r.swap.is_none()
             && !self.frame_pinned(f)
             && !self.frame_pinned_anywhere(f)
-            && !(self.async_wp && self.frame_mapped(f))
+            && !(self.any_async() && self.frame_mapped_async(f))
     }
 
     /// The region of `sp`'s view (a freeze turns it into the frozen region).
@@ -157,16 +157,18 @@ impl<B> Mm<B> {
     }
 
     /// Does any view map `f` (its home view page, or a copy)?
-    fn frame_mapped(&self, f: FrameId) -> bool {
+    fn frame_mapped_async(&self, f: FrameId) -> bool {
         let fr = self.frames.get(f);
-        if matches!(self.region(fr.home.region).kind, RegionKind::View(_)) {
-            return true;
+        if let RegionKind::View(sp) = self.region(fr.home.region).kind {
+            if self.space(sp).async_wp {
+                return true;
+            }
         }
         let idx = fr.index as usize;
         self.families.get(&fr.family).is_some_and(|members| {
             members.iter().any(|&sp| {
                 let s = self.space(sp);
-                idx < s.pages && s.vs.present.get(idx) && self.lookup(sp, idx).frame() == Some(f)
+                s.async_wp && idx < s.pages && s.vs.present.get(idx) && self.lookup(sp, idx).frame() == Some(f)
             })
         })
     }
@@ -202,10 +204,10 @@ impl<B> Mm<B> {
         let fr = *self.frames.get(f);
         let idx = fr.index as usize;
         let ei = idx % PTRS_PER_PTE;
-        let async_wp = self.async_wp;
         let members = self.families.get(&fr.family).cloned().unwrap_or_default();
         self.counters.frames_aged += 1;
         for sp in members {
+            let async_wp = self.space(sp).async_wp;
             if idx >= self.space(sp).pages {
                 continue;
             }

@@ -412,7 +412,7 @@ impl<B> Mm<B> {
             // The kernel holds the bytes, in the (unregistered) view itself.
             return Src::Addr(self.view_base(sp) + page * PAGE_SIZE);
         }
-        if self.async_wp && s.vs.present.get(page) && !s.vs.home.get(page) {
+        if s.async_wp && s.vs.present.get(page) && !s.vs.home.get(page) {
             // A mapped copy holds its frame's bytes, or newer ones the kernel let a store
             // write without telling us yet (`async_wp.rs`): the view is the truth.
             if let Some(t) = s.dir[page / PTRS_PER_PTE] {

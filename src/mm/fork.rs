@@ -47,7 +47,7 @@ impl<B> Mm<B> {
     /// take stores without a trap, so a view holding any home is not ready: the engine
     /// moves a few out ([`Mm::evacuate_view_homes`]) or freezes the view.
     pub fn share_plan(&self, sp: SpaceId) -> SharePlan {
-        if self.async_wp {
+        if self.space(sp).async_wp {
             return if self.region(self.space(sp).view).homes == 0 { SharePlan::Ready } else { SharePlan::Freeze };
         }
         // Pinned pages stay writable: a fork copies them (`Mm::share_table`). A space with
@@ -145,7 +145,7 @@ impl<B> Mm<B> {
     /// view (its only reference). The caller must then evacuate again, and share nothing
     /// until a sync of the whole view finds no page written (`Core::prepare_share_async`).
     pub fn evacuate_view_homes(&mut self, sp: SpaceId, ops: &mut Vec<KernelOp>) -> usize {
-        debug_assert!(self.async_wp, "only async-WP arenas share a view that way");
+        debug_assert!(self.space(sp).async_wp, "only async-WP views are shared that way");
         self.protect_writable(sp, ops);
         let s = self.space(sp);
         let homes: Vec<(usize, FrameId)> =

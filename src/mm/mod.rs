@@ -158,6 +158,12 @@ pub struct SpaceMm {
     /// mode other than the arena's default (`Arena::space_in`, `Space::fork_in`) — so its
     /// ioctls go there (`Core::uffd_of`). Fixed for the life of the view.
     pub other_uffd: bool,
+    /// The view is registered with an async-WP userfaultfd (`async_wp.rs`): stores to its
+    /// read-only pages are resolved by the kernel without a trap, so it never holds the
+    /// home of a frame another table or space can see. Every space of an
+    /// `ArenaBuilder::async_wp` arena; the forks of an `ArenaBuilder::async_forks` one.
+    /// Fixed for the life of the view (a freeze keeps the registration).
+    pub async_wp: bool,
     /// Pinned pages (`pin.rs`): the bit per page, and how many pins hold each.
     pub pinned: Bits,
     pub pin_depth: std::collections::BTreeMap<usize, u32>,
@@ -366,7 +372,7 @@ pub struct Mm<B> {
     compact_cursor: usize,
     /// Dropped spaces whose view could not be frozen yet (retried by the engine).
     pending_drops: Vec<SpaceId>,
-    /// Read-only view pages are write-protected asynchronously (`async_wp.rs`).
+    /// Every new space's view is async-WP (`async_wp.rs`; [`SpaceMm::async_wp`]).
     async_wp: bool,
     /// Streams reading frame homes outside the lock ([`Mm::begin_stream`]). While any is
     /// open, a frozen or pool home keeps its address and bytes: nothing is discarded or
@@ -556,6 +562,7 @@ impl<B> Mm<B> {
             streak: 0,
             plain: false,
             other_uffd: false,
+            async_wp: self.async_wp,
             pinned: Bits::new(pages),
             pin_depth: Default::default(),
             filling: Bits::new(pages),

@@ -224,7 +224,6 @@ impl<B> Mm<B> {
     pub fn clear_referenced(&mut self, sp: SpaceId, first: usize, end: usize, ops: &mut Vec<KernelOp>) -> usize {
         let mut count = 0;
         let mut rearmed = 0u64;
-        let async_wp = self.async_wp;
         let family = self.space(sp).family;
         let members = self.families.get(&family).cloned().unwrap_or_default();
         let mut ti = first / PTRS_PER_PTE;
@@ -248,6 +247,7 @@ impl<B> Mm<B> {
                     }
                     let base = self.view_base(m);
                     let s = self.space_mut(m);
+                    let async_wp = s.async_wp;
                     let (vs, pinned) = (&mut s.vs, &s.pinned);
                     for p in lo..hi {
                         if vs.present.get(p) && !pinned.get(p) && rearm_page(vs, base, p, async_wp, ops) {

@@ -1,0 +1,200 @@
+//! Forks with async-WP views beside trapping roots (`ArenaBuilder::async_forks`, the
+//! default on Linux 6.7+): a fork's stores to read-only pages take no user-space fault,
+//! while the root keeps its pages write-protected in place at a fork — one family, two
+//! userfaultfds. Contents, dirty tracking, grandchildren, resets, pins and drops stay exact.
+//! Each test runs in both fault modes.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{assert_nothing_left, assert_space_is, Rng};
+use cowarena::{Arena, Error, FaultMode, ForkStrategy};
+
+const PAGE: usize = 4096;
+const TABLE: usize = 2 << 20;
+
+fn modes() -> [FaultMode; 2] {
+    [FaultMode::Signal, FaultMode::Thread]
+}
+
+fn arena(mode: FaultMode) -> Option<Arena> {
+    match Arena::builder().fault_mode(mode).async_forks(true).build() {
+        Ok(a) => Some(a),
+        Err(Error::MissingFeature { feature, kernel }) => {
+            eprintln!("skipped: async forks need {feature} (Linux 6.7+), kernel {kernel}");
+            None
+        }
+        Err(e) => panic!("arena: {e}"),
+    }
+}
+
+fn byte_of(p: usize, round: u8) -> u8 {
+    (p as u8).wrapping_mul(31).wrapping_add(round)
+}
+
+/// A fork reads every page (mapped read-only copies), then stores to some at random: the
+/// stores cost no trap, the fork's `dirty_pages` lists exactly them, and the root — still
+/// warm, written in place — never sees them; the root's own writes after the fork trap
+/// as before and stay out of the fork.
+#[test]
+fn fork_stores_are_the_kernels_and_exactly_tracked() {
+    for mode in modes() {
+        let Some(arena) = arena(mode) else { return };
+        assert!(arena.async_forks() && !arena.async_wp());
+        let len = 4 * TABLE;
+        let pages = len / PAGE;
+        let mut root = arena.space(len).unwrap();
+        let mut want_root: Vec<u8> = (0..len).map(|i| byte_of(i / PAGE, 0)).collect();
+        root.as_mut_slice().copy_from_slice(&want_root);
+        root.clean(0, len).unwrap(); // (a fork inherits its parent's dirty bits)
+        let frozen = arena.stats().frozen_regions;
+        let mut child = root.fork_with(ForkStrategy::KeepWarm).unwrap();
+        assert_eq!(arena.stats().frozen_regions, frozen, "{mode:?}: the root keeps its pages in place");
+        // Read every page of the fork: read-only copies (dense fills after the first ones).
+        let sum: u64 = child.as_slice().iter().step_by(PAGE).map(|&b| u64::from(b)).sum();
+        std::hint::black_box(sum);
+        let before = arena.stats();
+        let mut rng = Rng::new(0xa5f0);
+        let mut written = BTreeSet::new();
+        let mut want_child = want_root.clone();
+        for _ in 0..300 {
+            let p = rng.below(pages);
+            written.insert(p);
+            child.as_mut_slice()[p * PAGE + 7] = 0xEE;
+            want_child[p * PAGE + 7] = 0xEE;
+        }
+        let traps = arena.stats().faults.write_cow + arena.stats().faults.write_reuse
+            - before.faults.write_cow
+            - before.faults.write_reuse;
+        assert_eq!(traps, 0, "{mode:?}: stores to a fork's read-only copies take no fault");
+        assert_eq!(
+            child.dirty_pages(0, len).unwrap(),
+            written.iter().copied().collect::<Vec<_>>(),
+            "{mode:?}: exactly the pages stored to"
+        );
+        // The root writes after the fork: trapped, copied away from the fork's frames.
+        for p in (0..pages).step_by(97) {
+            root.as_mut_slice()[p * PAGE] = 0x11;
+            want_root[p * PAGE] = 0x11;
+        }
+        assert_space_is(&child, &want_child, "fork after its stores and the root's");
+        assert_space_is(&root, &want_root, "root");
+        // A grandchild sees the fork's stores (recorded by its fork's sync).
+        let grand = child.fork().unwrap();
+        assert_space_is(&grand, &want_child, "grandchild");
+        arena.check_invariants().unwrap();
+        assert!(arena.stats().writes_async >= written.len() as u64, "{mode:?}: {:?}", arena.stats());
+        drop((root, child, grand));
+        assert_nothing_left(&arena, "fork_stores_are_the_kernels_and_exactly_tracked");
+    }
+}
+
+/// The fuzzer's loop on a fork: random stores, then `reset_to` the root, hundreds of
+/// times; every byte comes back and nothing is left dirty — as in an arena whose forks
+/// trap (the same loop, for comparison).
+#[test]
+fn reset_loop_of_a_fork_restores_every_byte() {
+    for (mode, async_forks) in modes().into_iter().flat_map(|m| [(m, true), (m, false)]) {
+        let Some(arena) = arena(mode) else { return };
+        let arena =
+            if async_forks { arena } else { Arena::builder().fault_mode(mode).async_forks(false).build().unwrap() };
+        let len = 2 * TABLE + 3 * PAGE;
+        let pages = len.div_ceil(PAGE);
+        let mut root = arena.space(len).unwrap();
+        let mut pristine = vec![0u8; len];
+        Rng::new(3).fill(&mut pristine[..len / 2]); // half written, half never
+        root.as_mut_slice().copy_from_slice(&pristine);
+        root.clean(0, len).unwrap();
+        let mut work = root.fork().unwrap();
+        let mut rng = Rng::new(0xf022);
+        for round in 0..400 {
+            for _ in 0..16 {
+                let p = rng.below(pages);
+                let at = p * PAGE + rng.below(PAGE.min(len - p * PAGE));
+                if round % 3 == 0 {
+                    work.write(at, &[round as u8 | 1]).unwrap();
+                } else {
+                    let _ = std::hint::black_box(work.as_slice()[at]);
+                    work.as_mut_slice()[at] = round as u8 | 1;
+                }
+            }
+            work.reset_to(&root).unwrap();
+            if round % 50 == 0 {
+                assert_space_is(&work, &pristine, "fork after reset");
+                let dirty = work.dirty_pages(0, len).unwrap();
+                assert!(dirty.is_empty(), "{mode:?} async_forks={async_forks}: dirty after a reset: {dirty:?}");
+            }
+        }
+        assert_space_is(&work, &pristine, "fork after the last reset");
+        assert_space_is(&root, &pristine, "root");
+        arena.check_invariants().unwrap();
+        drop((root, work));
+        assert_nothing_left(&arena, "reset_loop_of_a_fork_restores_every_byte");
+    }
+}
+
+/// Pins: a root can pin (its view traps); a fork cannot (its forks must move every written
+/// page), and the error names the builder switch.
+#[test]
+fn pins_on_roots_work_and_on_forks_are_refused_with_the_remedy() {
+    for mode in modes() {
+        let Some(arena) = arena(mode) else { return };
+        let mut root = arena.space(TABLE).unwrap();
+        root.write(0, &[5; PAGE]).unwrap();
+        let pin = root.pin(0, PAGE).unwrap();
+        let child = root.fork().unwrap();
+        drop(pin);
+        match child.pin(0, PAGE) {
+            Err(Error::Unsupported { what: "Space::pin", why }) => {
+                assert!(why.contains("async_forks(false)"), "{mode:?}: the message names the switch: {why}");
+            }
+            other => panic!("{mode:?}: pinning a fork in an async-forks arena: {:?}", other.map(|_| ())),
+        }
+        let trapping = Arena::builder().fault_mode(mode).async_forks(false).build().unwrap();
+        let mut r2 = trapping.space(TABLE).unwrap();
+        r2.write(0, &[6; PAGE]).unwrap();
+        let c2 = r2.fork().unwrap();
+        drop(c2.pin(0, PAGE).expect("a trapping fork pins"));
+    }
+}
+
+/// A chain of forks, each written a little and forked again (async-WP spaces forking:
+/// their few written pages move to the pool, the view stays warm), then dropped in a
+/// scrambled order: every generation keeps its bytes, and nothing leaks.
+#[test]
+fn chains_of_async_forks_keep_every_generation() {
+    for mode in modes() {
+        let Some(arena) = arena(mode) else { return };
+        let len = 3 * TABLE;
+        let pages = len / PAGE;
+        let mut root = arena.space(len).unwrap();
+        root.write(0, &vec![1u8; len]).unwrap();
+        let mut gens = vec![(root, vec![1u8; len])];
+        let mut rng = Rng::new(0xc4a1);
+        for g in 1..24u8 {
+            let strategy = if g % 5 == 0 { ForkStrategy::Freeze } else { ForkStrategy::Auto };
+            let (parent, parent_bytes) = gens.last().unwrap();
+            let mut next = parent.fork_with(strategy).unwrap();
+            let mut bytes = parent_bytes.clone();
+            for _ in 0..20 {
+                let p = rng.below(pages);
+                next.as_mut_slice()[p * PAGE + usize::from(g)] = g;
+                bytes[p * PAGE + usize::from(g)] = g;
+            }
+            gens.push((next, bytes));
+        }
+        for (s, bytes) in &gens {
+            assert_space_is(s, bytes, "generation");
+        }
+        arena.check_invariants().unwrap();
+        while !gens.is_empty() {
+            let i = rng.below(gens.len());
+            gens.remove(i);
+            for (s, bytes) in gens.iter().step_by(5) {
+                assert_space_is(s, bytes, "survivor");
+            }
+        }
+        assert_nothing_left(&arena, "chains_of_async_forks_keep_every_generation");
+    }
+}
