@@ -30,7 +30,10 @@ pub enum ForkStrategy {
     /// the kernel (~20 ms per GiB written). Best for live snapshots of a busy owner.
     KeepWarm,
     /// Always freeze the view (`mremap`, O(page tables)): the fastest fork of a heavily
-    /// written space; the parent re-faults the pages it touches afterwards.
+    /// written space; the parent re-faults the pages it touches afterwards. In an
+    /// [`async_forks`](crate::ArenaBuilder::async_forks) arena (the default on Linux 6.7+)
+    /// the parent's emptied view then becomes async-WP as forks' views are — its stores to
+    /// the pages it re-reads cost no trap — and it can no longer be pinned.
     Freeze,
 }
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::{assert_nothing_left, assert_same, env_u64, Rng, Watchdog, PAGE};
-use cowarena::{Arena, FaultMode, Space};
+use cowarena::{Arena, FaultMode, ForkStrategy, Space};
 
 const WORDS: usize = PAGE / 8;
 
@@ -131,13 +131,21 @@ fn check_child(child: &Space, sh: &Writers, lo: &[u64], hi: &[u64], prev: Option
 }
 
 fn forks_of_a_written_space(mode: FaultMode, pages: usize, threads: usize, interleave: bool, dur: Duration) {
-    forks_of_a_written(mode, pages, threads, interleave, false, dur)
+    forks_of_a_written(mode, pages, threads, interleave, false, ForkStrategy::Auto, dur)
 }
 
 /// The same, with `of_fork`: the space written and forked is itself a fork (an async-WP
 /// view in the default arena: the writers' stores are the kernel's alone, and each fork
 /// must be a consistent cut of them all the same).
-fn forks_of_a_written(mode: FaultMode, pages: usize, threads: usize, interleave: bool, of_fork: bool, dur: Duration) {
+fn forks_of_a_written(
+    mode: FaultMode,
+    pages: usize,
+    threads: usize,
+    interleave: bool,
+    of_fork: bool,
+    strategy: ForkStrategy,
+    dur: Duration,
+) {
     let _wd = Watchdog::new("forks_of_a_written_space", dur + Duration::from_secs(120));
     let arena = Arena::builder().fault_mode(mode).build().unwrap();
     let root = arena.space(pages * PAGE).unwrap();
@@ -168,7 +176,7 @@ fn forks_of_a_written(mode: FaultMode, pages: usize, threads: usize, interleave:
         let mut k = 0usize;
         while t0.elapsed() < dur || k < 20 {
             let lo: Vec<u64> = sh.done.iter().map(|d| d.load(Ordering::SeqCst)).collect();
-            let child = space.fork().unwrap();
+            let child = space.fork_with(strategy).unwrap();
             let hi: Vec<u64> = sh.started.iter().map(|d| d.load(Ordering::SeqCst)).collect();
             let gens = check_child(&child, &sh, &lo, &hi, prev.as_deref(), k);
             prev = Some(gens);
@@ -247,12 +255,25 @@ fn forks_of_a_space_written_word_interleaved_thread_mode() {
 fn forks_of_a_written_fork_signal_mode() {
     let offered = cowarena::probe::probe().feature("WP_ASYNC").and_then(|f| f.present) == Some(true);
     assert_eq!(Arena::new().unwrap().async_forks(), offered, "async forks are the default where offered");
-    forks_of_a_written(FaultMode::Signal, 520, 3, true, true, secs());
+    forks_of_a_written(FaultMode::Signal, 520, 3, true, true, ForkStrategy::Auto, secs());
 }
 
 #[test]
 fn forks_of_a_written_fork_thread_mode() {
-    forks_of_a_written(FaultMode::Thread, 300, 2, false, true, secs());
+    forks_of_a_written(FaultMode::Thread, 300, 2, false, true, ForkStrategy::Auto, secs());
+}
+
+/// A root forked with `ForkStrategy::Freeze` while threads write it: its frozen (empty)
+/// view moves to the async-WP userfaultfd at the first such fork (`async_forks`), with
+/// the writers trapping in one context or the other meanwhile.
+#[test]
+fn freezing_forks_of_a_written_root_signal_mode() {
+    forks_of_a_written(FaultMode::Signal, 520, 3, true, false, ForkStrategy::Freeze, secs());
+}
+
+#[test]
+fn freezing_forks_of_a_written_root_thread_mode() {
+    forks_of_a_written(FaultMode::Thread, 300, 3, true, false, ForkStrategy::Freeze, secs());
 }
 
 /// Threads write different children of one parent at once (views and API), each verifying

@@ -652,52 +652,17 @@ fn w2(cfg: &Config, rep: &mut Report) -> Res<()> {
 
     // The same reset loop in an async-WP arena (ArenaBuilder::async_wp): the fuzzer's
     // stores to pages it has mapped read-only are the kernel's alone; each reset syncs.
-    let async_reset = match Arena::builder().async_wp(true).build() {
-        Ok(arena) => {
-            let snap = arena.space(size)?;
-            fill(&snap, 1);
-            drop(snap.fork()?);
-            let mut work = snap.fork()?;
-            let mut rng = Rng::new(W2_SEED);
-            let mut rates = Vec::new();
-            for round in 0..rounds {
-                let it0 = (round * per_round) as u64 + 1;
-                let t = Instant::now();
-                for it in it0..it0 + per_round as u64 {
-                    std::hint::black_box(fuzz_iteration(&work, &mut rng, it));
-                    work.reset_to(&snap)?;
-                }
-                rates.push(per_sec(per_round, t.elapsed()));
-            }
-            for p in (0..pages_of(&snap)).step_by(97) {
-                if load(&work, p) != pattern(1, p) {
-                    return Err(format!("W2 async_wp: page {p} not restored by reset").into());
-                }
-            }
-            let st = arena.stats();
-            rep.note(format!(
-                "W2 reset in place, async_wp, {rounds} rounds of {per_round}: {} it/s; write faults {} (zero {} cow {} reuse {}), stores served by the kernel alone {}, read faults {}",
-                rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(" "),
-                st.faults.write_zero + st.faults.write_cow + st.faults.write_reuse,
-                st.faults.write_zero,
-                st.faults.write_cow,
-                st.faults.write_reuse,
-                st.writes_async,
-                st.faults.read_copy + st.faults.read_zero,
-            ));
-            Some(median_f64(&rates))
-        }
-        Err(e) => {
-            rep.note(format!("W2: no async_wp arena: {e}"));
-            None
-        }
-    };
+    // And with every view trapping (async_forks(false): what kernels before 6.7 get).
+    let async_reset = w2_reset_loop(rep, Arena::builder().async_wp(true).build(), "async_wp", size, rounds, per_round)?;
+    let trapping_reset =
+        w2_reset_loop(rep, Arena::builder().async_forks(false).build(), "forks trapping", size, rounds, per_round)?;
 
     let name = "fuzz iterations, 256 MiB";
     for (how, v) in [
         ("fork per iteration", Some(fork_rate)),
         ("reset in place", reset_rate),
         ("reset in place, async_wp", async_reset),
+        ("reset in place, forks trapping", trapping_reset),
     ] {
         let m = format!("{name} ({how})");
         rep.row("W2", &m, Unit::PerSec, v, "kernel fork server", Some(fork_server));
@@ -929,6 +894,57 @@ struct LiveCow {
     reader_time: Duration,
     peak_pss: u64,
     peak_rss: u64,
+}
+
+/// W2's reset loop (fuzz iteration, `reset_to` the snapshot) in `arena`: the median rate
+/// over the rounds, or `None` (noted) when the arena cannot be built here.
+fn w2_reset_loop(
+    rep: &mut Report,
+    arena: cowarena::Result<Arena>,
+    label: &str,
+    size: usize,
+    rounds: usize,
+    per_round: usize,
+) -> Res<Option<f64>> {
+    let arena = match arena {
+        Ok(a) => a,
+        Err(e) => {
+            rep.note(format!("W2: no {label} arena: {e}"));
+            return Ok(None);
+        }
+    };
+    let snap = arena.space(size)?;
+    fill(&snap, 1);
+    drop(snap.fork()?);
+    let mut work = snap.fork()?;
+    let mut rng = Rng::new(W2_SEED);
+    let mut rates = Vec::new();
+    for round in 0..rounds {
+        let it0 = (round * per_round) as u64 + 1;
+        let t = Instant::now();
+        for it in it0..it0 + per_round as u64 {
+            std::hint::black_box(fuzz_iteration(&work, &mut rng, it));
+            work.reset_to(&snap)?;
+        }
+        rates.push(per_sec(per_round, t.elapsed()));
+    }
+    for p in (0..pages_of(&snap)).step_by(97) {
+        if load(&work, p) != pattern(1, p) {
+            return Err(format!("W2 {label}: page {p} not restored by reset").into());
+        }
+    }
+    let st = arena.stats();
+    rep.note(format!(
+        "W2 reset in place, {label}, {rounds} rounds of {per_round}: {} it/s; write faults {} (zero {} cow {} reuse {}), stores served by the kernel alone {}, read faults {}",
+        rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(" "),
+        st.faults.write_zero + st.faults.write_cow + st.faults.write_reuse,
+        st.faults.write_zero,
+        st.faults.write_cow,
+        st.faults.write_reuse,
+        st.writes_async,
+        st.faults.read_copy + st.faults.read_zero,
+    ));
+    Ok(Some(median_f64(&rates)))
 }
 
 fn w3_cowarena(size: usize) -> Res<LiveCow> {
@@ -1276,6 +1292,8 @@ fn w4_random(cfg: &Config, rep: &mut Report) -> Res<()> {
     let floor_sparse = secs(t) / n as f64;
     let c_dense = w4_random_cowarena(&Arena::new()?, size, &dense)?;
     let c_sparse = w4_random_cowarena(&Arena::new()?, size, &sparse)?;
+    // Every view trapping its first store to a page (async_forks(false); kernels before 6.7).
+    let t_dense = w4_random_cowarena(&Arena::builder().async_forks(false).build()?, size, &dense)?;
     // Stores to read-only pages served by the kernel alone (ArenaBuilder::async_wp; 6.7+).
     let async_arena = || Arena::builder().async_wp(true).build();
     let (a_dense, a_sparse) = match async_arena() {
@@ -1314,6 +1332,16 @@ fn w4_random(cfg: &Config, rep: &mut Report) -> Res<()> {
                 Some(k[i]),
             );
         }
+    }
+    for (i, (what, base)) in names.iter().enumerate().skip(1) {
+        rep.row(
+            "W4",
+            format!("random dense {sz}: {what}, forks trapping, per page"),
+            Unit::Secs,
+            Some(t_dense[i]),
+            &format!("{base}, same order"),
+            Some(k_dense[i]),
+        );
     }
     for (kind, c, k) in [("dense", &a_dense, &k_dense), ("sparse", &a_sparse, &k_sparse)] {
         let Some(c) = c else { continue };
@@ -1924,6 +1952,23 @@ fn w4(cfg: &Config, rep: &mut Report) -> Res<()> {
             "W4 2 threads: read faults with unlocked fills / under the lock = {:.2}x",
             rates[1] / locked_read2
         ));
+    }
+    // Forks trapping every first store, as every view does before Linux 6.7
+    // (async_forks(false)); the rows above use the default arena.
+    {
+        let arena = Arena::builder().plain_until_fork(false).async_forks(false).build()?;
+        let run = w4_cowarena(&arena, size, 1)?;
+        let kcow = by_threads.first().map(|r| r.3).unwrap_or_default();
+        for (i, what) in [(2, "fork"), (3, "parent")] {
+            rep.row(
+                "W4",
+                format!("COW write faults in the {what}, 1 thread, forks trapping"),
+                Unit::PerSec,
+                Some(run.rates[i]),
+                "kernel COW fault",
+                Some(kcow),
+            );
+        }
     }
     if let Ok(arena) = Arena::builder().plain_until_fork(false).async_wp(true).build() {
         let run = w4_cowarena(&arena, size, 1)?;

@@ -630,19 +630,53 @@ impl Core {
             (_, crate::ForkStrategy::KeepWarm) if !async_wp => SharePlan::Protect,
             (_, _) => SharePlan::Freeze,
         };
-        match plan {
-            crate::mm::SharePlan::Ready => Ok(false),
+        let froze = match plan {
+            crate::mm::SharePlan::Ready => false,
             crate::mm::SharePlan::Protect => {
                 let mut ops = Vec::new();
                 mm.protect_writable(sp, &mut ops);
                 self.run_ops(mm, &ops)?;
-                Ok(false)
+                false
             }
             crate::mm::SharePlan::Freeze => {
                 self.freeze_into_mm(mm, sp)?;
-                Ok(true)
+                true
             }
+        };
+        if strategy == crate::ForkStrategy::Freeze {
+            self.make_view_async(mm, sp)?;
         }
+        Ok(froze)
+    }
+
+    /// In an `ArenaBuilder::async_forks` arena, a space forked with
+    /// [`ForkStrategy::Freeze`](crate::ForkStrategy::Freeze) has chosen to re-fault its
+    /// working set after the fork, so it gains what forks have: an async-WP view, whose
+    /// stores to the pages it re-reads are the kernel's alone. Only an empty view changes
+    /// its context (as after the freeze): a fresh mapping registered with the async-WP
+    /// userfaultfd replaces it in one `mremap`, so an access meanwhile traps in one context
+    /// or the other and never meets an unregistered page (which the kernel would fill with
+    /// zeros). Thread-mode waiters queued on the old context are woken to retry in the new
+    /// one. A no-op for async views, other-mode views, and views with pages mapped.
+    fn make_view_async(&self, mm: &mut Mm<Mapping>, sp: SpaceId) -> Result<()> {
+        if mm.space_async(sp) || mm.other_uffd(sp) || mm.is_plain(sp) || mm.view_pages_mapped(sp) > 0 {
+            return Ok(());
+        }
+        let Some(u) = self.async_fork_uffd()? else { return Ok(()) };
+        let len = mm.view_backing(sp).len();
+        // A failure leaves the view as it was (trapping): the fork goes on.
+        let switched = Mapping::anon(len).and_then(|fresh| {
+            u.register(fresh.addr(), len)?;
+            mm.view_backing(sp).replace_with(fresh)
+        });
+        if let Err(e) = switched {
+            tracing::warn!(space = sp.0, error = %e, "could not make the frozen view async-WP; it keeps trapping");
+            return Ok(());
+        }
+        mm.set_space_async(sp, true);
+        let _ = self.uffd.wake(mm.view_base(sp), len);
+        tracing::debug!(space = sp.0, "view made async-WP after a freezing fork");
+        Ok(())
     }
 
     /// [`Core::prepare_share`] in an async-WP arena, where a home write-protected in the

@@ -127,6 +127,24 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// Move `fresh` (a mapping of the same length, e.g. registered with another
+    /// userfaultfd) onto this mapping's address, replacing it atomically (`MREMAP_FIXED`:
+    /// an access meanwhile sees one or the other, never a hole). `self` then owns the moved
+    /// mapping; `fresh` is consumed. Whatever this mapping held is unmapped. With
+    /// UFFD_FEATURE_EVENT_REMAP on `fresh`'s userfaultfd the call blocks until the REMAP
+    /// event is read.
+    pub fn replace_with(&self, fresh: Mapping) -> io::Result<()> {
+        assert_eq!(fresh.len, self.len, "replace_with: lengths differ");
+        // SAFETY: both ranges are mappings we own; MREMAP_FIXED moves `fresh` onto ours,
+        // unmapping ours in the same step. On success `fresh`'s old range is no longer
+        // mapped (forgotten below); on failure nothing moved and `fresh` unmaps itself.
+        unsafe { mm::mremap_fixed(ptr(fresh.addr), fresh.len, self.len, MremapFlags::MAYMOVE, ptr(self.addr)) }?;
+        std::mem::forget(fresh);
+        Ok(())
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: we own the mapping; the engine guarantees no fault is outstanding on it.
