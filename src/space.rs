@@ -12,6 +12,31 @@ use crate::sys::mem::Advice;
 /// Distinguishes the temporary files of concurrent saves.
 static SAVE_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// [`Space::read`] streams ranges this long (see `Space::read_streamed`); shorter ones are
+/// copied under the lock, 16 pages per hold (a stream costs two more lock holds).
+const READ_STREAM_MIN: usize = 64 * PAGE_SIZE;
+/// Pages planned per lock hold by a streamed read.
+const READ_STREAM_PAGES: usize = 256;
+
+/// An open stream ([`Mm::begin_stream`](crate::mm::Mm::begin_stream)): stable homes keep
+/// their bytes and addresses until it is dropped.
+struct Stream<'a>(&'a crate::fault::Core);
+
+impl<'a> Stream<'a> {
+    fn open(core: &'a crate::fault::Core) -> Self {
+        core.lock().begin_stream();
+        Stream(core)
+    }
+}
+
+impl Drop for Stream<'_> {
+    fn drop(&mut self) {
+        let mut mm = self.0.lock();
+        mm.end_stream();
+        self.0.reclaim(&mut mm);
+    }
+}
+
 /// What a fork does with the parent's pages written since its previous fork (they must
 /// stop being writable before their frames are shared).
 ///
@@ -272,7 +297,9 @@ impl Space {
     }
 
     /// Copy `buf.len()` bytes at `offset` into `buf`, without faulting the view. Maps
-    /// nothing, so it is never refused by `max_memory`. A page evicted by
+    /// nothing, so it is never refused by `max_memory`. A long read (64 KiB or more)
+    /// copies the pages of frozen snapshots with the arena lock released, as
+    /// [`Space::write_to`] does, so faults elsewhere wait only for its plans. A page evicted by
     /// [`Arena::evict`](crate::Arena::evict) is read back from the swap file first (it
     /// becomes resident again: under `max_resident` this may wait for the evictor).
     ///
@@ -283,6 +310,9 @@ impl Space {
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len())?;
         let core = self.core()?;
+        if buf.len() >= READ_STREAM_MIN {
+            return self.read_streamed(core, offset, buf);
+        }
         // Bytes go through a bounce buffer: `buf` may itself be view memory that faults,
         // and nothing may fault while the arena lock is held. Up to 16 pages per lock hold.
         const BATCH: usize = 16 * PAGE_SIZE;
@@ -292,7 +322,7 @@ impl Space {
             let chunk = (buf.len() - done).min(bounce.len() - PAGE_SIZE).max(1);
             let mut filled = 0;
             {
-                let mut mm = core.lock_beside_fills();
+                let mut mm = core.lock_beside_fills(self.id);
                 while filled < chunk {
                     let at = offset + done + filled;
                     let (page, off) = (at / PAGE_SIZE, at % PAGE_SIZE);
@@ -316,6 +346,75 @@ impl Space {
             std::hint::black_box(&mut bounce);
             buf[done..done + filled].copy_from_slice(&bounce[..filled]);
             done += filled;
+        }
+        Ok(())
+    }
+
+    /// [`Space::read`] of a long range, as [`Space::write_to`] reads: under the lock only
+    /// the plan of up to [`READ_STREAM_PAGES`] pages (and the copies of pages that live
+    /// in a view), the bytes of stable homes — frozen and pool pages, a snapshot's usual
+    /// place — copied with the lock released, inside a stream that keeps them in place.
+    /// So faults elsewhere (the owner of a snapshot being read, above all) wait for a
+    /// plan, not for the copy of a megabyte.
+    fn read_streamed(&self, core: &crate::fault::Core, offset: usize, buf: &mut [u8]) -> Result<()> {
+        /// Where the bytes of one piece of `buf` come from.
+        enum From {
+            Zeros,
+            /// A stable home's address (readable without the lock while the stream is open).
+            Home(usize),
+            /// Copied into the bounce buffer under the lock, at this offset.
+            Bounce(usize),
+        }
+        let _stream = Stream::open(core);
+        let mut bounce: Vec<u8> = Vec::new();
+        let mut plan: Vec<(usize, usize, From)> = Vec::with_capacity(READ_STREAM_PAGES);
+        let mut done = 0;
+        while done < buf.len() {
+            plan.clear();
+            {
+                let mut mm = core.lock_beside_fills(self.id);
+                let mut at = done;
+                let mut copied = 0;
+                while at < buf.len() && plan.len() < READ_STREAM_PAGES {
+                    let (page, off) = ((offset + at) / PAGE_SIZE, (offset + at) % PAGE_SIZE);
+                    let n = (PAGE_SIZE - off).min(buf.len() - at);
+                    core.swap_in_for_api(&mut mm, self.id, page)?;
+                    let src = mm.stream_source(self.id, page);
+                    if let Some(Ok(a) | Err(a)) = src {
+                        core.verify_src(&mut mm, a)?;
+                    }
+                    let from = match src {
+                        None => From::Zeros,
+                        Some(Ok(a)) => From::Home(a + off),
+                        Some(Err(a)) => {
+                            if bounce.len() < copied + n {
+                                bounce.resize(READ_STREAM_PAGES * PAGE_SIZE, 0);
+                            }
+                            // SAFETY: a view page or a frame's home, mapped and populated
+                            // while we hold the lock (`stream_source`); `off + n <= PAGE_SIZE`.
+                            unsafe { crate::sys::mem::read_raw(a + off, &mut bounce[copied..copied + n]) };
+                            copied += n;
+                            From::Bounce(copied - n)
+                        }
+                    };
+                    plan.push((at, n, from));
+                    at += n;
+                }
+            }
+            // The copies above must really happen under the lock (see `read`).
+            std::hint::black_box(&mut bounce);
+            for &(at, n, ref from) in &plan {
+                let out = &mut buf[at..at + n];
+                match *from {
+                    From::Zeros => out.fill(0),
+                    // SAFETY: a frozen or pool home, which keeps its bytes and stays mapped
+                    // while the stream is open (`Mm::begin_stream`); `n` bytes from there
+                    // stay inside its page.
+                    From::Home(a) => out.copy_from_slice(unsafe { crate::sys::mem::bytes_at(a, n) }),
+                    From::Bounce(b) => out.copy_from_slice(&bounce[b..b + n]),
+                }
+                done = at + n;
+            }
         }
         Ok(())
     }
@@ -365,16 +464,7 @@ impl Space {
             Copied(usize, usize),
         }
         let core = self.core()?;
-        struct Stream<'a>(&'a crate::fault::Core);
-        impl Drop for Stream<'_> {
-            fn drop(&mut self) {
-                let mut mm = self.0.lock();
-                mm.end_stream();
-                self.0.reclaim(&mut mm);
-            }
-        }
-        core.lock().begin_stream();
-        let _stream = Stream(core);
+        let _stream = Stream::open(core);
         let mut bounce: Vec<u8> = Vec::new();
         let mut plan: Vec<Piece> = Vec::with_capacity(BATCH);
         let pages = self.len.div_ceil(PAGE_SIZE);
@@ -384,7 +474,7 @@ impl Space {
             let end = (page + BATCH).min(pages);
             plan.clear();
             {
-                let mut mm = core.lock_beside_fills();
+                let mut mm = core.lock_beside_fills(self.id);
                 let mut copied = 0;
                 for p in page..end {
                     let n = PAGE_SIZE.min(self.len - p * PAGE_SIZE);

@@ -238,3 +238,35 @@ fn a_freezing_fork_makes_the_root_async_wp() {
         assert_nothing_left(&arena, "a_freezing_fork_makes_the_root_async_wp");
     }
 }
+
+/// Stores right before a long `read` (streamed) or `write_to` of an async-WP view: a page
+/// mapped by a fault-around fill still in flight (the lock released) takes the store
+/// before the fill is committed, so its home is stale and the read must wait for the
+/// fill. (Under load, `write_to` streamed a snapshot's byte for a page just stored to:
+/// `tests/snapshot_io.rs` caught it with a stress test running beside; this one rarely
+/// does on an idle machine.)
+#[test]
+fn long_reads_right_after_stores_see_them() {
+    for mode in modes() {
+        let Some(arena) = arena(mode) else { return };
+        let len = 3 * TABLE + 1234;
+        let mut root = arena.space(len).unwrap();
+        let mut want = vec![0u8; len];
+        Rng::new(0x10ad).fill(&mut want[..2 * TABLE]);
+        root.as_mut_slice().copy_from_slice(&want);
+        for round in 0..12u8 {
+            let _snap = root.fork_with(ForkStrategy::Freeze).unwrap();
+            for p in (usize::from(round % 5)..len / PAGE).step_by(5) {
+                root.as_mut_slice()[p * PAGE + 3] = round | 0x80;
+                want[p * PAGE + 3] = round | 0x80;
+            }
+            let mut back = vec![0u8; len];
+            if round % 2 == 0 {
+                root.read(0, &mut back).unwrap();
+            } else {
+                assert_eq!(root.write_to(&mut std::io::Cursor::new(&mut back[..])).unwrap() as usize, len);
+            }
+            common::assert_same(&back, &want, 0, &format_args!("{mode:?} round {round}"));
+        }
+    }
+}

@@ -457,8 +457,17 @@ impl Core {
     /// the lock released ([`Core::fill_unlocked`]) may go on meanwhile: a page being
     /// filled is not yet present in the model, so such work reads its frame's home, which
     /// the fill leaves in place. Refills the headroom as [`Core::lock`] does.
-    pub fn lock_beside_fills(&self) -> MmGuard<'_> {
+    ///
+    /// Except for an async-WP `sp`: there a page mapped by a fill in flight takes stores
+    /// the kernel serves alone before the fill is committed, so the home is stale for it
+    /// and the work waits for the fills in flight ([`Core::drain_fills`]) as `lock` does.
+    /// (Found by `tests/snapshot_io.rs` under load: a `write_to` right after the stores
+    /// streamed the snapshot's bytes for a page stored to.)
+    pub fn lock_beside_fills(&self, sp: SpaceId) -> MmGuard<'_> {
         let mut mm = self.guard(self.mm.lock(this_tid()));
+        if mm.space_async(sp) {
+            self.drain_fills(&mut mm);
+        }
         let _ = self.refill(&mut mm);
         mm
     }
