@@ -211,7 +211,10 @@ impl ArenaBuilder {
     /// its view freezes). [`Space::pin`](crate::Space::pin) is refused for the forks.
     /// Ignored when `async_wp(true)` makes every view async already.
     ///
-    /// Default: on where the kernel offers both features (Linux 6.7+), off before. Turn it
+    /// Default: on in [`FaultMode::Signal`] arenas where the kernel offers both features
+    /// (Linux 6.7+); off before, and off in [`FaultMode::Thread`] arenas (opt in there:
+    /// thread-mode async-WP views are the less exercised path — one stress run hung in CI
+    /// with them, not reproduced since; see DESIGN.md). Turn it
     /// off to pin pages of forks, to have [`Space::clear_referenced`](crate::Space::clear_referenced)
     /// observe reads of a fork's read-only copies, or to count every first write of a fork
     /// as a fault ([`Stats::faults`](crate::Stats)). DESIGN.md, "Fault economy", has the
@@ -272,8 +275,8 @@ impl ArenaBuilder {
                 })
             }
             Some(on) => on,
-            // On where the kernel offers it (6.7+): see the builder method.
-            None => pagemap.is_some() && offered & uffd::FEATURE_WP_ASYNC != 0,
+            // On where the kernel offers it (6.7+), in signal mode: see the builder method.
+            None => mode == FaultMode::Signal && pagemap.is_some() && offered & uffd::FEATURE_WP_ASYNC != 0,
         };
         let async_wp = match self.async_wp {
             Some(true) if pagemap.is_none() => {
@@ -681,7 +684,8 @@ impl Arena {
     }
 
     /// Whether forks get async-WP views while the other spaces keep trapping ones
-    /// ([`ArenaBuilder::async_forks`]; on by default where the kernel offers it). False
+    /// ([`ArenaBuilder::async_forks`]; on by default in signal mode where the kernel offers
+    /// it). False
     /// when [`Arena::async_wp`] is true (every view is async-WP then).
     pub fn async_forks(&self) -> bool {
         self.inner.core.async_forks

@@ -250,7 +250,8 @@ fn forks_of_a_space_written_word_interleaved_thread_mode() {
     forks_of_a_written_space(FaultMode::Thread, 200, 3, true, secs());
 }
 
-/// The space written is a fork (async-WP in the default arena: `ArenaBuilder::async_forks`).
+/// The space written is a fork (async-WP in the default signal-mode arena:
+/// `ArenaBuilder::async_forks`; trapping in thread mode, where it is opt-in).
 #[test]
 fn forks_of_a_written_fork_signal_mode() {
     let offered = cowarena::probe::probe().feature("WP_ASYNC").and_then(|f| f.present) == Some(true);
