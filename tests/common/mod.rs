@@ -160,7 +160,11 @@ impl Watchdog {
             .name("watchdog".into())
             .spawn(move || {
                 if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
-                    eprintln!("WATCHDOG: {what} did not finish within {limit:?}: hang; aborting");
+                    // Straight to fd 2: `eprintln!` is captured by the test harness, and the
+                    // capture is lost when the process aborts.
+                    use std::io::Write as _;
+                    let msg = format!("WATCHDOG: {what} did not finish within {limit:?}: hang; aborting\n");
+                    let _ = std::io::stderr().write_all(msg.as_bytes());
                     std::process::abort();
                 }
             })
