@@ -1097,6 +1097,7 @@ impl Space {
         }
         let mut ops = Vec::new();
         let dirty = mm.mkclean(self.id, first, end, &mut ops);
+        let ops = mm.coalesce_protects(self.id, ops);
         core.run_ops(&mut mm, &ops)?;
         Ok(dirty)
     }

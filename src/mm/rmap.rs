@@ -361,4 +361,43 @@ impl<B> Mm<B> {
         }
         dirty
     }
+
+    /// Re-protects of `sp`'s view for [`Mm::mkclean`], as few calls as pay: when the
+    /// `Protect` runs in `ops` are many and dense enough — `runs × PAGES_PER_PROTECT_CALL`
+    /// pages or more of the span they cover — one `UFFDIO_WRITEPROTECT` of the span (split
+    /// only around pinned pages, which stay writable) does the work of all of them for one
+    /// TLB flush instead of one per run (~1.1 µs each; the walk ~1.5 ns a page). Protecting
+    /// the pages between the runs changes nothing: in a trapping view every mapped page
+    /// there is already write-protected (a writable one would be dirty and in a run) and
+    /// holes stay holes (no `WP_UNPOPULATED` on that context). Other ops keep their order.
+    pub fn coalesce_protects(&self, sp: SpaceId, ops: Vec<KernelOp>) -> Vec<KernelOp> {
+        const MIN_RUNS: usize = 16;
+        const PAGES_PER_PROTECT_CALL: usize = 730;
+        let protects: Vec<(usize, usize)> = ops
+            .iter()
+            .filter_map(|op| match *op {
+                KernelOp::Protect { addr, len } => Some((addr, addr + len)),
+                _ => None,
+            })
+            .collect();
+        let (Some(&(lo, _)), Some(hi)) = (protects.first(), protects.iter().map(|r| r.1).max()) else {
+            return ops;
+        };
+        let lo = protects.iter().map(|r| r.0).min().unwrap_or(lo);
+        if protects.len() < MIN_RUNS || (hi - lo) / PAGE_SIZE >= protects.len() * PAGES_PER_PROTECT_CALL {
+            return ops;
+        }
+        let base = self.view_base(sp);
+        let (first, end) = ((lo - base) / PAGE_SIZE, (hi - base) / PAGE_SIZE);
+        let s = self.space(sp);
+        let mut out: Vec<KernelOp> = ops.into_iter().filter(|op| !matches!(op, KernelOp::Protect { .. })).collect();
+        let mut at = first;
+        for (a, b) in s.pinned.runs_in(first, end).into_iter().chain([(end, end)]) {
+            if a > at {
+                out.push(KernelOp::Protect { addr: base + at * PAGE_SIZE, len: (a - at) * PAGE_SIZE });
+            }
+            at = b.max(at);
+        }
+        out
+    }
 }

@@ -312,6 +312,7 @@ impl Sim {
         let mut ops = Vec::new();
         let sp = self.spaces[i].0;
         self.mm.mkclean(sp, first, end, &mut ops);
+        let ops = self.mm.coalesce_protects(sp, ops); // as `Space::clean` does
         self.k.ops(ops);
         // (Pinned pages stay dirty: DMA may write them unseen.)
         assert!(self.mm.dirty_pages(sp, first, end).iter().all(|&p| self.mm.is_pinned(sp, p)));
@@ -383,6 +384,42 @@ impl Rng {
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
+}
+
+/// `clean` of many scattered written pages: one write-protect of their span instead of a
+/// call per run, split around pinned pages (the fake kernel refuses to protect those);
+/// every written page ends protected and clean, and a later write faults again.
+#[test]
+fn scattered_cleans_protect_their_span_in_few_calls_and_never_a_pinned_page() {
+    let mut s = Sim::new();
+    let pages = 4 * PTRS_PER_PTE;
+    s.create(pages);
+    let written: Vec<usize> = (0..pages).step_by(13).collect();
+    for &p in &written {
+        s.access(0, p, Some(p as u64 + 1));
+    }
+    s.pin(0, 13 * 40, 13 * 40 + 1);
+    let sp = s.spaces[0].0;
+    let mut ops = Vec::new();
+    s.mm.mkclean(sp, 0, pages, &mut ops);
+    let runs = ops.len();
+    assert!(runs >= written.len() - 2, "one protect per scattered page: {runs}");
+    let ops = s.mm.coalesce_protects(sp, ops);
+    assert_eq!(ops.len(), 2, "the span, split around the pinned page: {ops:?}");
+    s.k.ops(ops);
+    for &p in &written {
+        let addr = s.mm.view_base(sp) + p * PAGE_SIZE;
+        let wp = s.k.mem[&addr].1;
+        assert_eq!(wp, !s.mm.is_pinned(sp, p), "page {p}");
+    }
+    assert_eq!(s.mm.dirty_pages(sp, 0, pages), vec![13 * 40], "only the pinned page stays dirty");
+    s.access(0, 13, Some(7)); // faults again: write-protected
+    assert_eq!(s.mm.dirty_pages(sp, 0, pages), vec![13, 13 * 40]);
+    // Few runs, or sparse ones: left as they are.
+    let mut ops = Vec::new();
+    s.mm.mkclean(sp, 0, pages, &mut ops);
+    assert_eq!(s.mm.coalesce_protects(sp, ops.clone()), ops);
+    s.check();
 }
 
 #[test]
