@@ -289,11 +289,7 @@ impl ArenaBuilder {
             // Off by default: see the builder method for what it would cost W1 and W3.
             None => false,
         };
-        let required = uffd::FEATURE_WP
-            | if mode == FaultMode::Signal { uffd::FEATURE_SIGBUS } else { 0 }
-            | if async_wp { uffd::FEATURE_WP_ASYNC } else { 0 };
-        let optional = uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_THREAD_ID | uffd::FEATURE_MOVE;
-        let uffd = Uffd::open(required, optional)?;
+        let uffd = crate::fault::open_uffd(mode, async_wp)?;
         tracing::debug!(access = ?uffd.access(), features = uffd.features(), ?mode, async_wp, "userfaultfd opened");
         let mut mm = Mm::new();
         mm.set_async_wp(async_wp);

@@ -70,6 +70,15 @@ const POOL_MARGIN: usize = 64;
 pub(crate) const UFFD_MAIN: u8 = 0;
 pub(crate) const UFFD_OTHER: u8 = 1;
 pub(crate) const UFFD_ASYNC: u8 = 2;
+
+/// Open a userfaultfd for views served in `mode`, with write-protection (asynchronous when
+/// `async_wp`) and the optional features every one of the arena's contexts asks for.
+pub(crate) fn open_uffd(mode: FaultMode, async_wp: bool) -> Result<Uffd> {
+    let required = uffd::FEATURE_WP
+        | if mode == FaultMode::Signal { uffd::FEATURE_SIGBUS } else { 0 }
+        | if async_wp { uffd::FEATURE_WP_ASYNC } else { 0 };
+    Uffd::open(required, uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_THREAD_ID | uffd::FEATURE_MOVE)
+}
 /// Most frame slots one housekeeping step examines.
 pub(crate) const COMPACT_SCAN: usize = 1 << 16;
 
@@ -323,10 +332,7 @@ impl Core {
             return Ok((u, true));
         }
         // The same write-protect features as the first one (async WP is arena-wide).
-        let required = self.uffd.features() & (uffd::FEATURE_WP | uffd::FEATURE_WP_ASYNC)
-            | if mode == FaultMode::Signal { uffd::FEATURE_SIGBUS } else { 0 };
-        let optional = uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_THREAD_ID | uffd::FEATURE_MOVE;
-        let u = Uffd::open(required, optional)?;
+        let u = open_uffd(mode, self.uffd.features() & uffd::FEATURE_WP_ASYNC != 0)?;
         if mode == FaultMode::Signal {
             self.take_signal_slot()?;
         }
@@ -393,11 +399,7 @@ impl Core {
         if let Some(u) = self.async_uffd.get() {
             return Ok(Some(u));
         }
-        let required = uffd::FEATURE_WP
-            | uffd::FEATURE_WP_ASYNC
-            | if self.mode == FaultMode::Signal { uffd::FEATURE_SIGBUS } else { 0 };
-        let optional = uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_THREAD_ID | uffd::FEATURE_MOVE;
-        let u = Uffd::open(required, optional)?;
+        let u = open_uffd(self.mode, true)?;
         tracing::debug!(access = ?u.access(), features = u.features(), "async-WP userfaultfd for forks opened");
         let u = self.async_uffd.get_or_init(|| u);
         // Wake the reader: its next poll includes the new descriptor.

@@ -106,14 +106,15 @@ impl<B> Mm<B> {
     /// async-WP arena, not while any view maps it: a store the kernel serves alone to a
     /// mapped page takes no lock and leaves no fault, so it could land between the
     /// write-out and the unmapping and be lost (write-protection does not stop it there).
-    fn evictable(&self, f: FrameId) -> bool {
+    /// (`any_async`: [`Mm::any_async`], computed once by the caller: it walks the spaces.)
+    fn evictable(&self, f: FrameId, any_async: bool) -> bool {
         let home = self.frames.get(f).home;
         let r = self.region(home.region);
         r.check.is_none()
             && r.swap.is_none()
             && !self.frame_pinned(f)
             && !self.frame_pinned_anywhere(f)
-            && !(self.any_async() && self.frame_mapped_async(f))
+            && !(any_async && self.frame_mapped_async(f))
     }
 
     /// The region of `sp`'s view (a freeze turns it into the frozen region).
@@ -239,6 +240,7 @@ impl<B> Mm<B> {
         // (The second turn passes the frames chosen on the first again: once each.)
         let mut taken = vec![false; slots];
         let mut scanned = 0;
+        let any_async = self.any_async();
         while chosen.len() < want && scanned < 2 * slots {
             if self.evict_hand >= slots {
                 self.evict_hand = 0;
@@ -246,7 +248,7 @@ impl<B> Mm<B> {
             let f = FrameId(self.evict_hand as u32);
             self.evict_hand += 1;
             scanned += 1;
-            if taken[f.0 as usize] || self.frames.try_get(f).is_none() || !self.evictable(f) {
+            if taken[f.0 as usize] || self.frames.try_get(f).is_none() || !self.evictable(f, any_async) {
                 continue;
             }
             if self.frame_referenced(f) {
@@ -276,7 +278,7 @@ impl<B> Mm<B> {
     /// view page mapping it (appended to `ops`); its old home is discarded by the next
     /// reclaim. No table changes: the entries keep naming `f`.
     pub fn evict_commit(&mut self, f: FrameId, slot: Home, ops: &mut Vec<KernelOp>) {
-        debug_assert!(self.evictable(f) && self.is_swap_home(slot));
+        debug_assert!(self.evictable(f, self.any_async()) && self.is_swap_home(slot));
         let fr = *self.frames.get(f);
         let idx = fr.index as usize;
         let members = self.families.get(&fr.family).cloned().unwrap_or_default();
