@@ -765,8 +765,9 @@ impl Space {
     /// [`Error::OutOfRange`]; [`Error::CapacityExhausted`] at the memory limit;
     /// [`Error::Unsupported`] for an async-WP space — every space of an
     /// [`async_wp`](crate::ArenaBuilder::async_wp) arena, and the forks of an
-    /// [`async_forks`](crate::ArenaBuilder::async_forks) one (the default on Linux 6.7+):
-    /// their forks must move or freeze every written page; [`Error::Os`] when a page
+    /// [`async_forks`](crate::ArenaBuilder::async_forks) one (the default on Linux 6.7+),
+    /// and a space [`clean`](Space::clean)ed before its first fork there: their forks must
+    /// move or freeze every written page; [`Error::Os`] when a page
     /// cannot be made writable.
     pub fn pin(&self, offset: usize, len: usize) -> Result<Pinned<'_>> {
         let (first, end) = self.page_range(offset, len)?;
@@ -775,8 +776,9 @@ impl Space {
         if mm.space_async(self.id) {
             return Err(Error::Unsupported {
                 what: "Space::pin",
-                why: "in an async-WP space (its forks must move or freeze every written page): build the arena \
-                      with `.async_wp(false).async_forks(false)` to pin forks",
+                why: "in an async-WP space (its forks must move or freeze every written page) — a fork, or a \
+                      space cleaned before its first fork (the kernel tracks its stores): pin before the first \
+                      `clean`, or build the arena with `.async_wp(false).async_forks(false)`",
             });
         }
         if first == end {
@@ -1082,6 +1084,17 @@ impl Space {
     /// the shared tables that hold dirty entries), so that an incremental snapshot saves only
     /// what changed. Later writes mark pages dirty again.
     ///
+    /// **Who tracks the writes.** In an arena whose forks are async-WP
+    /// ([`ArenaBuilder::async_forks`](crate::ArenaBuilder::async_forks), the default in
+    /// signal mode on Linux 6.7+), the first `clean` of a space never forked hands its
+    /// tracking to the kernel: its view becomes async-WP in place (nothing is copied or
+    /// re-faulted), a later store to a written page costs no user-space fault (the kernel
+    /// marks the page written), and each `clean` is one `PAGEMAP_SCAN` walk that lists and
+    /// re-arms — the kernel's own transparent dirty tracking. Such a space forks, resets and
+    /// saves like any other, but cannot [`pin`](Space::pin) (pin before the first `clean` to
+    /// keep a trapping view). Elsewhere every first write after a `clean` traps once, and
+    /// `clean` write-protects the pages written.
+    ///
     /// # Errors
     /// [`Error::OutOfRange`]; [`Error::Os`] when re-protecting written pages fails.
     pub fn clean(&self, offset: usize, len: usize) -> Result<Vec<usize>> {
@@ -1091,7 +1104,7 @@ impl Space {
         }
         let core = self.core()?;
         let mut mm = core.lock();
-        core.adopt_if_plain(&mut mm, self.id, AdoptHow::Auto)?; // re-protecting needs the model
+        core.adopt_if_plain(&mut mm, self.id, AdoptHow::Track)?; // re-protecting needs the model
         if mm.space_async(self.id) {
             return core.clean_async(&mut mm, self.id, first, end);
         }

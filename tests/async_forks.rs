@@ -47,6 +47,10 @@ fn fork_stores_are_the_kernels_and_exactly_tracked() {
         let mut root = arena.space(len).unwrap();
         let mut want_root: Vec<u8> = (0..len).map(|i| byte_of(i / PAGE, 0)).collect();
         root.as_mut_slice().copy_from_slice(&want_root);
+        // A first fork adopts the root as a trapping view (a clean of a never-forked root
+        // would hand its tracking to the kernel: `cleaned_roots_are_tracked_by_the_kernel`);
+        // the clean then keeps the fork's dirty list to its own stores.
+        drop(root.fork_with(ForkStrategy::KeepWarm).unwrap());
         root.clean(0, len).unwrap(); // (a fork inherits its parent's dirty bits)
         let frozen = arena.stats().frozen_regions;
         let mut child = root.fork_with(ForkStrategy::KeepWarm).unwrap();
@@ -156,6 +160,90 @@ fn pins_on_roots_work_and_on_forks_are_refused_with_the_remedy() {
         r2.write(0, &[6; PAGE]).unwrap();
         let c2 = r2.fork().unwrap();
         drop(c2.pin(0, PAGE).expect("a trapping fork pins"));
+    }
+}
+
+/// `clean` of a never-forked root hands its dirty tracking to the kernel (the view is
+/// adopted in place into an async-WP one): stores to its written pages after the clean
+/// take no trap, and `dirty_pages`/`clean` list exactly the pages stored to — also stores
+/// to never-written pages (traps: a zero fill) and across forks of every strategy, whose
+/// bytes stay the fork-time ones. Such a root cannot pin (it is async-WP); one adopted by
+/// a fork first stays trapping.
+#[test]
+fn cleaned_roots_are_tracked_by_the_kernel() {
+    for mode in modes() {
+        let Some(arena) = arena(mode) else { return };
+        let len = 4 * TABLE;
+        let pages = len / PAGE;
+        let written_pages = 3 * TABLE / PAGE; // the last table never written before the clean
+        let mut root = arena.space(len).unwrap();
+        let mut want: Vec<u8> = (0..len).map(|i| if i < 3 * TABLE { byte_of(i / PAGE, 0) } else { 0 }).collect();
+        root.as_mut_slice()[..3 * TABLE].copy_from_slice(&want[..3 * TABLE]);
+        assert_eq!(root.clean(0, len).unwrap(), (0..written_pages).collect::<Vec<_>>(), "{mode:?}: first clean");
+        assert_eq!(root.dirty_pages(0, len).unwrap(), Vec::<usize>::new(), "{mode:?}");
+        let mut rng = Rng::new(0x7ac4 ^ mode as u64);
+        let mut strategies = [ForkStrategy::Auto, ForkStrategy::KeepWarm, ForkStrategy::Freeze].into_iter().cycle();
+        let mut forks = Vec::new();
+        for round in 1..=6u8 {
+            let before = arena.stats();
+            let mut stored = BTreeSet::new();
+            for _ in 0..200 {
+                let p = rng.below(written_pages);
+                stored.insert(p);
+                root.as_mut_slice()[p * PAGE + usize::from(round)] = round;
+                want[p * PAGE + usize::from(round)] = round;
+            }
+            let s = arena.stats();
+            let traps = s.faults.write_cow + s.faults.write_reuse + s.faults.write_zero
+                - before.faults.write_cow
+                - before.faults.write_reuse
+                - before.faults.write_zero;
+            // (After a freezing fork the root re-faults what it touches: a read-only copy
+            // first, then its stores are the kernel's too; a store to an unmapped page
+            // traps once.)
+            if round == 1 {
+                assert_eq!(traps, 0, "{mode:?}: stores to a cleaned root's pages take no fault");
+            }
+            // A few stores to the never-written table: zero fills, tracked as well.
+            for k in 0..3 {
+                let p = written_pages + rng.below(pages - written_pages);
+                stored.insert(p);
+                root.as_mut_slice()[p * PAGE + k] = 0xA0 + round;
+                want[p * PAGE + k] = 0xA0 + round;
+            }
+            let stored: Vec<usize> = stored.into_iter().collect();
+            assert_eq!(root.dirty_pages(0, len).unwrap(), stored, "{mode:?} round {round}: dirty_pages");
+            if round % 2 == 0 {
+                // A fork first: it records the stores (the root's dirty bits stay).
+                let f = root.fork_with(strategies.next().unwrap()).unwrap();
+                forks.push((f, want.clone()));
+                assert_eq!(root.dirty_pages(0, len).unwrap(), stored, "{mode:?} round {round}: after a fork");
+            }
+            assert_eq!(root.clean(0, len).unwrap(), stored, "{mode:?} round {round}: clean lists the stores");
+            assert_eq!(root.dirty_pages(0, len).unwrap(), Vec::<usize>::new(), "{mode:?} round {round}");
+            assert_space_is(&root, &want, "cleaned root");
+            for (f, bytes) in &forks {
+                assert_space_is(f, bytes, "fork of a cleaned root");
+            }
+            arena.check_invariants().unwrap();
+        }
+        assert!(arena.stats().writes_async > 0, "{mode:?}: the kernel served the stores");
+        match root.pin(0, PAGE) {
+            Err(Error::Unsupported { what: "Space::pin", why }) => {
+                assert!(why.contains("before its first fork"), "{mode:?}: the message says why: {why}");
+            }
+            other => panic!("{mode:?}: pinning a cleaned root: {:?}", other.map(|_| ())),
+        }
+        // Adopted by a fork first: trapping, and pins work.
+        let mut other = arena.space(TABLE).unwrap();
+        other.write(0, &[3; PAGE]).unwrap();
+        drop(other.fork().unwrap());
+        other.clean(0, TABLE).unwrap();
+        drop(other.pin(0, PAGE).expect("a root adopted by a fork stays trapping and pins"));
+        drop(other);
+        drop(forks);
+        drop(root);
+        assert_nothing_left(&arena, "cleaned_roots_are_tracked_by_the_kernel");
     }
 }
 

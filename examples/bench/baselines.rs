@@ -1057,6 +1057,9 @@ pub struct DirtyScanReport {
     pub list: Duration,
     /// The same with `PM_SCAN_WP_MATCHING` ("list them and re-arm"; the `clean` question).
     pub list_rearm: Duration,
+    /// A whole round: the stores (each page's first one an async write-protect fault),
+    /// one list, then list-and-re-arm — what tracking the round's writes costs in all.
+    pub cycle: Duration,
     /// Rounds run.
     pub rounds: usize,
 }
@@ -1078,14 +1081,16 @@ pub fn wp_async_dirty_scan(bytes: usize, fraction: f64, rounds: usize, seed: u64
     let pagemap = Pagemap::open()?;
     let mut rng = Rng::new(seed);
     let mut runs = Vec::with_capacity(fraction_of(pages, fraction) + 16);
-    let (mut lists, mut rearms) = (Vec::new(), Vec::new());
+    let (mut lists, mut rearms, mut cycles) = (Vec::new(), Vec::new(), Vec::new());
     let mut written = 0;
     for round in 0..rounds.max(1) {
         let targets = distinct_pages(&mut rng, pages, fraction_of(pages, fraction));
         written = targets.len();
+        let t = Instant::now();
         for &p in &targets {
             region.write_page(p, round as u64 + 2);
         }
+        let stores = t.elapsed();
         let expected = sorted_set(targets);
         let mut one = Vec::new();
         for _ in 0..3 {
@@ -1097,6 +1102,7 @@ pub fn wp_async_dirty_scan(bytes: usize, fraction: f64, rounds: usize, seed: u64
                 return Err(io::Error::other("WP_ASYNC dirty scan: the pages listed are not the pages written"));
             }
         }
+        let first_list = one[0];
         one.sort();
         lists.push(one[1]);
         runs.clear();
@@ -1104,6 +1110,7 @@ pub fn wp_async_dirty_scan(bytes: usize, fraction: f64, rounds: usize, seed: u64
         let t = Instant::now();
         pagemap.scan(start, end, q, &mut runs)?;
         rearms.push(t.elapsed());
+        cycles.push(stores + first_list + t.elapsed());
         if run_pages(&runs, start) != expected {
             return Err(io::Error::other("WP_ASYNC dirty scan: list-and-re-arm did not list the pages written"));
         }
@@ -1117,11 +1124,13 @@ pub fn wp_async_dirty_scan(bytes: usize, fraction: f64, rounds: usize, seed: u64
     drop(uffd);
     lists.sort();
     rearms.sort();
+    cycles.sort();
     Ok(DirtyScanReport {
         pages,
         written,
         list: lists[lists.len() / 2],
         list_rearm: rearms[rearms.len() / 2],
+        cycle: cycles[cycles.len() / 2],
         rounds: rounds.max(1),
     })
 }

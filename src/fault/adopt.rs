@@ -47,6 +47,11 @@ pub(crate) enum AdoptHow {
     /// In place when few pages were written (the threshold of a protecting fork), else
     /// freeze.
     Auto,
+    /// For dirty tracking (`Space::clean`): where the arena gives forks async-WP views
+    /// (`ArenaBuilder::async_forks`), into one as well, in place — from then on the kernel
+    /// tracks the space's stores itself (no trap per first write; `clean` is one
+    /// `PAGEMAP_SCAN` walk that lists and re-arms). Elsewhere [`AdoptHow::Auto`].
+    Track,
 }
 
 impl Core {
@@ -84,8 +89,18 @@ impl Core {
         // forks ask to freeze); `clean` and aging adopt in place there whatever the size
         // ([`Core::adopt_in_place_async`]): the pages stay mapped, and stores to them keep
         // costing no trap, where a freeze would make every later touch a fault.
+        // A plain view is registered with no context yet, so dirty tracking may pick the
+        // async-WP one (the model holds nothing of the space: the switch is free).
+        let switched = how == AdoptHow::Track
+            && !mm.space_async(sp)
+            && !mm.other_uffd(sp)
+            && self.async_fork_uffd().ok().flatten().is_some();
+        if switched {
+            mm.set_space_async(sp, true);
+        }
         let how = match how {
-            AdoptHow::Auto if mm.space_async(sp) => AdoptHow::InPlace,
+            AdoptHow::Auto | AdoptHow::Track if mm.space_async(sp) => AdoptHow::InPlace,
+            AdoptHow::Track => AdoptHow::Auto,
             how => how,
         };
         let t0 = Instant::now();
@@ -94,17 +109,22 @@ impl Core {
         // traps to us (and waits for the lock we hold), so no write can slip in unseen
         // between the scan and the adoption.
         let u = self.uffd_of(mm, sp);
-        u.register(base, len).map_err(|e| Error::os("UFFDIO_REGISTER view", e))?;
-        let r = self.adopt_registered(mm, sp, how, base, len);
-        if r.is_err() {
-            // Back to plain: unregistering wakes any thread that trapped meanwhile, and its
-            // access retries against the kernel. (Also clears any write-protection.)
-            let _ = u.unregister(base, len);
+        let r = u.register(base, len).map_err(|e| Error::os("UFFDIO_REGISTER view", e)).and_then(|()| {
+            self.adopt_registered(mm, sp, how, base, len).inspect_err(|_| {
+                // Back to plain: unregistering wakes any thread that trapped meanwhile,
+                // and its access retries against the kernel. (Also clears any
+                // write-protection.)
+                let _ = u.unregister(base, len);
+            })
+        });
+        if r.is_err() && switched {
+            mm.set_space_async(sp, false);
         }
         let in_place = r?;
         tracing::debug!(
             space = sp.0,
             in_place,
+            async_wp = mm.space_async(sp),
             pages = mm.counters.pages_adopted,
             elapsed_us = t0.elapsed().as_micros() as u64,
             "plain space adopted"
@@ -125,7 +145,7 @@ impl Core {
         let in_place = match how {
             AdoptHow::InPlace => true,
             AdoptHow::Freeze => false,
-            AdoptHow::Auto => {
+            AdoptHow::Auto | AdoptHow::Track => {
                 // A count, stopped early: only the threshold matters.
                 let limit = mm.protect_limit_for(sp);
                 let mut q = written();

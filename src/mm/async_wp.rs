@@ -189,6 +189,35 @@ impl<B> Mm<B> {
         true
     }
 
+    /// For `clean`, which write-protects `page` again in the same walk that found the
+    /// kernel's store to it: when `sp`'s view page is the home of the page's frame — in an
+    /// async-WP view, a frame of refcount 1 in a table of share 1 (invariant 7) — recording
+    /// the store ([`Mm::commit_written`]: `ACCESSED | DIRTY`, writable) and cleaning it again
+    /// would leave the model as it was but for `ACCESSED`, so only that is set and the store
+    /// counted; the page belongs in the clean's list. Saves the commit's frame lookups and
+    /// table checks (~0.2 µs of cache misses a page over 1 GiB), and the entry is not even
+    /// read unless some `ACCESSED` bit was ever cleared (`Mm::accessed_cleared`). Returns `false`, changing
+    /// nothing, for any other page.
+    pub fn note_rewritten_home(&mut self, sp: SpaceId, page: usize) -> bool {
+        let vs = &self.space(sp).vs;
+        if !vs.home.get(page) || vs.writable.get(page) || !vs.present.get(page) {
+            return false;
+        }
+        debug_assert!(self.space(sp).async_wp, "a trapping view's stores are never unseen");
+        if cfg!(debug_assertions) {
+            let t = self.space(sp).dir[page / PTRS_PER_PTE].expect("a home without table");
+            let e = self.tables.get(t).entry(page % PTRS_PER_PTE);
+            let f = e.frame().expect("a home without frame");
+            debug_assert!(self.tables.get(t).share == 1 && self.frames.get(f).refs == 1, "invariant 7");
+            debug_assert!(self.accessed_cleared || e.has(Pte::ACCESSED), "a home without ACCESSED, never aged");
+        }
+        if self.accessed_cleared {
+            self.set_entry_bits(sp, page, Pte::ACCESSED); // else set already: spare the cache miss
+        }
+        self.counters.writes_async += 1;
+        true
+    }
+
     /// Where a reset of `sp` to `snap` can restore `page` in place: when `sp`'s entry for
     /// it is still `snap`'s (the page was written only by stores the kernel served alone),
     /// copying the bytes of that frame (or zeros) back into the view page and

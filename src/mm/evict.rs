@@ -218,6 +218,7 @@ impl<B> Mm<B> {
                 continue;
             }
             if e.has(Pte::ACCESSED) {
+                self.accessed_cleared = true;
                 self.tables.get_mut(t).set(ei, e.without(Pte::ACCESSED));
             }
             let base = self.view_base(sp);

@@ -358,6 +358,11 @@ pub struct Mm<B> {
     /// Resolve write faults on exclusive frames homed elsewhere with [`Action::Take`]
     /// (the kernel offers UFFDIO_MOVE) rather than a copy.
     take_exclusive: bool,
+    /// Some `ACCESSED` bit was ever cleared (aging: `clear_referenced`, the eviction clock).
+    /// Until then every page homed in a view has `ACCESSED` in its entry — the write or
+    /// adoption that made it a home set it — which lets `clean` skip re-setting it
+    /// ([`Mm::note_rewritten_home`]).
+    accessed_cleared: bool,
     /// Members of each fork family (the rmap walk's `anon_vma` chain).
     families: std::collections::HashMap<u32, Vec<SpaceId>>,
     /// View base address -> space, for the fault path's address lookup.
@@ -416,6 +421,7 @@ impl<B> Mm<B> {
             bit_spares: Vec::new(),
             protect_limit: None,
             take_exclusive: false,
+            accessed_cleared: false,
             reclaim: Reclaim::default(),
             sparse: Vec::new(),
             compact_cursor: 0,
