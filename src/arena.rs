@@ -483,12 +483,12 @@ impl Arena {
         let h = crate::image::parse_header(&head, file_len).map_err(bad)?;
         let mut index = vec![0u8; crate::image::index_len(h.pages) as usize];
         file.read_exact(&mut index).map_err(io("read"))?;
-        let crcs = crate::image::parse_index(&index, &h).map_err(bad)?;
+        let index = crate::image::parse_index(&index, &h).map_err(bad)?;
         let (len, pages) = (h.len as usize, h.pages as usize);
         let data = Mapping::file_read_only(&file, h.data_offset, pages * PAGE_SIZE).map_err(io("map"))?;
         let (view, _) = new_view(core, pages, core.mode)?;
         let base = view.addr();
-        let id = core.lock().new_loaded_space(pages, base, view, data.addr(), data, &crcs);
+        let id = core.lock().new_loaded_space(pages, base, view, data.addr(), data, index);
         tracing::debug!(space = id.0, len, stored = h.stored, path = %path.display(), "space loaded");
         Ok(Space::new(self.inner.clone(), id, base, len, core.mode))
     }

@@ -215,31 +215,84 @@ pub fn encode_index(crcs: &[Option<u32>]) -> (Vec<u8>, u32) {
     (b, c)
 }
 
-/// Validate the index block `b` against `h` and return each page's CRC (`None`: a hole).
-pub fn parse_index(b: &[u8], h: &Header) -> Result<Vec<Option<u32>>, ImageProblem> {
+/// A validated index: each page's expected CRC (0 for a hole) and which pages are stored,
+/// as the loaded region's checks keep them (no per-page `Option`: 1 MiB per GiB, not 2,
+/// and nothing to convert at load).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageIndex {
+    /// Expected CRC of each page (0 for holes).
+    pub crcs: Vec<u32>,
+    /// Bit `p` set when page `p` is stored.
+    pub stored: Vec<u64>,
+}
+
+impl PageIndex {
+    /// The index of pages whose CRCs are `crcs` (`None`: a hole).
+    #[cfg(test)]
+    pub fn from_options(crcs: &[Option<u32>]) -> PageIndex {
+        let mut stored = vec![0u64; crcs.len().div_ceil(64)];
+        for (p, c) in crcs.iter().enumerate() {
+            if c.is_some() {
+                stored[p / 64] |= 1 << (p % 64);
+            }
+        }
+        PageIndex { crcs: crcs.iter().map(|c| c.unwrap_or(0)).collect(), stored }
+    }
+
+    /// Pages in the image.
+    pub fn pages(&self) -> usize {
+        self.crcs.len()
+    }
+
+    /// Is page `p` stored?
+    #[cfg(test)]
+    pub fn is_stored(&self, p: usize) -> bool {
+        self.stored[p / 64] & (1 << (p % 64)) != 0
+    }
+
+    /// Page `p`'s CRC, `None` for a hole.
+    #[cfg(test)]
+    pub fn get(&self, p: usize) -> Option<u32> {
+        self.is_stored(p).then(|| self.crcs[p])
+    }
+
+    /// Pages stored.
+    pub fn count(&self) -> usize {
+        self.stored.iter().map(|w| w.count_ones() as usize).sum()
+    }
+}
+
+/// Validate the index block `b` against `h` and return it (every hole's CRC must be 0,
+/// the stored count the header's, and the bitmap clear past the last page).
+pub fn parse_index(b: &[u8], h: &Header) -> Result<PageIndex, ImageProblem> {
     let bm = bitmap_len(h.pages) as usize;
     if b.len() as u64 != index_len(h.pages) || crc(b) != h.index_crc {
         return Err(ImageProblem::DamagedIndex);
     }
-    let mut out = Vec::with_capacity(h.pages as usize);
-    let mut stored = 0u64;
-    for p in 0..h.pages as usize {
-        let at = bm + 4 * p;
-        if b[p / 8] & (1 << (p % 8)) != 0 {
-            out.push(Some(u32_at(b, at)));
-            stored += 1;
-        } else if u32_at(b, at) != 0 {
-            return Err(ImageProblem::DamagedIndex);
-        } else {
-            out.push(None);
-        }
-    }
-    // Bits past the last page must be clear, and the count must match the header's.
-    let tail_clear = (h.pages as usize..bm * 8).all(|p| b[p / 8] & (1 << (p % 8)) == 0);
-    if stored != h.stored || !tail_clear {
+    let pages = h.pages as usize;
+    // The bitmap's bytes, little-endian, as words (bit `p % 8` of byte `p / 8` is bit
+    // `p % 64` of word `p / 64`).
+    let mut stored: Vec<u64> = b[..bm]
+        .chunks(8)
+        .map(|c| {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            u64::from_le_bytes(w)
+        })
+        .collect();
+    // Bits past the last page must be clear.
+    let words = pages.div_ceil(64);
+    let tail_clear =
+        stored[words..].iter().all(|&w| w == 0) && (pages % 64 == 0 || stored[words - 1] >> (pages % 64) == 0);
+    stored.truncate(words);
+    let crcs: Vec<u32> =
+        b[bm..bm + 4 * pages].chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let hole_with_crc = crcs.iter().enumerate().any(|(p, &c)| c != 0 && stored[p / 64] & (1 << (p % 64)) == 0);
+    let index = PageIndex { crcs, stored };
+    if hole_with_crc || !tail_clear || index.count() as u64 != h.stored {
         return Err(ImageProblem::DamagedIndex);
     }
-    Ok(out)
+    Ok(index)
 }
 
 #[cfg(test)]
@@ -261,9 +314,13 @@ mod tests {
         for (len, every) in [(1, 1), (4096, 1), (4097, 2), (3 << 20, 5), (1 << 30, 1000)] {
             let (h, hb, ib) = image(len, every);
             assert_eq!(parse_header(&hb, image_len(&h)), Ok(h));
-            let crcs = parse_index(&ib, &h).unwrap();
-            assert_eq!(crcs.len() as u64, h.pages);
-            assert_eq!(crcs.iter().flatten().count() as u64, h.stored);
+            let index = parse_index(&ib, &h).unwrap();
+            assert_eq!(index.pages() as u64, h.pages);
+            assert_eq!(index.count() as u64, h.stored);
+            let crcs: Vec<Option<u32>> =
+                (0..h.pages as usize).map(|p| (p % every == 0).then_some(p as u32 * 7 + 1)).collect();
+            assert_eq!(index, PageIndex::from_options(&crcs), "len {len}");
+            assert!((0..h.pages as usize).all(|p| index.get(p) == crcs[p]));
             assert_eq!(h.data_offset % PAGE as u64, 0);
         }
     }

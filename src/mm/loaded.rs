@@ -10,8 +10,8 @@ use super::{FrameId, Mm, PageChecks, Pte, Region, RegionId, RegionKind, SpaceId,
 
 impl<B> Mm<B> {
     /// A new (registered) space of `pages` whose stored pages are the pages of an image's
-    /// data area mapped at `data_base` (`data` owns that mapping): page `p` with
-    /// `crcs[p] == Some(c)` gets a frame homed at `data_base + p * 4096`, to be checked
+    /// data area mapped at `data_base` (`data` owns that mapping): page `p` stored in
+    /// `index` with CRC `c` gets a frame homed at `data_base + p * 4096`, to be checked
     /// against `c` when first used; the others read as zeros. Nothing is accessed or
     /// dirty. If no page is stored the mapping is released at once.
     pub fn new_loaded_space(
@@ -21,13 +21,14 @@ impl<B> Mm<B> {
         view: B,
         data_base: usize,
         data: B,
-        crcs: &[Option<u32>],
+        index: crate::image::PageIndex,
     ) -> SpaceId {
-        debug_assert_eq!(crcs.len(), pages);
+        debug_assert_eq!(index.pages(), pages);
         let sp = self.new_space(pages, view_base, view);
         let family = self.space(sp).family;
-        let check =
-            PageChecks { crcs: crcs.iter().map(|c| c.unwrap_or(0)).collect(), verified: vec![0; pages.div_ceil(64)] };
+        let stored = index.count();
+        let stored_bits = index.stored;
+        let check = PageChecks { crcs: index.crcs, verified: vec![0; pages.div_ceil(64)] };
         let region = RegionId(self.regions.insert(Region {
             base: data_base,
             pages,
@@ -40,11 +41,15 @@ impl<B> Mm<B> {
             swap: None,
             backing: data,
         }));
-        let stored = crcs.iter().filter(|c| c.is_some()).count();
+        let is_stored = |p: usize| stored_bits[p / 64] & (1 << (p % 64)) != 0;
         let _ = self.frames.reserve(stored);
         let mut p = 0;
         while p < pages {
-            if crcs[p].is_none() {
+            if stored_bits[p / 64] == 0 && p % 64 == 0 {
+                p += 64; // a word of holes
+                continue;
+            }
+            if !is_stored(p) {
                 p += 1;
                 continue;
             }
@@ -52,7 +57,7 @@ impl<B> Mm<B> {
             let ti = p / PTRS_PER_PTE;
             let stop_max = ((ti + 1) * PTRS_PER_PTE).min(pages);
             let mut stop = p;
-            while stop < stop_max && crcs[stop].is_some() {
+            while stop < stop_max && is_stored(stop) {
                 stop += 1;
             }
             let t = match self.space(sp).dir[ti] {
@@ -63,20 +68,21 @@ impl<B> Mm<B> {
                     t
                 }
             };
+            let Mm { frames, tables, .. } = self;
+            let tab = tables.get_mut(t);
             // Free slots first (a load after others were dropped reuses their memory),
             // then a run of new ones.
-            for q in p..stop {
-                let f = if self.frames.has_free() {
-                    self.frames.alloc(super::Home { region, page: q as u32 }, q as u32, family)
-                } else {
-                    let first = self.frames.alloc_run(stop - q, region, q as u32, q as u32, family);
-                    let tab = self.tables.get_mut(t);
-                    for (i, r) in (q..stop).enumerate() {
-                        tab.set(r % PTRS_PER_PTE, Pte::new(FrameId(first.0 + i as u32), 0));
-                    }
-                    break;
-                };
-                self.tables.get_mut(t).set(q % PTRS_PER_PTE, Pte::new(f, 0));
+            let mut q = p;
+            while q < stop && frames.has_free() {
+                let f = frames.alloc(super::Home { region, page: q as u32 }, q as u32, family);
+                tab.set(q % PTRS_PER_PTE, Pte::new(f, 0));
+                q += 1;
+            }
+            if q < stop {
+                let first = frames.alloc_run(stop - q, region, q as u32, q as u32, family);
+                for (i, r) in (q..stop).enumerate() {
+                    tab.set(r % PTRS_PER_PTE, Pte::new(FrameId(first.0 + i as u32), 0));
+                }
             }
             p = stop;
         }
@@ -141,7 +147,8 @@ mod tests {
         let pages = 1000;
         let data = 0x7000_0000_0000usize;
         let crcs: Vec<Option<u32>> = (0..pages).map(|p| (p % 3 == 0).then_some(p as u32 + 11)).collect();
-        let sp = mm.new_loaded_space(pages, 0x1000_0000_0000, (), data, (), &crcs);
+        let sp =
+            mm.new_loaded_space(pages, 0x1000_0000_0000, (), data, (), crate::image::PageIndex::from_options(&crcs));
         mm.check().unwrap();
         assert!(mm.homed_in_image(sp, 0) && !mm.homed_in_image(sp, 1) && mm.homed_in_image(sp, 999));
         assert_eq!(mm.unverified(data + 3 * PAGE_SIZE + 17).map(|(_, p, c)| (p, c)), Some((3, 14)));
@@ -164,7 +171,14 @@ mod tests {
         assert!(mm.unverified(data).is_none(), "the image region is released with its last frame");
         // A second load reuses the freed frame slots (and some new ones: more pages).
         let more: Vec<Option<u32>> = (0..pages + 600).map(|p| (p % 2 == 0).then_some(7)).collect();
-        let sp = mm.new_loaded_space(pages + 600, 0x3000_0000_0000, (), data, (), &more);
+        let sp = mm.new_loaded_space(
+            pages + 600,
+            0x3000_0000_0000,
+            (),
+            data,
+            (),
+            crate::image::PageIndex::from_options(&more),
+        );
         mm.check().unwrap();
         assert!((0..pages + 600).all(|p| mm.homed_in_image(sp, p) == (p % 2 == 0)));
         assert_eq!(mm.unverified(data + 800 * PAGE_SIZE).map(|(_, p, c)| (p, c)), Some((800, 7)));
