@@ -306,22 +306,27 @@ fn now_ns() -> u64 {
     1
 }
 
-/// Sleeping and waking on the lock word: `futex(2)`.
+/// Sleeping and waking on a word: `futex(2)` (the lock word; the count of fills in
+/// flight, `fault::fills`).
 #[cfg(not(loom))]
-struct Park;
+pub(crate) struct Park;
 
 #[cfg(not(loom))]
 impl Park {
-    fn new() -> Park {
+    pub(crate) fn new() -> Park {
         Park
     }
 
-    fn wait(&self, word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
+    pub(crate) fn wait(&self, word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
         crate::sys::futex::wait(word, expected, timeout);
     }
 
-    fn wake_one(&self, word: &AtomicU32) {
+    pub(crate) fn wake_one(&self, word: &AtomicU32) {
         crate::sys::futex::wake(word, 1);
+    }
+
+    pub(crate) fn wake_all(&self, word: &AtomicU32) {
+        crate::sys::futex::wake(word, u32::MAX);
     }
 }
 
@@ -331,19 +336,19 @@ impl Park {
 /// out, or (`timed_sleep`) sleeps until woken, as if the timeout never came: the two
 /// extremes of what a real timed wait may do.
 #[cfg(loom)]
-struct Park {
+pub(crate) struct Park {
     m: loom::sync::Mutex<()>,
     cv: loom::sync::Condvar,
-    timed_sleep: bool,
+    pub(crate) timed_sleep: bool,
 }
 
 #[cfg(loom)]
 impl Park {
-    fn new() -> Park {
+    pub(crate) fn new() -> Park {
         Park { m: loom::sync::Mutex::new(()), cv: loom::sync::Condvar::new(), timed_sleep: false }
     }
 
-    fn wait(&self, word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
+    pub(crate) fn wait(&self, word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
         if timeout.is_some() && !self.timed_sleep {
             return;
         }
@@ -353,9 +358,14 @@ impl Park {
         }
     }
 
-    fn wake_one(&self, _word: &AtomicU32) {
+    pub(crate) fn wake_one(&self, _word: &AtomicU32) {
         let _g = self.m.lock().unwrap();
         self.cv.notify_one();
+    }
+
+    pub(crate) fn wake_all(&self, _word: &AtomicU32) {
+        let _g = self.m.lock().unwrap();
+        self.cv.notify_all();
     }
 }
 

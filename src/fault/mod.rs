@@ -21,6 +21,7 @@ use crate::sys::wake::EventFd;
 mod adopt;
 mod async_wp;
 mod evict;
+pub(crate) mod fills;
 pub use evict::EvictStats;
 pub(crate) mod lock;
 mod registry;
@@ -157,14 +158,9 @@ pub(crate) struct Core {
     /// New spaces start plain (kernel memory until their first fork; see
     /// `ArenaBuilder::plain_until_fork`).
     pub plain: bool,
-    /// Fault-path fills whose `UFFDIO_COPY` runs with the arena lock released
-    /// (`ArenaBuilder::unlocked_fills`; see [`Core::fill_unlocked`]): pages in flight,
-    /// mirroring [`Mm::fills_in_flight`] (changed under the lock) so that a drainer can
-    /// sleep on it without the lock.
-    pub fills_out: AtomicU32,
-    /// Threads waiting for the fills in flight to finish ([`Core::drain_fills`]); while
-    /// any waits, no new fill leaves the lock, so the count reaches zero.
-    pub fill_drain: AtomicU32,
+    /// The gate of fault-path fills whose `UFFDIO_COPY` runs with the arena lock released
+    /// (`ArenaBuilder::unlocked_fills`; see [`Core::fill_unlocked`] and `fills.rs`).
+    pub fills: fills::FillGate,
     /// Whether the fault path may release the lock around its fills.
     pub unlocked_fills: bool,
     /// Dead regions of at least [`REAP_OFF_PATH_BYTES`] waiting for the reader thread to
@@ -478,19 +474,7 @@ impl Core {
     /// return the lock is held and none is in flight; none can start until it is released
     /// (fills begin under the lock). Async-signal-safe: `FUTEX_WAIT` on the count.
     pub fn drain_fills(&self, mm: &mut MmGuard<'_>) {
-        if mm.fills_in_flight() == 0 {
-            return;
-        }
-        self.fill_drain.fetch_add(1, Ordering::SeqCst);
-        while mm.fills_in_flight() != 0 {
-            mm.unlocked(|| {
-                let v = self.fills_out.load(Ordering::Acquire);
-                if v != 0 {
-                    crate::sys::futex::wait(&self.fills_out, v, Some(std::time::Duration::from_millis(1)));
-                }
-            });
-        }
-        self.fill_drain.fetch_sub(1, Ordering::SeqCst);
+        self.fills.drain(&mut mm.guard, |m| m.fills_in_flight());
     }
 
     /// May a window of read-only fills run with the lock released now? Not while a
@@ -498,10 +482,7 @@ impl Core {
     /// Their commits take no frame, table or pool slot — only view bits, which the
     /// headroom check covers — so any number in flight commit without allocating.
     fn may_fill_unlocked(&self, mm: &Mm<Mapping>) -> bool {
-        self.unlocked_fills
-            && self.fill_drain.load(Ordering::Relaxed) == 0
-            && mm.has_headroom()
-            && mm.reclaim_queued() < RECLAIM_HELD_MAX
+        self.unlocked_fills && self.fills.open() && mm.has_headroom() && mm.reclaim_queued() < RECLAIM_HELD_MAX
     }
 
     /// Mark `pages` of `sp` as filling (see [`Mm::begin_fill`]).
@@ -511,7 +492,7 @@ impl Core {
             mm.begin_fill(sp, p);
             n += 1;
         }
-        self.fills_out.fetch_add(n, Ordering::AcqRel);
+        self.fills.begin(n);
         mm.counters.pages_filled_unlocked += u64::from(n);
     }
 
@@ -522,10 +503,7 @@ impl Core {
             mm.end_fill(sp, p);
             n += 1;
         }
-        let left = self.fills_out.fetch_sub(n, Ordering::AcqRel) - n;
-        if left == 0 && self.fill_drain.load(Ordering::SeqCst) > 0 {
-            crate::sys::futex::wake(&self.fills_out, u32::MAX);
-        }
+        self.fills.end(n);
     }
 
     /// Perform `perform` (the ioctls of fills decided under the lock for `pages` of `sp`)
