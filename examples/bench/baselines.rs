@@ -1426,6 +1426,9 @@ static FLOOR_UFFD: AtomicPtr<Uffd> = AtomicPtr::new(ptr::null_mut());
 static FLOOR_BASE: AtomicUsize = AtomicUsize::new(0);
 static FLOOR_LEN: AtomicUsize = AtomicUsize::new(0);
 static FLOOR_SRC: AtomicUsize = AtomicUsize::new(0);
+/// The source is a region as large as the measured one, page `p` copied from its page `p`
+/// (each fault copies bytes of its own, cold), rather than one (hot) page for every fault.
+static FLOOR_SRC_REGION: AtomicBool = AtomicBool::new(false);
 
 /// Writes a message to stderr and aborts; async-signal-safe.
 fn floor_die(msg: &str) -> ! {
@@ -1452,10 +1455,13 @@ extern "C" fn floor_on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ct
         floor_die("bench: SIGBUS outside the same-thread floor's region\n");
     }
     let page = addr & !(PAGE - 1);
+    let src =
+        FLOOR_SRC.load(Ordering::Relaxed) + if FLOOR_SRC_REGION.load(Ordering::Relaxed) { page - base } else { 0 };
     // SAFETY: `uffd` points to the `Uffd` of the running `sigbus_copy_floor`, which clears
     // this pointer (restoring the previous handler first) before that `Uffd` is dropped;
-    // the source page is a live mapping of one readable page owned by the same call.
-    let copied = unsafe { (*uffd).copy(page, FLOOR_SRC.load(Ordering::Relaxed), PAGE, false) };
+    // the source is a live readable mapping owned by the same call: one page, or a region
+    // as large as the measured one (then `page - base` is within it).
+    let copied = unsafe { (*uffd).copy(page, src, PAGE, false) };
     if copied.is_err() {
         floor_die("bench: UFFDIO_COPY failed in the same-thread floor's handler\n");
     }
@@ -1511,9 +1517,18 @@ impl Drop for FloorHandler {
 /// Replaces the process's SIGBUS action for the measurement (restored before returning):
 /// no cowarena arena may be faulting meanwhile — call it while none is alive.
 pub fn sigbus_copy_floor(bytes: usize, orders: &[Vec<usize>]) -> io::Result<(Duration, usize)> {
+    sigbus_copy_floor_from(bytes, orders, false)
+}
+
+/// [`sigbus_copy_floor`] with each fault copying its own page's bytes from a populated
+/// source region of the same size (`own_bytes`), as a fault of a fork must: the source is
+/// then cold for a random order, where the one source page of the plain floor stays in
+/// cache. Reported beside the floor, to tell the copy's cost from ours.
+pub fn sigbus_copy_floor_from(bytes: usize, orders: &[Vec<usize>], own_bytes: bool) -> io::Result<(Duration, usize)> {
     let len = region_len(bytes)?;
     let uffd = Uffd::open(cowarena::__bench::FEATURE_SIGBUS, 0).map_err(uffd_err)?;
-    let src = Mapping::populated(PAGE)?;
+    let src = Mapping::populated(if own_bytes { len } else { PAGE })?;
+    FLOOR_SRC_REGION.store(own_bytes, Ordering::Relaxed);
     let (mut total, mut faults) = (Duration::ZERO, 0);
     for order in orders {
         let region = Mapping::anon(len)?;
@@ -1529,7 +1544,7 @@ pub fn sigbus_copy_floor(bytes: usize, orders: &[Vec<usize>]) -> io::Result<(Dur
         faults += order.len();
         std::hint::black_box(sum);
         if let Some(&p) = order.first() {
-            if region.read_page(p) != src.read_page(0) {
+            if region.read_page(p) != src.read_page(if own_bytes { p } else { 0 }) {
                 return Err(io::Error::other("same-thread floor: a page did not receive the source page"));
             }
         }

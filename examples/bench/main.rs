@@ -1298,6 +1298,12 @@ fn w4_random(cfg: &Config, rep: &mut Report) -> Res<()> {
     let floor_dense = secs(t) / n as f64;
     let (t, n) = baselines::sigbus_copy_floor(size, &sparse)?;
     let floor_sparse = secs(t) / n as f64;
+    // The same floor copying each page's own bytes (a cold source in random order), as a
+    // read fault in a fork must: reported beside, to tell the copy's cost from ours.
+    let (t, n) = baselines::sigbus_copy_floor_from(size, &dense, true)?;
+    let floor_dense_own = secs(t) / n as f64;
+    let (t, n) = baselines::sigbus_copy_floor_from(size, &sparse, true)?;
+    let floor_sparse_own = secs(t) / n as f64;
     let c_dense = w4_random_cowarena(&Arena::new()?, size, &dense)?;
     let c_sparse = w4_random_cowarena(&Arena::new()?, size, &sparse)?;
     // Every view trapping its first store to a page (async_forks(false); kernels before 6.7).
@@ -1388,6 +1394,16 @@ fn w4_random(cfg: &Config, rep: &mut Report) -> Res<()> {
         "same-thread floor (SIGBUS+COPY)",
         Some(floor_sparse),
     );
+    for (kind, c, floor) in [("dense", c_dense[1], floor_dense_own), ("sparse", c_sparse[1], floor_sparse_own)] {
+        rep.row(
+            "W4",
+            format!("random {kind} {sz}: read in a fork, per page"),
+            Unit::Secs,
+            Some(c),
+            "floor copying each page's own bytes",
+            Some(floor),
+        );
+    }
     for (kind, r, k, floor) in
         [("dense", r_dense, &k_dense, floor_dense), ("sparse", r_sparse, &k_sparse, floor_sparse)]
     {
@@ -1399,9 +1415,11 @@ fn w4_random(cfg: &Config, rep: &mut Report) -> Res<()> {
         "W4 random: first-touch rows without 'registered' write a never-forked space, which is plain kernel memory (ArenaBuilder::plain_until_fork, the default); 'registered' rows use plain_until_fork(false)",
     );
     rep.note(format!(
-        "W4 random: dense = all {pages} pages of {sz} shuffled; sparse = one random page per 2 MiB table, tables shuffled, {sparse_reps} fresh spaces ({n_sparse} faults); same-thread floor (SIGBUS + one UFFDIO_COPY in the handler, same orders) {:.2} µs dense, {:.2} µs sparse",
+        "W4 random: dense = all {pages} pages of {sz} shuffled; sparse = one random page per 2 MiB table, tables shuffled, {sparse_reps} fresh spaces ({n_sparse} faults); same-thread floor (SIGBUS + one UFFDIO_COPY in the handler, same orders) {:.2} µs dense, {:.2} µs sparse; the same copying each page's own bytes from a populated region of the same size (cold in these orders, as a fork's homes are) {:.2} µs dense, {:.2} µs sparse",
         floor_dense * 1e6,
-        floor_sparse * 1e6
+        floor_sparse * 1e6,
+        floor_dense_own * 1e6,
+        floor_sparse_own * 1e6
     ));
 
     // Whole workloads: fork + touch every page, in random order.

@@ -198,6 +198,9 @@ pub(crate) struct SignalState {
     /// Refills attempted so far (successful or not): a handler waiting for headroom waits
     /// for this to move before it takes the lock again, leaving the lock to the refiller.
     pub refills: AtomicU32,
+    /// A refill was asked for early (headroom below half, [`Mm::wants_refill`]) and has
+    /// not run yet: the handler asks once, not at every fault until it runs.
+    pub refill_asked: AtomicBool,
 }
 
 impl Default for SignalState {
@@ -209,6 +212,7 @@ impl Default for SignalState {
             refill_alloc: AtomicBool::new(false),
             refill_failures: AtomicU32::new(0),
             refills: AtomicU32::new(0),
+            refill_asked: AtomicBool::new(false),
         }
     }
 }
@@ -532,6 +536,7 @@ impl Core {
             }),
         };
         let sig = &self.sig;
+        sig.refill_asked.store(false, Ordering::Release);
         // (Published after the outcome below is: see the end of this function.)
         let _bump = Bump(&sig.refills);
         match r {

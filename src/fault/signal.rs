@@ -112,7 +112,13 @@ fn serve_in(core: &Core, page_addr: usize, cpu_says_write: bool) -> Option<Outco
         let write = cpu_says_write || mm.is_present(sp, page);
         let served =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.fault_in_around(&mut mm, sp, page, write)));
-        if !mm.has_headroom() || crate::sys::inject::hit(crate::sys::inject::Point::AskRefill).is_some() {
+        // Ask for a refill at half the headroom (once), long before a fault must wait for
+        // one (above): a fault that finds none waits for the reader thread, which must
+        // find the lock free and otherwise retries every millisecond.
+        let ask = !mm.has_headroom()
+            || crate::sys::inject::hit(crate::sys::inject::Point::AskRefill).is_some()
+            || (mm.wants_refill() && !core.sig.refill_asked.swap(true, Ordering::AcqRel));
+        if ask {
             let _ = core.refill.signal();
         }
         drop(mm);
