@@ -1059,25 +1059,7 @@ impl Space {
         // here: asking costs one scan, as the kernel's own dirty tracking does).
         let unseen = core.unseen_written(&mm, self.id, first, end)?;
         let dirty = mm.dirty_pages(self.id, first, end);
-        if unseen.is_empty() {
-            return Ok(dirty);
-        }
-        let mut all = Vec::with_capacity(dirty.len() + unseen.len());
-        let (mut a, mut b) = (dirty.into_iter().peekable(), unseen.into_iter().peekable());
-        loop {
-            let next = match (a.peek(), b.peek()) {
-                (Some(&x), Some(&y)) if x == y => {
-                    b.next();
-                    a.next()
-                }
-                (Some(&x), Some(&y)) if x < y => a.next(),
-                (Some(_), Some(_)) | (None, Some(_)) => b.next(),
-                (Some(_), None) => a.next(),
-                (None, None) => break,
-            };
-            all.extend(next);
-        }
-        Ok(all)
+        Ok(crate::mm::merge_pages(dirty, unseen))
     }
 
     /// Return the pages written since the last clean and mark them clean (mkclean: breaks

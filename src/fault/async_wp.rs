@@ -154,7 +154,7 @@ impl Core {
         if !walked_ok {
             self.run_ops(mm, &ops)?;
         }
-        Ok(merge_sorted(dirty, rewritten))
+        Ok(crate::mm::merge_pages(dirty, rewritten))
     }
 
     /// The first half of a reset of `sp` to `snap` in an async-WP arena: every page the
@@ -277,44 +277,5 @@ impl Core {
         for p in written {
             mm.commit_written(sp, p);
         }
-    }
-}
-
-/// Two ascending lists of pages as one, each page once.
-fn merge_sorted(a: Vec<usize>, b: Vec<usize>) -> Vec<usize> {
-    if b.is_empty() {
-        return a;
-    }
-    let mut out = Vec::with_capacity(a.len() + b.len());
-    let (mut i, mut j) = (0, 0);
-    while i < a.len() || j < b.len() {
-        let next = match (a.get(i), b.get(j)) {
-            (Some(&x), Some(&y)) if x <= y => {
-                i += 1;
-                j += usize::from(x == y);
-                x
-            }
-            (_, Some(&y)) => {
-                j += 1;
-                y
-            }
-            (Some(&x), None) => {
-                i += 1;
-                x
-            }
-            (None, None) => unreachable!(),
-        };
-        out.push(next);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn merge_sorted_keeps_each_page_once() {
-        assert_eq!(super::merge_sorted(vec![1, 4, 9], vec![2, 4, 10]), vec![1, 2, 4, 9, 10]);
-        assert_eq!(super::merge_sorted(vec![], vec![3]), vec![3]);
-        assert_eq!(super::merge_sorted(vec![3], vec![]), vec![3]);
     }
 }

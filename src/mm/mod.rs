@@ -341,6 +341,33 @@ fn try_box<T: Clone, const N: usize>(fill: T) -> Result<Box<[T; N]>, std::collec
     Ok(v.into_boxed_slice().try_into().unwrap_or_else(|_| unreachable!("exactly N elements")))
 }
 
+/// Two ascending lists of pages as one ascending list, each page once (`dirty_pages` and
+/// `clean` merge the model's dirty pages with the stores the kernel served alone).
+pub fn merge_pages(a: Vec<usize>, b: Vec<usize>) -> Vec<usize> {
+    if b.is_empty() {
+        return a;
+    }
+    if a.is_empty() {
+        return b;
+    }
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (Some(&x), Some(&y)) if x == y => {
+                b.next();
+                a.next()
+            }
+            (Some(&x), Some(&y)) if x < y => a.next(),
+            (Some(_), Some(_)) | (None, Some(_)) => b.next(),
+            (Some(_), None) => a.next(),
+            (None, None) => break,
+        };
+        out.extend(next);
+    }
+    out
+}
+
 /// Bit chunks kept ready for the fault path ([`Mm::reserve_headroom`]): 512 (32 KiB). With
 /// 64, sparse faults (a chunk each) ran dry every ~60 faults and waited for the refiller —
 /// which retries the lock every millisecond when it finds it busy: ~30 000 `sched_yield`s

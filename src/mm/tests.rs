@@ -713,3 +713,12 @@ fn sparse_frozen_region_is_compacted_in_bounded_steps() {
     }
     s.check();
 }
+
+#[test]
+fn merge_pages_keeps_each_page_once_in_order() {
+    use super::merge_pages;
+    assert_eq!(merge_pages(vec![1, 4, 9], vec![2, 4, 10]), vec![1, 2, 4, 9, 10]);
+    assert_eq!(merge_pages(vec![], vec![3]), vec![3]);
+    assert_eq!(merge_pages(vec![3], vec![]), vec![3]);
+    assert_eq!(merge_pages(vec![5, 6], vec![1, 2]), vec![1, 2, 5, 6]);
+}
